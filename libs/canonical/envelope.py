@@ -1,0 +1,99 @@
+"""The envelope every message carries, and the deterministic event id."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+__all__ = ["TENANT_ID_PATTERN", "Envelope", "Source", "TenantId", "entity_key", "make_event_id", "order_key"]
+
+Source = Literal["dynamics-ce", "dynamics-fo", "salesforce", "loyalty-core", "flash"]
+
+TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
+NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+_EVENT_NAMESPACE = uuid.UUID("6f1d3c52-94a4-4b8e-9f1e-2c0e7f0a5b11")
+
+
+def make_event_id(
+    event_type: str,
+    tenant_id: str,
+    connection_id: str,
+    source: str,
+    entity: str,
+    source_id: str,
+    source_version: str,
+) -> str:
+    """A UUIDv5 over the identifying fields: re-reading the same record version yields the same id."""
+    name = "\x1f".join((event_type, tenant_id, connection_id, source, entity, source_id, source_version))
+    return str(uuid.uuid5(_EVENT_NAMESPACE, name))
+
+
+def order_key(tenant_id: str, order_source_id: str) -> bytes:
+    """Kafka key shared by an order, its lines and its returns, so they stay in one partition."""
+    return f"{tenant_id}:{order_source_id}".encode()
+
+
+def entity_key(tenant_id: str, source_id: str) -> bytes:
+    """Kafka key of customers, products and members."""
+    return f"{tenant_id}:{source_id}".encode()
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Envelope(BaseModel):
+    """Fields every message carries (DESIGN.md, Contracts).
+
+    ``event_id`` is derived from the fields before it when not given, so a record read twice produces
+    the same id and every consumer can deduplicate on it. Unknown fields are ignored, so producers may
+    add optional fields within a version.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_timedelta="float")
+
+    event_type: str
+    version: Literal[1] = 1
+    tenant_id: TenantId
+    connection_id: NonEmpty
+    source: Source
+    entity: NonEmpty
+    source_id: NonEmpty
+    source_version: NonEmpty
+    event_id: str = ""
+    correlation_id: str = ""
+    observed_at: dt.datetime = Field(default_factory=_utcnow)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_ids(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("event_id"):
+            et = data.get("event_type") or cls.model_fields["event_type"].default
+            try:
+                data = {
+                    **data,
+                    "event_id": make_event_id(
+                        str(et),
+                        str(data["tenant_id"]),
+                        str(data["connection_id"]),
+                        str(data["source"]),
+                        str(data["entity"]),
+                        str(data["source_id"]),
+                        str(data["source_version"]),
+                    ),
+                }
+            except KeyError:
+                return data  # field validation reports the missing field
+        if isinstance(data, dict) and not data.get("correlation_id") and data.get("event_id"):
+            data = {**data, "correlation_id": data["event_id"]}
+        return data
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka key of this event (overridden by order-scoped events)."""
+        return entity_key(self.tenant_id, self.source_id)

@@ -1,0 +1,339 @@
+"""Canonical event models (one module, one discriminated union, one TypeAdapter).
+
+Naming: events are past-tense facts about a source record (``OrderUpserted``: the source now holds this
+version of the order). Money is ``Decimal`` end to end and serialised as a JSON string, never a float.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from canonical.envelope import Envelope, NonEmpty, TenantId, order_key
+
+__all__ = [
+    "EVENT_TYPES",
+    "AnyEvent",
+    "CustomerData",
+    "CustomerDeleted",
+    "CustomerUpserted",
+    "Lifecycle",
+    "MemberData",
+    "MemberUpserted",
+    "Money",
+    "OrderData",
+    "OrderDeleted",
+    "OrderLineData",
+    "OrderLineDeleted",
+    "OrderLineUpserted",
+    "OrderResolved",
+    "OrderUpserted",
+    "PointsKind",
+    "PointsLedgerEntry",
+    "ProductData",
+    "ProductDeleted",
+    "ProductUpserted",
+    "RawRecord",
+    "ReturnData",
+    "ReturnDeleted",
+    "ReturnLineData",
+    "ReturnResolved",
+    "ReturnUpserted",
+    "decode_event",
+    "decode_raw",
+    "encode",
+]
+
+Money = Annotated[Decimal, Field(max_digits=28, decimal_places=10)]
+CurrencyCode = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+
+Lifecycle = Literal["pending", "awardable", "cancelled"]
+"""Where an order stands for points: not yet awardable, awardable, or cancelled (voids)."""
+
+ReturnLifecycle = Literal["pending", "effective", "cancelled"]
+"""A return claws back only once effective (received/credited); a cancelled one restores."""
+
+PointsKind = Literal["earn", "void", "adjust", "clawback"]
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+# --------------------------------------------------------------------------------------------- payloads
+
+
+class CustomerData(_Data):
+    kind: Literal["account", "contact", "person_account", "customer"]
+    external_id: str | None = None
+    """The tenant's own customer ID, taken from the field the connection names (e.g. accountnumber)."""
+    email: str | None = None
+    display_name: str | None = None
+    parent_source_id: str | None = None
+    active: bool = True
+
+
+class ProductData(_Data):
+    sku: str | None = None
+    name: str | None = None
+    category: str | None = None
+    price: Money | None = None
+    currency: CurrencyCode | None = None
+    active: bool = True
+
+
+class OrderLineData(_Data):
+    line_id: NonEmpty
+    product_source_id: str | None = None
+    sku: str | None = None
+    description: str | None = None
+    quantity: Decimal = Decimal(1)
+    unit_price: Money | None = None
+    amount: Money
+    """Line amount in the order currency, after line discounts, before tax."""
+
+
+class OrderData(_Data):
+    order_number: str | None = None
+    customer_source_id: str | None = None
+    customer_entity: str | None = None
+    email: str | None = None
+    status: str
+    """The vendor's own status value (statuscode, Status, SalesOrderStatus), verbatim."""
+    status_label: str | None = None
+    lifecycle: Lifecycle
+    currency: CurrencyCode
+    exchange_rate: Decimal | None = None
+    """Order-currency units per one unit of the tenant's base currency (Dataverse ``exchangerate``);
+    ``None`` when the source did not say (the points engine then needs a configured rate or rejects)."""
+    total_amount: Money
+    """Grand total: lines - discounts + shipping + tax."""
+    tax_amount: Money = Decimal(0)
+    shipping_amount: Money = Decimal(0)
+    discount_amount: Money = Decimal(0)
+    lines: tuple[OrderLineData, ...] | None = None
+    """Lines when the source delivers them with the order; ``None`` means lines arrive separately."""
+    placed_at: dt.datetime | None = None
+
+
+class ReturnLineData(_Data):
+    line_id: NonEmpty
+    product_source_id: str | None = None
+    original_line_id: str | None = None
+    quantity: Decimal = Decimal(1)
+    amount: Money
+
+
+class ReturnData(_Data):
+    return_number: str | None = None
+    original_order_source_id: str | None = None
+    original_order_number: str | None = None
+    """The anchor: at least one of the two must name the original order."""
+    customer_source_id: str | None = None
+    status: str
+    lifecycle: ReturnLifecycle
+    currency: CurrencyCode
+    exchange_rate: Decimal | None = None
+    amount: Money
+    """Returned/credited amount in the return's currency, on the same basis as the order's total."""
+    lines: tuple[ReturnLineData, ...] = ()
+
+
+class MemberData(_Data):
+    member_id: NonEmpty
+    external_id: str | None = None
+    email: str | None = None
+    consent_marketing: bool = False
+    consent_profiling: bool = False
+    status: Literal["active", "suspended", "closed"] = "active"
+
+
+# ----------------------------------------------------------------------------------------------- events
+
+
+class RawRecord(Envelope):
+    """One vendor record exactly as fetched (raw.<source>.<entity>), for the normalizer."""
+
+    event_type: Literal["raw.record"] = "raw.record"
+    op: Literal["upsert", "delete"] = "upsert"
+    payload: str
+    """The record's JSON (or CSV row rendered as JSON) as the vendor sent it; numbers untouched."""
+    request_url: str | None = None
+    order_source_id: str | None = None
+    """For order-scoped records (lines, returns), the order they belong to, when the poller knows it."""
+
+    @property
+    def key(self) -> bytes:
+        return order_key(self.tenant_id, self.order_source_id or self.source_id)
+
+
+class CustomerUpserted(Envelope):
+    event_type: Literal["customer.upserted"] = "customer.upserted"
+    customer: CustomerData
+
+
+class CustomerDeleted(Envelope):
+    event_type: Literal["customer.deleted"] = "customer.deleted"
+
+
+class ProductUpserted(Envelope):
+    event_type: Literal["product.upserted"] = "product.upserted"
+    product: ProductData
+
+
+class ProductDeleted(Envelope):
+    event_type: Literal["product.deleted"] = "product.deleted"
+
+
+class _OrderScoped(Envelope):
+    @property
+    def order_source_id(self) -> str:
+        return self.source_id
+
+    @property
+    def key(self) -> bytes:
+        return order_key(self.tenant_id, self.order_source_id)
+
+
+class OrderUpserted(_OrderScoped):
+    event_type: Literal["order.upserted"] = "order.upserted"
+    order: OrderData
+
+
+class OrderDeleted(_OrderScoped):
+    event_type: Literal["order.deleted"] = "order.deleted"
+
+
+class OrderLineUpserted(_OrderScoped):
+    """A line tracked on its own (Dataverse salesorderdetails); joined to its order downstream."""
+
+    event_type: Literal["order.line_upserted"] = "order.line_upserted"
+    order_id: NonEmpty
+    line: OrderLineData
+
+    @property
+    def order_source_id(self) -> str:
+        return self.order_id
+
+
+class OrderLineDeleted(_OrderScoped):
+    event_type: Literal["order.line_deleted"] = "order.line_deleted"
+    order_id: str | None = None
+    """Tombstones from change tracking carry only the line id; the consumer looks the order up."""
+
+    @property
+    def order_source_id(self) -> str:
+        return self.order_id or self.source_id
+
+
+class ReturnUpserted(_OrderScoped):
+    event_type: Literal["return.upserted"] = "return.upserted"
+    return_: ReturnData = Field(alias="return")
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True, serialize_by_alias=True)
+
+    @property
+    def order_source_id(self) -> str:
+        return self.return_.original_order_source_id or self.return_.original_order_number or self.source_id
+
+
+class ReturnDeleted(_OrderScoped):
+    event_type: Literal["return.deleted"] = "return.deleted"
+
+
+class OrderResolved(_OrderScoped):
+    """An order (or its line event) matched to a member: resolved.order."""
+
+    event_type: Literal["order.resolved"] = "order.resolved"
+    member_id: NonEmpty
+    order: OrderData
+    upstream_event_id: str
+
+
+class ReturnResolved(_OrderScoped):
+    event_type: Literal["return.resolved"] = "return.resolved"
+    member_id: NonEmpty
+    return_: ReturnData = Field(alias="return")
+    upstream_event_id: str
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True, serialize_by_alias=True)
+
+    @property
+    def order_source_id(self) -> str:
+        return self.return_.original_order_source_id or self.return_.original_order_number or self.source_id
+
+
+class MemberUpserted(Envelope):
+    """A member as the loyalty core knows it (members topic); connectors never produce these."""
+
+    event_type: Literal["member.upserted"] = "member.upserted"
+    member: MemberData
+
+
+class PointsLedgerEntry(Envelope):
+    """One append-only ledger row, published on points.ledger for downstream loyalty consumers."""
+
+    event_type: Literal["points.ledger_entry"] = "points.ledger_entry"
+    member_id: NonEmpty
+    order_source_id: NonEmpty
+    kind: PointsKind
+    points: int
+    reason: str
+    source_event_ids: tuple[str, ...] = ()
+    created_at: dt.datetime
+
+    @property
+    def key(self) -> bytes:
+        return order_key(self.tenant_id, self.order_source_id)
+
+
+AnyEvent = Annotated[
+    RawRecord
+    | CustomerUpserted
+    | CustomerDeleted
+    | ProductUpserted
+    | ProductDeleted
+    | OrderUpserted
+    | OrderDeleted
+    | OrderLineUpserted
+    | OrderLineDeleted
+    | ReturnUpserted
+    | ReturnDeleted
+    | OrderResolved
+    | ReturnResolved
+    | MemberUpserted
+    | PointsLedgerEntry,
+    Field(discriminator="event_type"),
+]
+
+_ADAPTER: TypeAdapter[AnyEvent] = TypeAdapter(AnyEvent)
+_RAW_ADAPTER: TypeAdapter[RawRecord] = TypeAdapter(RawRecord)
+
+EVENT_TYPES: dict[str, type[Envelope]] = {
+    m.model_fields["event_type"].default: m
+    for m in (
+        RawRecord, CustomerUpserted, CustomerDeleted, ProductUpserted, ProductDeleted, OrderUpserted,
+        OrderDeleted, OrderLineUpserted, OrderLineDeleted, ReturnUpserted, ReturnDeleted, OrderResolved,
+        ReturnResolved, MemberUpserted, PointsLedgerEntry,
+    )
+}
+
+
+def decode_event(data: bytes | str) -> AnyEvent:
+    """Validate one message body (fast path: no dict detour). Raises pydantic ValidationError."""
+    return _ADAPTER.validate_json(data)
+
+
+def decode_raw(data: bytes | str) -> RawRecord:
+    return _RAW_ADAPTER.validate_json(data)
+
+
+def encode(event: Envelope) -> bytes:
+    return event.model_dump_json(by_alias=True).encode()
+
+
+# Re-exported for callers that annotate tenant ids.
+TenantIdType = TenantId

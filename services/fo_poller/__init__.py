@@ -1,0 +1,1 @@
+"""fo_poller service."""

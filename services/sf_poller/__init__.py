@@ -1,0 +1,1 @@
+"""sf_poller service."""
