@@ -1,0 +1,486 @@
+"""The one consumer runtime every service uses: decode, dedupe, effect, emit, dead-letter, commit.
+
+A batch is handled in ONE PostgreSQL transaction that writes, together:
+  - ``processed(consumer, tenant_id, event_id)`` rows (a duplicate key means "already done"),
+  - the handler's effects,
+  - the messages it emits and any dead letters, into ``outbox`` (and ``dead_letters``).
+After the commit the outbox rows are published (all sends issued, then all awaited), and only then
+are the Kafka offsets committed. A crash at any point either redoes the whole batch (nothing was
+committed) or finds it done (processed rows exist) and republishes what the outbox still holds, so
+every effect happens once and every emitted message is delivered at least once with a stable id.
+
+Failure policy (shared by every consumer):
+  - undecodable messages (malformed JSON, no tenant, unknown type or version) go straight to
+    ``dlq.<consumer>`` with the reason; the stream goes on;
+  - ``InfrastructureUnavailable`` (our database or broker is down): retried without limit, never
+    dead-lettered, nothing committed meanwhile;
+  - ``Transient`` (and unknown exceptions): the batch is retried with exponential backoff, then each
+    message alone, and a message still failing after ``max_attempts`` is dead-lettered;
+  - ``Poison``: the batch is split and the offending message dead-lettered at once;
+  - ``ConfigError``: nothing is committed, the offsets are rewound and the service stops with the
+    message, which says what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import asyncpg
+from pydantic import ValidationError
+
+from canonical.envelope import Envelope
+from canonical.events import EVENT_TYPES, decode_event, encode
+from canonical.topics import dlq
+from servicekit import metrics
+from servicekit.db import db_errors
+from servicekit.errors import (
+    ConfigError,
+    DecodeError,
+    FlashError,
+    InfrastructureUnavailable,
+    MalformedMessage,
+    MissingTenant,
+    Poison,
+    SchemaViolation,
+    Transient,
+    UnknownEventType,
+    UnsupportedEventVersion,
+)
+from servicekit.kafka import Headers, KafkaPublisher, OutMessage
+from servicekit.logging import get_logger
+from servicekit.settings import FlashSettings
+
+__all__ = [
+    "ConsumerRecordLike",
+    "DeadLetter",
+    "Delivery",
+    "Handler",
+    "PipeConsumer",
+    "UnitOfWork",
+    "decode_or_raise",
+    "message_headers",
+]
+
+log = get_logger(__name__)
+
+E = TypeVar("E", bound=Envelope)
+
+
+class ConsumerRecordLike(Protocol):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    timestamp: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery(Generic[E]):
+    event: E
+    record: ConsumerRecordLike
+
+
+def message_headers(event: Envelope) -> Headers:
+    """Headers repeating tenant and correlation ids for tooling (DESIGN.md, Contracts)."""
+    return [
+        ("tenant_id", event.tenant_id.encode()),
+        ("correlation_id", event.correlation_id.encode()),
+        ("event_type", event.event_type.encode()),
+        ("event_id", event.event_id.encode()),
+    ]
+
+
+class UnitOfWork:
+    """What a handler gets: the open transaction and a way to emit messages with the effect."""
+
+    def __init__(self, conn: asyncpg.Connection, consumer: str, settings: FlashSettings) -> None:
+        self.conn = conn
+        self.consumer = consumer
+        self.settings = settings
+        self.outbox: list[OutMessage] = []
+
+    def emit(self, topic: str, event: Envelope, *, key: bytes | None = None) -> None:
+        """Queue ``event`` on the logical ``topic``; it is published only if the transaction commits."""
+        self.outbox.append(
+            OutMessage(self.settings.topic(topic), encode(event), key or event.key, message_headers(event))
+        )
+
+
+Handler = Callable[[Sequence[Delivery[E]], UnitOfWork], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A message on its way to ``dlq.<consumer>``: unchanged body and key, reasons in headers."""
+
+    consumer: str
+    record: ConsumerRecordLike
+    error_class: str
+    error_message: str
+    stage: str
+    attempts: int
+    first_failed_at: dt.datetime
+    last_failed_at: dt.datetime
+    tenant_id: str = ""
+    event_id: str | None = None
+    entity: str | None = None
+    extra_headers: Headers = field(default_factory=list)
+
+    def headers(self) -> Headers:
+        original = [(k, v) for k, v in (self.record.headers or ()) if not k.startswith("x-flash-")]
+        ours = [
+            ("x-flash-consumer", self.consumer),
+            ("x-flash-error-class", self.error_class),
+            ("x-flash-error-message", self.error_message[:2000]),
+            ("x-flash-stage", self.stage),
+            ("x-flash-original-topic", self.record.topic),
+            ("x-flash-original-partition", str(self.record.partition)),
+            ("x-flash-original-offset", str(self.record.offset)),
+            ("x-flash-attempts", str(self.attempts)),
+            ("x-flash-first-failure-at", self.first_failed_at.isoformat()),
+            ("x-flash-last-failure-at", self.last_failed_at.isoformat()),
+        ]
+        if self.tenant_id and not any(k == "tenant_id" for k, _ in original):
+            ours.append(("tenant_id", self.tenant_id))
+        return original + [(k, v.encode()) for k, v in ours] + self.extra_headers
+
+
+def _peek(value: bytes | None) -> dict[str, Any]:
+    try:
+        obj = json.loads(value or b"")
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def decode_or_raise(
+    value: bytes | None, decoder: Callable[[bytes], E], accepted: frozenset[str] | None = None
+) -> E:
+    """Decode one body, or raise a DecodeError subclass whose message says exactly what is wrong."""
+    if value is None:
+        raise MalformedMessage("message has no body (a tombstone?); expected a JSON event")
+    try:
+        event = decoder(value)
+    except ValidationError as exc:
+        try:
+            obj = json.loads(value)
+        except (ValueError, UnicodeDecodeError) as jexc:
+            raise MalformedMessage(f"body is not valid JSON: {jexc}") from exc
+        if not isinstance(obj, dict):
+            raise SchemaViolation(f"body is JSON {type(obj).__name__}, expected an object") from exc
+        if not obj.get("tenant_id") or not isinstance(obj.get("tenant_id"), str):
+            raise MissingTenant("message has no tenant_id, so no tenant can own it; fix the producer") from exc
+        et = obj.get("event_type")
+        if et not in EVENT_TYPES:
+            raise UnknownEventType(f"unknown event_type {et!r}; known: {', '.join(sorted(EVENT_TYPES))}") from exc
+        if obj.get("version", 1) != 1:
+            raise UnsupportedEventVersion(
+                f"{et} version {obj.get('version')!r} is not supported; this consumer reads version 1"
+            ) from exc
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        raise SchemaViolation(f"{et} v1 failed validation: {problems}") from exc
+    if accepted is not None and event.event_type not in accepted:
+        raise UnknownEventType(f"event_type {event.event_type!r} is not handled here (expects {sorted(accepted)})")
+    return event
+
+
+class PipeConsumer(Generic[E]):
+    """Runs one handler over batches of records with the exactly-once and failure policy above."""
+
+    def __init__(
+        self,
+        name: str,
+        topics: Sequence[str],
+        handler: Handler[E],
+        *,
+        settings: FlashSettings,
+        pool: asyncpg.Pool,
+        publisher: KafkaPublisher,
+        decoder: Callable[[bytes], E] = decode_event,  # type: ignore[assignment]
+        accepted: frozenset[str] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.name = name
+        self.topics = list(topics)
+        self.handler = handler
+        self.settings = settings
+        self.pool = pool
+        self.publisher = publisher
+        self.decoder = decoder
+        self.accepted = accepted
+        self._sleep = sleep
+        self._published_ids: list[int] = []
+        self._relayed = False
+        self.dlq_topic = settings.topic(dlq(name))
+
+    # ------------------------------------------------------------------------------------ entry point
+
+    async def process_batch(self, records: Sequence[ConsumerRecordLike]) -> None:
+        """Handle ``records`` completely (effects committed, outputs acknowledged by the broker).
+
+        Returns only when the offsets of these records may be committed; raises ConfigError otherwise.
+        """
+        if not self._relayed:
+            await self._relay_outbox()
+        started = time.perf_counter()
+        now = _now()
+        deliveries: list[Delivery[E]] = []
+        dead: list[DeadLetter] = []
+        for rec in records:
+            try:
+                deliveries.append(Delivery(decode_or_raise(rec.value, self.decoder, self.accepted), rec))
+            except DecodeError as exc:
+                peek = _peek(rec.value)
+                dead.append(self._dead(rec, exc, attempts=1, first=now, peek=peek))
+        await self._run(deliveries, dead)
+        metrics.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        metrics.MESSAGES.labels(self.name).inc(len(records))
+
+    # ----------------------------------------------------------------------------------------- policy
+
+    async def _run(self, deliveries: list[Delivery[E]], dead: list[DeadLetter]) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._commit(deliveries, dead)
+                return
+            except InfrastructureUnavailable as exc:
+                await self._backoff(attempt, exc, unbounded=True)
+            except ConfigError:
+                raise
+            except Poison:
+                break
+            except Exception as exc:  # noqa: BLE001 - every exception is classified by the policy
+                if len(deliveries) <= 1 or attempt >= self.settings.max_attempts:
+                    break
+                await self._backoff(attempt, exc)
+        # Isolate: the decode failures first, then each message in its own transaction.
+        if dead:
+            await self._commit([], dead)
+        for d in deliveries:
+            await self._run_single(d)
+
+    async def _run_single(self, d: Delivery[E]) -> None:
+        attempt = 0
+        first: dt.datetime | None = None
+        while True:
+            attempt += 1
+            try:
+                await self._commit([d], [])
+                return
+            except InfrastructureUnavailable as exc:
+                attempt -= 1  # not the message's fault: does not count
+                await self._backoff(1, exc, unbounded=True)
+                continue
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                first = first or _now()
+                if isinstance(exc, Poison) or attempt >= self.settings.max_attempts:
+                    letter = self._dead(d.record, exc, attempts=attempt, first=first, event=d.event)
+                    await self._commit_dead_only(letter)
+                    return
+                await self._backoff(attempt, exc)
+
+    async def _commit_dead_only(self, letter: DeadLetter) -> None:
+        while True:
+            try:
+                await self._commit([], [letter])
+                return
+            except InfrastructureUnavailable as exc:
+                await self._backoff(1, exc, unbounded=True)
+
+    async def _backoff(self, attempt: int, exc: BaseException, *, unbounded: bool = False) -> None:
+        hint = exc.retry_after if isinstance(exc, FlashError) else None
+        delay = hint or min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** (attempt - 1))
+        delay *= 0.8 + 0.4 * random.random()
+        log.warning(
+            "batch failed, retrying",
+            consumer=self.name, attempt=attempt, error_class=type(exc).__name__, error=str(exc)[:500],
+            retry_in_s=round(delay, 3), unbounded=unbounded,
+        )
+        metrics.RETRIES.labels(self.name, type(exc).__name__).inc()
+        await self._sleep(delay)
+
+    # ------------------------------------------------------------------------------------ transaction
+
+    async def _commit(self, deliveries: Sequence[Delivery[E]], dead: Sequence[DeadLetter]) -> None:
+        async with db_errors(f"{self.name} batch"), self.pool.acquire() as conn:
+            async with conn.transaction():
+                if self._published_ids:
+                    await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", self._published_ids)
+                uow = UnitOfWork(conn, self.name, self.settings)
+                fresh = await self._dedupe(conn, deliveries)
+                if fresh:
+                    await self.handler(fresh, uow)
+                if dead:
+                    await self._index_dead(conn, dead)
+                    for letter in dead:
+                        uow.outbox.append(
+                            OutMessage(self.dlq_topic, letter.record.value or b"", letter.record.key,
+                                       letter.headers())
+                        )
+                ids = await self._write_outbox(conn, uow.outbox)
+        self._published_ids = []
+        # Committed: these rows must reach the broker before the offsets move. Retrying the transaction
+        # would find the batch done, so the publish is retried on its own until the broker takes it.
+        while True:
+            try:
+                await self.publisher.send_all(uow.outbox)
+                break
+            except InfrastructureUnavailable as exc:
+                await self._backoff(1, exc, unbounded=True)
+        self._published_ids = ids
+        if dead:
+            for letter in dead:
+                metrics.DEAD_LETTERS.labels(self.name, letter.error_class).inc()
+                log.error(
+                    "message dead-lettered",
+                    consumer=self.name, tenant_id=letter.tenant_id, event_id=letter.event_id,
+                    error_class=letter.error_class, error=letter.error_message[:500], stage=letter.stage,
+                    topic=letter.record.topic, partition=letter.record.partition, offset=letter.record.offset,
+                    attempts=letter.attempts,
+                )
+
+    async def _dedupe(self, conn: asyncpg.Connection, deliveries: Sequence[Delivery[E]]) -> list[Delivery[E]]:
+        if not deliveries:
+            return []
+        rows = await conn.fetch(
+            """INSERT INTO processed (consumer, tenant_id, event_id)
+               SELECT $1, t, e FROM unnest($2::text[], $3::text[]) AS u(t, e)
+               ON CONFLICT DO NOTHING RETURNING tenant_id, event_id""",
+            self.name,
+            [d.event.tenant_id for d in deliveries],
+            [d.event.event_id for d in deliveries],
+        )
+        new = {(r["tenant_id"], r["event_id"]) for r in rows}
+        fresh: list[Delivery[E]] = []
+        for d in deliveries:
+            k = (d.event.tenant_id, d.event.event_id)
+            if k in new:
+                new.discard(k)  # a duplicate inside the same batch is handled once
+                fresh.append(d)
+        skipped = len(deliveries) - len(fresh)
+        if skipped:
+            metrics.DUPLICATES.labels(self.name).inc(skipped)
+        return fresh
+
+    async def _write_outbox(self, conn: asyncpg.Connection, messages: Sequence[OutMessage]) -> list[int]:
+        if not messages:
+            return []
+        rows = await conn.fetch(
+            """INSERT INTO outbox (consumer, topic, key, value, headers)
+               SELECT $1, t, k, v, h::jsonb FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::text[])
+                   AS u(t, k, v, h)
+               RETURNING id""",
+            self.name,
+            [m.topic for m in messages],
+            [m.key for m in messages],
+            [m.value for m in messages],
+            [_headers_json(m.headers) for m in messages],
+        )
+        return [r["id"] for r in rows]
+
+    async def _index_dead(self, conn: asyncpg.Connection, dead: Sequence[DeadLetter]) -> None:
+        await conn.executemany(
+            """INSERT INTO dead_letters (consumer, tenant_id, event_id, entity, error_class, error_message,
+                   stage, source_topic, source_partition, source_offset, attempts, first_failed_at,
+                   last_failed_at, dlq_topic, key, value, headers)
+               VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17::jsonb)
+               ON CONFLICT (consumer, source_topic, source_partition, source_offset)
+                   WHERE source_offset IS NOT NULL
+               DO UPDATE SET attempts = EXCLUDED.attempts, last_failed_at = EXCLUDED.last_failed_at,
+                   error_class = EXCLUDED.error_class, error_message = EXCLUDED.error_message""",
+            [
+                (
+                    self.name, d.tenant_id, d.event_id, d.entity, d.error_class, d.error_message, d.stage,
+                    d.record.topic, d.record.partition, d.record.offset, d.attempts, d.first_failed_at,
+                    d.last_failed_at, self.dlq_topic, d.record.key, d.record.value or b"",
+                    _headers_json(d.headers()),
+                )
+                for d in dead
+            ],
+        )
+
+    async def _relay_outbox(self) -> None:
+        """Publish what a previous run committed but may not have published (crash after commit)."""
+        while True:
+            try:
+                async with db_errors("outbox relay"), self.pool.acquire() as conn:
+                    rows = await conn.fetch(
+                        "SELECT id, topic, key, value, headers FROM outbox WHERE consumer = $1 ORDER BY id",
+                        self.name,
+                    )
+                    msgs = [
+                        OutMessage(r["topic"], r["value"], r["key"], _headers_from_json(r["headers"]))
+                        for r in rows
+                    ]
+                    await self.publisher.send_all(msgs)
+                    if rows:
+                        await conn.execute(
+                            "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+                        )
+                        log.info("outbox relayed", consumer=self.name, messages=len(rows))
+                self._relayed = True
+                return
+            except InfrastructureUnavailable as exc:
+                await self._backoff(1, exc, unbounded=True)
+
+    # -------------------------------------------------------------------------------------- helpers
+
+    def _dead(
+        self,
+        rec: ConsumerRecordLike,
+        exc: BaseException,
+        *,
+        attempts: int,
+        first: dt.datetime,
+        event: Envelope | None = None,
+        peek: dict[str, Any] | None = None,
+    ) -> DeadLetter:
+        info = peek or {}
+        stage = exc.stage if isinstance(exc, FlashError) else "handle"
+        tenant = event.tenant_id if event else str(info.get("tenant_id") or "")
+        error_class = type(exc).__name__ if isinstance(exc, FlashError) else f"Transient:{type(exc).__name__}"
+        return DeadLetter(
+            consumer=self.name,
+            record=rec,
+            error_class=error_class,
+            error_message=str(exc) or repr(exc),
+            stage=stage,
+            attempts=attempts,
+            first_failed_at=first,
+            last_failed_at=_now(),
+            tenant_id=tenant if isinstance(tenant, str) else "",
+            event_id=event.event_id if event else (str(info["event_id"]) if info.get("event_id") else None),
+            entity=event.entity if event else (str(info["entity"]) if info.get("entity") else None),
+        )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _headers_json(headers: Headers) -> str:
+    return json.dumps([[k, v.decode("utf-8", "replace")] for k, v in headers])
+
+
+def _headers_from_json(raw: str | list[Any]) -> Headers:
+    items = json.loads(raw) if isinstance(raw, str) else raw
+    return [(str(k), str(v).encode()) for k, v in items]
+
+
+# Transient is re-exported for handlers that want to signal "try again later" explicitly.
+TransientError = Transient

