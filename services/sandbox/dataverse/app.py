@@ -259,6 +259,8 @@ async def data_api(request: web.Request) -> web.StreamResponse:
         return resp
     started = time.monotonic()
     try:
+        if request.get("fault_delay"):
+            await asyncio.sleep(request["fault_delay"])
         resp = await _dispatch(request, state, org, api_root, tok)
     except DataverseError as err:
         resp = _error(err)
@@ -628,12 +630,17 @@ async def sandbox_middleware(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     state.stats["requests"] += 1
     resp: web.StreamResponse | None = None
+    delay = 0.0
     for fault in state.faults.take(request.path_qs):
         if fault.kind == "delay":
-            await asyncio.sleep(fault.delay)
+            delay += fault.delay
         else:
             resp = _fault_response(fault, request)
             state.stats["faults"] += 1
+    if resp is None and delay and API not in request.path:
+        await asyncio.sleep(delay)
+    elif resp is None and delay:
+        request["fault_delay"] = delay  # slept while holding a concurrency slot, like a slow request
     if resp is None:
         try:
             resp = await handler(request)

@@ -105,9 +105,13 @@ def recompute_order(org: Org, order_id: str) -> Row:
 
 def create(org: Org, entity_set: str, values: Mapping[str, Any]) -> Row:
     table = org.table(entity_set)
+    for name in values:
+        col = table.by_name.get(name)
+        if col is not None and col.readonly and name != table.entity.key:
+            raise DataverseError(400, "0x80060888", f"The property '{name}' is read-only.")
     if table.entity.logical == "salesorderdetail":
         values = _line_values(org, dict(values))
-    row = table.insert(values)
+    row = table.insert(values, system=True)
     _after_write(org, table, row)
     return row
 
