@@ -2,11 +2,13 @@
 
 Addressing (one aiohttp app, any number of tenants and orgs; ``base`` is the server's ``https://host:port``):
 
-* Entra authority ``{base}/{tenant_id}``: tenant discovery at ``{base}/{tenant}/v2.0/.well-known/openid-configuration``,
+* Entra authority ``{base}/{tenant_id}``: tenant discovery at
+  ``{base}/{tenant}/v2.0/.well-known/openid-configuration``,
   token endpoint ``POST {base}/{tenant}/oauth2/v2.0/token`` (client credentials; errors with the AADSTS codes
   Entra uses: 7000215 bad secret, 700016 unknown client, 90002 unknown tenant, 500011 unknown resource).
 * Org URL ``{base}/orgs/{org}``; the scope is ``{org_url}/.default``; the Web API root is
-  ``{org_url}/api/data/v9.2/``.  ``{base}/api/data/v9.2/`` also serves the first org (tokens must still be for it).
+  ``{org_url}/api/data/v9.2/``.  ``{base}/api/data/v9.2/`` also serves the first org (tokens must still be
+  for it).
 * Each org has application users bound to app registrations (client id/secret) of its tenant; an optional
   ``readable`` set of table logical names simulates a security role (others answer 403 ``0x80040220``).
 
@@ -35,8 +37,8 @@ __all__ = [
     "DataverseState",
     "Fault",
     "Limits",
-    "Org",
     "OrderTruth",
+    "Org",
     "SeedSummary",
     "build_app",
     "ground_truth",

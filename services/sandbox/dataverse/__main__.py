@@ -15,8 +15,14 @@ async def _run(args: argparse.Namespace) -> None:
     state = DataverseState()
     for i, name in enumerate(args.org or ["contoso"]):
         state.add_org(name)
-        summary = seed_org(state, name, customers=args.customers, products=args.products, orders=args.orders,
-                           seed=args.seed + i)
+        summary = seed_org(
+            state,
+            name,
+            customers=args.customers,
+            products=args.products,
+            orders=args.orders,
+            seed=args.seed + i,
+        )
         print(f"seeded {name}: {summary.to_json()}", flush=True)
     async with serve(build_app(state), host=args.host, port=args.port) as running:
         base = running.base_url
@@ -45,7 +51,9 @@ def main() -> None:
     p.add_argument("--customers", type=int, default=300)
     p.add_argument("--products", type=int, default=60)
     p.add_argument("--org", action="append", help="org name (repeatable); default contoso")
-    p.add_argument("--mutate-every", type=float, default=0.0, help="seconds between random mutations (0 = off)")
+    p.add_argument(
+        "--mutate-every", type=float, default=0.0, help="seconds between random mutations (0 = off)"
+    )
     args = p.parse_args()
     try:
         asyncio.run(_run(args))

@@ -1,8 +1,9 @@
-"""The aiohttp application: Entra ID v2.0 token endpoint, Dataverse Web API, and the ``/_sandbox`` control API."""
+"""The aiohttp app: Entra ID v2.0 token endpoint, Dataverse Web API and the ``/_sandbox`` control API."""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
 import json
 import re
@@ -34,7 +35,7 @@ from sandbox.dataverse.odata import (
 )
 from sandbox.dataverse.schema import ENTITIES
 from sandbox.dataverse.seed import ground_truth, seed_org
-from sandbox.dataverse.state import DataverseState, Fault, Token
+from sandbox.dataverse.state import DataverseState, Fault, FaultKind, Token
 from sandbox.dataverse.store import DataverseError, Org, Row, Table
 
 __all__ = ["build_app"]
@@ -42,6 +43,7 @@ __all__ = ["build_app"]
 API = "/api/data/v9.2"
 MAX_PAGE = 5000
 STATE_KEY = web.AppKey("dataverse_state", DataverseState)
+FAULT_DELAY = web.RequestKey("dataverse_fault_delay", float)
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _PATH = re.compile(r"^(?P<set>[A-Za-z_]+)(?:\((?P<key>[^)]*)\))?(?:/(?P<sub>\$count))?$")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,13 +51,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        text=json.dumps(body), status=status, headers=headers, content_type="application/json", charset="utf-8"
+        text=json.dumps(body),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+        charset="utf-8",
     )
 
 
 def _odata(text: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        text=text, status=status, headers=headers, content_type="application/json",
+        text=text,
+        status=status,
+        headers=headers,
+        content_type="application/json",
         charset="utf-8",
     )
 
@@ -66,17 +75,24 @@ def _error(err: DataverseError) -> web.Response:
 
 # -- Entra ID ------------------------------------------------------------------------------------------------
 
+
 def _entra_error(status: int, error: str, code: int, description: str) -> web.Response:
     now = dt.datetime.now(dt.UTC)
     trace, corr = str(uuid.uuid4()), str(uuid.uuid4())
     stamp = now.strftime("%Y-%m-%d %H:%M:%SZ")
-    return _json({
-        "error": error,
-        "error_description": f"AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {corr} "
-                             f"Timestamp: {stamp}",
-        "error_codes": [code], "timestamp": stamp, "trace_id": trace, "correlation_id": corr,
-        "error_uri": f"https://login.microsoftonline.com/error?code={code}",
-    }, status)
+    return _json(
+        {
+            "error": error,
+            "error_description": f"AADSTS{code}: {description} Trace ID: {trace} Correlation ID: {corr} "
+            f"Timestamp: {stamp}",
+            "error_codes": [code],
+            "timestamp": stamp,
+            "trace_id": trace,
+            "correlation_id": corr,
+            "error_uri": f"https://login.microsoftonline.com/error?code={code}",
+        },
+        status,
+    )
 
 
 def _origin(request: web.Request) -> str:
@@ -88,38 +104,64 @@ async def openid_configuration(request: web.Request) -> web.Response:
     tenant = request.match_info["tenant"].lower()
     if tenant not in state.tenants:
         return _entra_error(
-            400, "invalid_tenant", 90002,
+            400,
+            "invalid_tenant",
+            90002,
             f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
             "into the correct cloud.",
         )
     b = f"{_origin(request)}/{tenant}"
-    return _json({
-        "token_endpoint": f"{b}/oauth2/v2.0/token",
-        "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
-        "jwks_uri": f"{_origin(request)}/{tenant}/discovery/v2.0/keys",
-        "response_modes_supported": ["query", "fragment", "form_post"],
-        "subject_types_supported": ["pairwise"],
-        "id_token_signing_alg_values_supported": ["RS256"],
-        "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
-        "scopes_supported": ["openid", "profile", "email", "offline_access"],
-        "issuer": f"{b}/v2.0",
-        "request_uri_parameter_supported": False,
-        "userinfo_endpoint": f"{_origin(request)}/oidc/userinfo",
-        "authorization_endpoint": f"{b}/oauth2/v2.0/authorize",
-        "device_authorization_endpoint": f"{b}/oauth2/v2.0/devicecode",
-        "http_logout_supported": True,
-        "frontchannel_logout_supported": True,
-        "end_session_endpoint": f"{b}/oauth2/v2.0/logout",
-        "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name", "cloud_graph_host_name",
-                             "msgraph_host", "aud", "exp", "iat", "auth_time", "acr", "nonce", "preferred_username",
-                             "name", "tid", "ver", "at_hash", "c_hash", "email"],
-        "kerberos_endpoint": f"{b}/kerberos",
-        "tenant_region_scope": "NA",
-        "cloud_instance_name": "microsoftonline.com",
-        "cloud_graph_host_name": "graph.windows.net",
-        "msgraph_host": "graph.microsoft.com",
-        "rbac_url": "https://pas.windows.net",
-    })
+    return _json(
+        {
+            "token_endpoint": f"{b}/oauth2/v2.0/token",
+            "token_endpoint_auth_methods_supported": [
+                "client_secret_post",
+                "private_key_jwt",
+                "client_secret_basic",
+            ],
+            "jwks_uri": f"{_origin(request)}/{tenant}/discovery/v2.0/keys",
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": f"{b}/v2.0",
+            "request_uri_parameter_supported": False,
+            "userinfo_endpoint": f"{_origin(request)}/oidc/userinfo",
+            "authorization_endpoint": f"{b}/oauth2/v2.0/authorize",
+            "device_authorization_endpoint": f"{b}/oauth2/v2.0/devicecode",
+            "http_logout_supported": True,
+            "frontchannel_logout_supported": True,
+            "end_session_endpoint": f"{b}/oauth2/v2.0/logout",
+            "claims_supported": [
+                "sub",
+                "iss",
+                "cloud_instance_name",
+                "cloud_instance_host_name",
+                "cloud_graph_host_name",
+                "msgraph_host",
+                "aud",
+                "exp",
+                "iat",
+                "auth_time",
+                "acr",
+                "nonce",
+                "preferred_username",
+                "name",
+                "tid",
+                "ver",
+                "at_hash",
+                "c_hash",
+                "email",
+            ],
+            "kerberos_endpoint": f"{b}/kerberos",
+            "tenant_region_scope": "NA",
+            "cloud_instance_name": "microsoftonline.com",
+            "cloud_graph_host_name": "graph.windows.net",
+            "msgraph_host": "graph.microsoft.com",
+            "rbac_url": "https://pas.windows.net",
+        }
+    )
 
 
 async def jwks(request: web.Request) -> web.Response:
@@ -132,7 +174,9 @@ async def token(request: web.Request) -> web.Response:
     state.stats["token.requests"] += 1
     if tenant not in state.tenants:
         return _entra_error(
-            400, "invalid_request", 90002,
+            400,
+            "invalid_request",
+            90002,
             f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
             "into the correct cloud.",
         )
@@ -153,42 +197,64 @@ async def token(request: web.Request) -> web.Response:
     app = state.tenants[tenant].get(client_id)
     if app is None:
         return _entra_error(
-            400, "unauthorized_client", 700016,
-            f"Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen "
-            "if the application has not been installed by the administrator of the tenant or consented to by any "
+            400,
+            "unauthorized_client",
+            700016,
+            f"Application with identifier '{client_id}' was not found in the directory '{tenant}'. "
+            "This can happen if the application has not been installed by the administrator of the tenant "
+            "or consented to by any "
             "user in the tenant. You may have sent your authentication request to the wrong tenant.",
         )
     if not secret:
         return _entra_error(
-            401, "invalid_client", 7000218,
+            401,
+            "invalid_client",
+            7000218,
             "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
         )
     if secret != app.client_secret:
         return _entra_error(
-            401, "invalid_client", 7000215,
-            f"Invalid client secret provided. Ensure the secret being sent in the request is the client secret "
+            401,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided. Ensure the secret being sent in the request is the "
+            "client secret "
             f"value, not the client secret ID, for a secret added to app '{client_id}'.",
         )
-    scopes = [s for s in str(form.get("scope", "")).split() if s not in {"openid", "profile", "offline_access"}]
+    scopes = [
+        s for s in str(form.get("scope", "")).split() if s not in {"openid", "profile", "offline_access"}
+    ]
     if len(scopes) != 1 or not scopes[0].endswith("/.default"):
         return _entra_error(
-            400, "invalid_scope", 1002012,
-            f"The provided value for scope {' '.join(scopes)} is not valid. Client credential flows must have a "
+            400,
+            "invalid_scope",
+            1002012,
+            f"The provided value for scope {' '.join(scopes)} is not valid. "
+            "Client credential flows must have a "
             "scope value with /.default suffixed to the resource identifier (application ID URI).",
         )
     resource = scopes[0][: -len("/.default")].rstrip("/")
     org = _org_for_resource(state, tenant, resource)
     if org is None:
         return _entra_error(
-            400, "invalid_resource", 500011,
-            f"The resource principal named {resource} was not found in the tenant named {tenant}. This can happen "
-            "if the application has not been installed by the administrator of the tenant or consented to by any "
+            400,
+            "invalid_resource",
+            500011,
+            f"The resource principal named {resource} was not found in the tenant named {tenant}. "
+            "This can happen if the application has not been installed by the administrator of the tenant "
+            "or consented to by any "
             "user in the tenant. You might have sent your authentication request to the wrong tenant.",
         )
     tok = state.issue_token(tenant, client_id, org, resource)
     lifetime = int(state.token_lifetime)
-    return _json({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime,
-                  "access_token": tok.value})
+    return _json(
+        {
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "ext_expires_in": lifetime,
+            "access_token": tok.value,
+        }
+    )
 
 
 def _org_for_resource(state: DataverseState, tenant: str, resource: str) -> Org | None:
@@ -205,17 +271,23 @@ def _org_for_resource(state: DataverseState, tenant: str, resource: str) -> Org 
     return org
 
 
-# -- Dataverse Web API -----------------------------------------------------------------------------------------
+# -- Dataverse Web API ------------------------------------------------------------
+
 
 def _unauthorized(request: web.Request, org: Org, message: str, code: str = "0x8004a102") -> DataverseError:
     origin = _origin(request)
-    return DataverseError(401, code, message, {
-        "WWW-Authenticate": (
-            f'Bearer error="invalid_token", error_description="{message}", '
-            f'authorization_uri="{origin}/{org.tenant_id}/oauth2/authorize", '
-            f'resource_id="{origin}/orgs/{org.name}"'
-        ),
-    })
+    return DataverseError(
+        401,
+        code,
+        message,
+        {
+            "WWW-Authenticate": (
+                f'Bearer error="invalid_token", error_description="{message}", '
+                f'authorization_uri="{origin}/{org.tenant_id}/oauth2/authorize", '
+                f'resource_id="{origin}/orgs/{org.name}"'
+            ),
+        },
+    )
 
 
 def _authenticate(request: web.Request, state: DataverseState, org: Org) -> Token:
@@ -259,8 +331,8 @@ async def data_api(request: web.Request) -> web.StreamResponse:
         return resp
     started = time.monotonic()
     try:
-        if request.get("fault_delay"):
-            await asyncio.sleep(request["fault_delay"])
+        if request.get(FAULT_DELAY):
+            await asyncio.sleep(request[FAULT_DELAY])
         resp = await _dispatch(request, state, org, api_root, tok)
     except DataverseError as err:
         resp = _error(err)
@@ -271,21 +343,37 @@ async def data_api(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _dispatch(request: web.Request, state: DataverseState, org: Org, api_root: str, tok: Token) -> web.Response:
+async def _dispatch(
+    request: web.Request, state: DataverseState, org: Org, api_root: str, tok: Token
+) -> web.Response:
     path = request.match_info["path"]
     user = org.app_users[tok.client_id]
     if path in ("", "/"):
-        return _json({"@odata.context": f"{api_root}$metadata", "value": [
-            {"name": s, "kind": "EntitySet", "url": s} for s in ENTITIES
-        ]})
+        return _json(
+            {
+                "@odata.context": f"{api_root}$metadata",
+                "value": [{"name": s, "kind": "EntitySet", "url": s} for s in ENTITIES],
+            }
+        )
     if path in ("WhoAmI", "WhoAmI()"):
-        return _json({
-            "@odata.context": f"{api_root}$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse",
-            "BusinessUnitId": org.business_unit_id, "UserId": user.user_id, "OrganizationId": org.organization_id,
-        })
+        return _json(
+            {
+                "@odata.context": f"{api_root}$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse",
+                "BusinessUnitId": org.business_unit_id,
+                "UserId": user.user_id,
+                "OrganizationId": org.organization_id,
+            }
+        )
     if path == "EntityDefinitions":
-        rows = [{"LogicalName": e.logical, "EntitySetName": e.entity_set, "ChangeTrackingEnabled": e.change_tracking,
-                 "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, e.logical))} for e in ENTITIES.values()]
+        rows = [
+            {
+                "LogicalName": e.logical,
+                "EntitySetName": e.entity_set,
+                "ChangeTrackingEnabled": e.change_tracking,
+                "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, e.logical)),
+            }
+            for e in ENTITIES.values()
+        ]
         if "ChangeTrackingEnabled eq true" in request.query.get("$filter", ""):
             rows = [r for r in rows if r["ChangeTrackingEnabled"]]
         return _json({"@odata.context": f"{api_root}$metadata#EntityDefinitions", "value": rows})
@@ -296,9 +384,11 @@ async def _dispatch(request: web.Request, state: DataverseState, org: Org, api_r
     table = org.tables[m.group("set")]
     if not user.may_read(table.entity):
         raise DataverseError(
-            403, "0x80040220",
-            f"Principal user (Id={user.user_id}, type=8, roleCount=1, privilegeCount=0, accessMode=4), is missing "
-            f"prvRead{table.entity.privilege} privilege (Id={uuid.uuid5(uuid.NAMESPACE_URL, table.entity.privilege)}) "
+            403,
+            "0x80040220",
+            f"Principal user (Id={user.user_id}, type=8, roleCount=1, privilegeCount=0, accessMode=4), "
+            f"is missing prvRead{table.entity.privilege} privilege "
+            f"(Id={uuid.uuid5(uuid.NAMESPACE_URL, table.entity.privilege)}) "
             f"on OTC=0 for entity '{table.entity.logical}'.",
         )
     key = m.group("key")
@@ -375,12 +465,16 @@ def _list(request: web.Request, state: DataverseState, org: Org, table: Table, a
         cookie = decode_cookie(params["$skiptoken"])
     wants_tracking = "odata.track-changes" in prefs
     tracking = table.entity.change_tracking and (
-        wants_tracking or "$deltatoken" in params or (cookie is not None and "istracking=\"True\"" in params["$skiptoken"])
+        wants_tracking
+        or "$deltatoken" in params
+        or (cookie is not None and 'istracking="True"' in params["$skiptoken"])
     )
     if tracking:
         for opt in _TRACKING_REJECTS:
             if opt in params:
-                raise query_error(f'The "{opt}" query parameter isn\'t supported when Change Tracking is enabled.')
+                raise query_error(
+                    f'The "{opt}" query parameter isn\'t supported when Change Tracking is enabled.'
+                )
         if wants_tracking:
             applied.insert(0, "odata.track-changes")
     q = parse_query(table, params)
@@ -395,7 +489,8 @@ def _list(request: web.Request, state: DataverseState, org: Org, table: Table, a
         items, tail = _delta_page(org, table, renderer, api_root, params, cookie, page_size, select_param)
         ctx = f"{api_root}$metadata#{es}{sel}/$delta"
     elif tracking:
-        page_no, cs = cookie if cookie else (1, {"v": org.version, "w": org.clock.now()})
+        fresh: dict[str, Any] = {"v": org.version, "w": org.clock.now()}
+        page_no, cs = cookie if cookie else (1, fresh)
         rows, more = table.page_after(cs.get("k"), page_size)
         items = [renderer.render(r) for r in rows]
         if more:
@@ -403,7 +498,9 @@ def _list(request: web.Request, state: DataverseState, org: Org, table: Table, a
             link = _link(api_root, es, [*select_param, ("$skiptoken", _cookie_param(page_no + 1, nxt, True))])
             tail = [f'"@odata.nextLink":{json.dumps(link)}']
         else:
-            tail = [f'"@odata.deltaLink":{json.dumps(_delta_link(api_root, es, select_param, cs["v"], cs["w"]))}']
+            tail = [
+                f'"@odata.deltaLink":{json.dumps(_delta_link(api_root, es, select_param, cs["v"], cs["w"]))}'
+            ]
         ctx = f"{api_root}$metadata#{es}{sel}"
     else:
         ctx = f"{api_root}$metadata#{es}{sel}"
@@ -426,8 +523,11 @@ def _list(request: web.Request, state: DataverseState, org: Org, table: Table, a
             keep = [(k, v) for k, v in params.items() if k != "$skiptoken"]
             link = _link(api_root, es, [*keep, ("$skiptoken", _cookie_param(page_no + 1, nxt, False))])
             tail = [f'"@odata.nextLink":{json.dumps(link)}']
-    body = "{" + ",".join([f'"@odata.context":{json.dumps(ctx)}', *head,
-                           '"value":[' + ",".join(items) + "]", *tail]) + "}"
+    body = (
+        "{"
+        + ",".join([f'"@odata.context":{json.dumps(ctx)}', *head, '"value":[' + ",".join(items) + "]", *tail])
+        + "}"
+    )
     headers = {"Preference-Applied": ",".join(applied)} if applied else {}
     return _odata(body, headers=headers)
 
@@ -448,7 +548,9 @@ def _link(api_root: str, es: str, params: list[tuple[str, str]]) -> str:
     return f"{api_root}{es}?" + "&".join(parts)
 
 
-def _delta_link(api_root: str, es: str, select_param: list[tuple[str, str]], version: int, when: float) -> str:
+def _delta_link(
+    api_root: str, es: str, select_param: list[tuple[str, str]], version: int, when: float
+) -> str:
     return _link(api_root, es, [*select_param, ("$deltatoken", encode_deltatoken(version, when))])
 
 
@@ -459,17 +561,13 @@ def _plain_page(table: Table, q: Any, cs: dict[str, Any], page_size: int) -> tup
         rows.sort(key=lambda r: sort_key(table, q.orderby, r))
         start = 0
         if after is not None:
-            import bisect
-
             cursor = key_from_cookie(table, q.orderby, cs.get("o", []), after)
-            keys = [sort_key(table, q.orderby, r) for r in rows]
-            start = bisect.bisect_right(keys, cursor)
-        page = rows[start:start + page_size]
+            sort_keys = [sort_key(table, q.orderby, r) for r in rows]
+            start = bisect.bisect_right(sort_keys, cursor)
+        page = rows[start : start + page_size]
         return page, start + page_size < len(rows)
     if q.predicate is None:
         return table.page_after(after, page_size)
-    import bisect
-
     keys = table.sorted_keys()
     i = 0 if after is None else bisect.bisect_right(keys, after)
     out: list[Row] = []
@@ -490,8 +588,14 @@ def _count(table: Table, q: Any) -> int:
 
 
 def _delta_page(
-    org: Org, table: Table, renderer: Renderer, api_root: str, params: Any,
-    cookie: tuple[int, dict[str, Any]] | None, page_size: int, select_param: list[tuple[str, str]],
+    org: Org,
+    table: Table,
+    renderer: Renderer,
+    api_root: str,
+    params: Any,
+    cookie: tuple[int, dict[str, Any]] | None,
+    page_size: int,
+    select_param: list[tuple[str, str]],
 ) -> tuple[list[str], list[str]]:
     es = table.entity.entity_set
     expired = DataverseError(
@@ -510,16 +614,26 @@ def _delta_page(
     found, cursor = table.changes(since, cs["u"], cs["p"], cs["i"], page_size)
     deleted_ctx = json.dumps(f"{api_root}$metadata#{es}/$deletedEntity")
     items = [
-        renderer.render(x) if isinstance(x, tuple)
+        renderer.render(x)
+        if isinstance(x, tuple)
         else f'{{"@odata.context":{deleted_ctx},"id":"{x}","reason":"deleted"}}'
         for x in found
     ]
     if cursor is not None:
         nxt = {"u": cs["u"], "w": cs["w"], "p": cursor[0], "i": cursor[1]}
-        link = _link(api_root, es, [*select_param, ("$deltatoken", params["$deltatoken"]),
-                                    ("$skiptoken", _cookie_param(page_no + 1, nxt, True))])
+        link = _link(
+            api_root,
+            es,
+            [
+                *select_param,
+                ("$deltatoken", params["$deltatoken"]),
+                ("$skiptoken", _cookie_param(page_no + 1, nxt, True)),
+            ],
+        )
         return items, [f'"@odata.nextLink":{json.dumps(link)}']
-    return items, [f'"@odata.deltaLink":{json.dumps(_delta_link(api_root, es, select_param, cs["u"], cs["w"]))}']
+    return items, [
+        f'"@odata.deltaLink":{json.dumps(_delta_link(api_root, es, select_param, cs["u"], cs["w"]))}'
+    ]
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -550,20 +664,24 @@ def _write_values(table: Table, data: dict[str, Any]) -> dict[str, Any]:
             nav = name[: -len("@odata.bind")]
             if nav not in navs:
                 raise DataverseError(
-                    400, "0x80060888",
-                    f"An undeclared property '{nav}' which only has property annotations in the payload but no "
+                    400,
+                    "0x80060888",
+                    f"An undeclared property '{nav}' which only has property annotations in the payload "
+                    "but no "
                     "property value was found in the payload.",
                 )
-            column, target = navs[nav]
+            column, bind_target = navs[nav]
             m = _BIND.match(str(value)) if value is not None else None
             if value is not None and m is None:
                 raise DataverseError(400, "0x80060888", f"Invalid @odata.bind value '{value}'.")
             key = None if m is None else m.group("key").lower()
-            out[column] = (target, key) if target else key
+            out[column] = (bind_target, key) if bind_target else key
         elif name.startswith("@odata") or name.startswith("_"):
             raise DataverseError(
-                400, "0x80060888",
-                f"The property '{name}' does not exist on type 'Microsoft.Dynamics.CRM.{table.entity.logical}'. Make "
+                400,
+                "0x80060888",
+                f"The property '{name}' does not exist on type "
+                f"'Microsoft.Dynamics.CRM.{table.entity.logical}'. Make "
                 "sure to only use property names that are defined by the type.",
             )
         else:
@@ -590,20 +708,28 @@ async def _update(request: web.Request, org: Org, table: Table, api_root: str, k
     return _written(request, org, table, api_root, row, created=False)
 
 
-def _written(request: web.Request, org: Org, table: Table, api_root: str, row: Row, *, created: bool) -> web.Response:
+def _written(
+    request: web.Request, org: Org, table: Table, api_root: str, row: Row, *, created: bool
+) -> web.Response:
     key = row[table.pos[table.entity.key]]
     entity_id = f"{api_root}{table.entity.entity_set}({key})"
     prefs = _prefs(request)
     if prefs.get("return") == "representation":
         r = Renderer(org, table, None, Annotations(prefs.get("odata.include-annotations")))
         ctx = f"{api_root}$metadata#{table.entity.entity_set}/$entity"
-        body = r.render(row, extra=f'"@odata.context":{json.dumps(ctx)},"@odata.etag":{json.dumps(r.etag(row))}')
-        return _odata(body, 201 if created else 200, {"OData-EntityId": entity_id,
-                                                      "Preference-Applied": "return=representation"})
+        body = r.render(
+            row, extra=f'"@odata.context":{json.dumps(ctx)},"@odata.etag":{json.dumps(r.etag(row))}'
+        )
+        return _odata(
+            body,
+            201 if created else 200,
+            {"OData-EntityId": entity_id, "Preference-Applied": "return=representation"},
+        )
     return web.Response(status=204, headers={"OData-EntityId": entity_id})
 
 
-# -- faults and stats middleware ------------------------------------------------------------------------------
+# -- faults and stats middleware --------------------------------------------------
+
 
 def _fault_response(fault: Fault, request: web.Request) -> web.Response:
     headers: dict[str, str] = {}
@@ -611,16 +737,36 @@ def _fault_response(fault: Fault, request: web.Request) -> web.Response:
         headers["Retry-After"] = str(fault.retry_after)
     if fault.status == 429:
         headers.setdefault("Retry-After", "2")
-        return _json({"error": {"code": "0x80072322", "message": (
-            "Number of requests exceeded the limit of 6000 over time window of 300 seconds.")}}, 429, headers)
+        return _json(
+            {
+                "error": {
+                    "code": "0x80072322",
+                    "message": (
+                        "Number of requests exceeded the limit of 6000 over time window of 300 seconds."
+                    ),
+                }
+            },
+            429,
+            headers,
+        )
     if fault.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer error="invalid_token", error_description="The access token expired."'
+        headers["WWW-Authenticate"] = (
+            'Bearer error="invalid_token", error_description="The access token expired."'
+        )
         return _json({"error": {"code": "0x8004a102", "message": "The access token expired."}}, 401, headers)
     if fault.status >= 502:
-        reason = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}.get(fault.status, "Error")
-        return web.Response(text=f"<html><body><h1>{fault.status} {reason}</h1></body></html>",
-                            status=fault.status, headers=headers, content_type="text/html")
-    return _json({"error": {"code": "0x80040216", "message": "An unexpected error occurred."}}, fault.status, headers)
+        reason = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}.get(
+            fault.status, "Error"
+        )
+        return web.Response(
+            text=f"<html><body><h1>{fault.status} {reason}</h1></body></html>",
+            status=fault.status,
+            headers=headers,
+            content_type="text/html",
+        )
+    return _json(
+        {"error": {"code": "0x80040216", "message": "An unexpected error occurred."}}, fault.status, headers
+    )
 
 
 @web.middleware
@@ -640,7 +786,7 @@ async def sandbox_middleware(request: web.Request, handler: Handler) -> web.Stre
     if resp is None and delay and API not in request.path:
         await asyncio.sleep(delay)
     elif resp is None and delay:
-        request["fault_delay"] = delay  # slept while holding a concurrency slot, like a slow request
+        request[FAULT_DELAY] = delay  # slept while holding a concurrency slot, like a slow request
     if resp is None:
         try:
             resp = await handler(request)
@@ -654,6 +800,7 @@ async def sandbox_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 # -- control API -------------------------------------------------------------------------------------------
 
+
 def _org_info(state: DataverseState, org: Org, origin: str) -> dict[str, Any]:
     return {
         "name": org.name,
@@ -665,9 +812,13 @@ def _org_info(state: DataverseState, org: Org, origin: str) -> dict[str, Any]:
         "version": org.version,
         "expirechangetrackingindays": org.expirechangetrackingindays,
         "credentials": [
-            {"client_id": a.client_id, "client_secret": a.client_secret,
-             "readable": None if org.app_users[a.client_id].readable is None
-             else sorted(org.app_users[a.client_id].readable or ())}
+            {
+                "client_id": a.client_id,
+                "client_secret": a.client_secret,
+                "readable": None
+                if org.app_users[a.client_id].readable is None
+                else sorted(org.app_users[a.client_id].readable or ()),
+            }
             for a in state.credentials(org.name)
         ],
         "counts": {s: len(t) for s, t in org.tables.items()},
@@ -696,8 +847,11 @@ async def ctl_orgs(request: web.Request) -> web.Response:
     if request.method == "POST":
         b = await _ctl_body(request)
         state.add_org(
-            b["name"], tenant_id=b.get("tenant_id"), client_id=b.get("client_id"),
-            client_secret=b.get("client_secret"), readable=b.get("readable"),
+            b["name"],
+            tenant_id=b.get("tenant_id"),
+            client_id=b.get("client_id"),
+            client_secret=b.get("client_secret"),
+            readable=b.get("readable"),
             expirechangetrackingindays=int(b.get("expirechangetrackingindays", 7)),
         )
         return _json(_org_info(state, state.orgs[b["name"]], _origin(request)), 201)
@@ -708,16 +862,28 @@ async def ctl_seed(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     b = await _ctl_body(request)
     summary = seed_org(
-        state, request.match_info["org"], customers=int(b.get("customers", 200)),
-        products=int(b.get("products", 40)), orders=int(b.get("orders", 1000)), seed=int(b.get("seed", 1)),
+        state,
+        request.match_info["org"],
+        customers=int(b.get("customers", 200)),
+        products=int(b.get("products", 40)),
+        orders=int(b.get("orders", 1000)),
+        seed=int(b.get("seed", 1)),
     )
     return _json(summary.to_json())
 
 
 def _jsonable(table: Table, row: Row) -> dict[str, Any]:
     out = table.as_dict(row)
-    return {k: (str(v) if isinstance(v, Decimal) else v.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(v, dt.datetime)
-                else v) for k, v in out.items()}
+    return {
+        k: (
+            str(v)
+            if isinstance(v, Decimal)
+            else v.strftime("%Y-%m-%dT%H:%M:%SZ")
+            if isinstance(v, dt.datetime)
+            else v
+        )
+        for k, v in out.items()
+    }
 
 
 async def ctl_mutate(request: web.Request) -> web.Response:
@@ -743,12 +909,15 @@ async def ctl_mutate(request: web.Request) -> web.Response:
             result = _jsonable(org.tables["salesorders"], mutations.cancel_order(org, b["id"]))
         elif op == "amend_order":
             q = b.get("quantity")
-            row = mutations.amend_order(org, b["id"], quantity=None if q is None else Decimal(str(q)),
-                                        line_id=b.get("line_id"))
+            row = mutations.amend_order(
+                org, b["id"], quantity=None if q is None else Decimal(str(q)), line_id=b.get("line_id")
+            )
             result = _jsonable(org.tables["salesorders"], row)
         elif op == "add_rma":
             lines = [(ln[0], Decimal(str(ln[1]))) for ln in b["lines"]] if b.get("lines") else None
-            row = mutations.add_rma(org, b["id"], lines=lines, credit_to_account=bool(b.get("credit_to_account", True)))
+            row = mutations.add_rma(
+                org, b["id"], lines=lines, credit_to_account=bool(b.get("credit_to_account", True))
+            )
             result = _jsonable(org.tables["msdyn_rmas"], row)
         elif op == "random":
             result = [mutations.random_mutation(org, state.rng) for _ in range(int(b.get("count", 1)))]
@@ -767,13 +936,20 @@ async def ctl_faults(request: web.Request) -> web.Response:
         state.faults.clear()
     elif request.method == "POST":
         b = await _ctl_body(request)
-        kind = "delay" if b.get("kind") == "delay" or ("delay" in b and "status" not in b) else "status"
-        state.faults.add(Fault(
-            kind=kind, status=int(b.get("status", 503)),
-            count=None if b.get("count", 1) is None else int(b.get("count", 1)),
-            match=b.get("match"), retry_after=None if b.get("retry_after") is None else int(b["retry_after"]),
-            delay=float(b.get("delay", 0.0)), probability=float(b.get("probability", 1.0)),
-        ))
+        kind: FaultKind = (
+            "delay" if b.get("kind") == "delay" or ("delay" in b and "status" not in b) else "status"
+        )
+        state.faults.add(
+            Fault(
+                kind=kind,
+                status=int(b.get("status", 503)),
+                count=None if b.get("count", 1) is None else int(b.get("count", 1)),
+                match=b.get("match"),
+                retry_after=None if b.get("retry_after") is None else int(b["retry_after"]),
+                delay=float(b.get("delay", 0.0)),
+                probability=float(b.get("probability", 1.0)),
+            )
+        )
     return _json({"faults": [f.to_json() for f in state.faults.rules]})
 
 
@@ -785,8 +961,12 @@ async def ctl_clock(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     b = await _ctl_body(request)
     state.advance_clock(float(b.get("seconds", 0)) + float(b.get("days", 0)) * 86400)
-    return _json({"offset_seconds": state.clock.offset, "now": dt.datetime.fromtimestamp(
-        state.clock.now(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")})
+    return _json(
+        {
+            "offset_seconds": state.clock.offset,
+            "now": dt.datetime.fromtimestamp(state.clock.now(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )
 
 
 async def ctl_limits(request: web.Request) -> web.Response:

@@ -6,7 +6,8 @@ Money rules (kept by every helper here and by the seed generator):
   + tax`` with line ``tax`` = 0 (this sandbox taxes at order level);
 * order: ``totallineitemamount = sum(extendedamount)``, ``totallineitemdiscountamount =
   sum(manualdiscountamount)``, ``discountamount`` = ``discountpercentage`` % of the lines when a percentage is
-  set, ``totalamountlessfreight = lines - discountamount``, ``totaltax = round(lessfreight * TAX_RATES[iso])``,
+  set, ``totalamountlessfreight = lines - discountamount``,
+  ``totaltax = round(lessfreight * TAX_RATES[iso])``,
   ``totalamount = lessfreight + freightamount + totaltax``, ``totaldiscountamount = discountamount +
   totallineitemdiscountamount``; all rounded to cents; ``<money>_base = value / exchangerate`` at read time.
 """
@@ -103,6 +104,7 @@ def recompute_order(org: Org, order_id: str) -> Row:
 
 # -- generic writes (Python API and HTTP) ----------------------------------------------------------------
 
+
 def create(org: Org, entity_set: str, values: Mapping[str, Any]) -> Row:
     table = org.table(entity_set)
     for name in values:
@@ -120,12 +122,15 @@ def update(org: Org, entity_set: str, key: str, changes: Mapping[str, Any]) -> R
     table = org.table(entity_set)
     key = key.lower()
     row = table.update(key, changes)
-    if table.entity.logical == "salesorderdetail" and {"quantity", "priceperunit", "manualdiscountamount"} & set(
-        changes
-    ):
+    if table.entity.logical == "salesorderdetail" and {
+        "quantity",
+        "priceperunit",
+        "manualdiscountamount",
+    } & set(changes):
         p = table.pos
-        amounts = line_amounts(row[p["priceperunit"]] or 0, row[p["quantity"]] or Decimal(0),
-                               row[p["manualdiscountamount"]] or 0)
+        amounts = line_amounts(
+            row[p["priceperunit"]] or 0, row[p["quantity"]] or Decimal(0), row[p["manualdiscountamount"]] or 0
+        )
         row = table.write_stored(key, amounts)
     _after_write(org, table, row)
     return row
@@ -193,12 +198,15 @@ def _after_write(org: Org, table: Table, row: Row) -> None:
 
 # -- convenience operations ---------------------------------------------------------------------------
 
+
 def set_order_status(org: Org, order_id: str, statecode: int, statuscode: int | None = None) -> Row:
     so = org.tables["salesorders"]
     statuscode = statuscode if statuscode is not None else DEFAULT_STATUS[statecode]
     if org.order_status_state.get(statuscode) != statecode:
         raise DataverseError(
-            400, "0x8004431a", f"{statuscode} is not a valid status code for state code SalesOrderState.{statecode}"
+            400,
+            "0x8004431a",
+            f"{statuscode} is not a valid status code for state code SalesOrderState.{statecode}",
         )
     changes: dict[str, Any] = {"statecode": statecode, "statuscode": statuscode}
     now = int(org.clock.now())
@@ -217,7 +225,9 @@ def cancel_order(org: Org, order_id: str) -> Row:
     return set_order_status(org, order_id, 2, 4)
 
 
-def amend_order(org: Org, order_id: str, *, quantity: Decimal | int | None = None, line_id: str | None = None) -> Row:
+def amend_order(
+    org: Org, order_id: str, *, quantity: Decimal | int | None = None, line_id: str | None = None
+) -> Row:
     """Change one line's quantity (default: the first line, +1) and recompute the order totals."""
     sod = org.tables["salesorderdetails"]
     lines = sod.lookup("_salesorderid_value", order_id.lower())
@@ -245,24 +255,43 @@ def create_order(
     kind = org.find_target(so.by_name["_customerid_value"], customer_id)
     cust = org.table(kind).rows[customer_id.lower()]
     email = cust[org.table(kind).pos["emailaddress1"]]
-    number = ordernumber or f"ORD-{org.next_version() % 100000:05d}-{random.Random(customer_id).randint(0, 9999):04X}"
-    order = so.insert_prepared({
-        "ordernumber": number, "name": f"Order {number}", "statecode": 0, "statuscode": 1,
-        "_customerid_value": customer_id.lower(), "_customerid_value#type": kind,
-        "_accountid_value": customer_id.lower() if kind == "account" else None,
-        "_contactid_value": customer_id.lower() if kind == "contact" else None,
-        "_transactioncurrencyid_value": cur[ct.pos["transactioncurrencyid"]],
-        "exchangerate": cur[ct.pos["exchangerate"]], "emailaddress": email,
-        "freightamount": to_units(freight), "discountpercentage": discountpercentage,
-        "discountamount": 0,
-    })
+    number = (
+        ordernumber
+        or f"ORD-{org.next_version() % 100000:05d}-{random.Random(customer_id).randint(0, 9999):04X}"
+    )
+    order = so.insert_prepared(
+        {
+            "ordernumber": number,
+            "name": f"Order {number}",
+            "statecode": 0,
+            "statuscode": 1,
+            "_customerid_value": customer_id.lower(),
+            "_customerid_value#type": kind,
+            "_accountid_value": customer_id.lower() if kind == "account" else None,
+            "_contactid_value": customer_id.lower() if kind == "contact" else None,
+            "_transactioncurrencyid_value": cur[ct.pos["transactioncurrencyid"]],
+            "exchangerate": cur[ct.pos["exchangerate"]],
+            "emailaddress": email,
+            "freightamount": to_units(freight),
+            "discountpercentage": discountpercentage,
+            "discountamount": 0,
+        }
+    )
     oid = order[so.pos["salesorderid"]]
     for i, (product_id, qty) in enumerate(lines, start=1):
-        create(org, "salesorderdetails", {
-            "_salesorderid_value": oid, "_productid_value": product_id, "quantity": Decimal(qty),
-            "lineitemnumber": i, "quantityshipped": Decimal(0), "quantitycancelled": Decimal(0),
-            "quantitybackordered": Decimal(0),
-        })
+        create(
+            org,
+            "salesorderdetails",
+            {
+                "_salesorderid_value": oid,
+                "_productid_value": product_id,
+                "quantity": Decimal(qty),
+                "lineitemnumber": i,
+                "quantityshipped": Decimal(0),
+                "quantitycancelled": Decimal(0),
+                "quantitybackordered": Decimal(0),
+            },
+        )
     return recompute_order(org, oid)
 
 
@@ -286,19 +315,30 @@ def add_rma(
     if order is None:
         raise not_found(so.entity, order_id)
     p = so.pos
-    order_lines = {ln[sod.pos["salesorderdetailid"]]: ln for ln in sod.lookup("_salesorderid_value", order_id.lower())}
-    chosen = list(lines) if lines is not None else [(next(iter(order_lines)), Decimal(1))] if order_lines else []
+    order_lines = {
+        ln[sod.pos["salesorderdetailid"]]: ln for ln in sod.lookup("_salesorderid_value", order_id.lower())
+    }
+    chosen = (
+        list(lines) if lines is not None else [(next(iter(order_lines)), Decimal(1))] if order_lines else []
+    )
     rmas = org.tables["msdyn_rmas"]
     cust, kind = order[p["_customerid_value"]], order[p["_customerid_value#type"]]
     account = cust if kind == "account" else _parent_account(org, cust)
     number = name or f"RMA-{len(rmas) + 1:05d}"
-    rma = rmas.insert_prepared({
-        "msdyn_name": number, "msdyn_referencenumber": order[p["ordernumber"]],
-        "_msdyn_serviceaccount_value": account, "_msdyn_customer_value": cust, "_msdyn_customer_value#type": kind,
-        "msdyn_description": f"Return for {order[p['ordernumber']]}", "msdyn_systemstatus": systemstatus,
-        "statecode": 0, "statuscode": 1,
-        "_transactioncurrencyid_value": order[p["_transactioncurrencyid_value"]],
-    })
+    rma = rmas.insert_prepared(
+        {
+            "msdyn_name": number,
+            "msdyn_referencenumber": order[p["ordernumber"]],
+            "_msdyn_serviceaccount_value": account,
+            "_msdyn_customer_value": cust,
+            "_msdyn_customer_value#type": kind,
+            "msdyn_description": f"Return for {order[p['ordernumber']]}",
+            "msdyn_systemstatus": systemstatus,
+            "statecode": 0,
+            "statuscode": 1,
+            "_transactioncurrencyid_value": order[p["_transactioncurrencyid_value"]],
+        }
+    )
     rid = rma[rmas.pos["msdyn_rmaid"]]
     rp = org.tables["msdyn_rmaproducts"]
     for i, (line_id, qty) in enumerate(chosen, start=1):
@@ -306,14 +346,21 @@ def add_rma(
         lq = ln[sod.pos["quantity"]] or Decimal(1)
         unit = round_cents(Decimal(ln[sod.pos["extendedamount"]] or 0) / lq)
         q = min(Decimal(qty), lq)
-        rp.insert_prepared({
-            "msdyn_name": f"{number}-{i}", "_msdyn_rma_value": rid,
-            "_msdyn_product_value": ln[sod.pos["_productid_value"]], "msdyn_quantity": q,
-            "msdyn_unitamount": unit, "msdyn_totalamount": round_cents(Decimal(unit) * q),
-            "msdyn_credittoaccount": credit_to_account, "statecode": 0, "statuscode": 1,
-            "_transactioncurrencyid_value": order[p["_transactioncurrencyid_value"]],
-            "exchangerate": order[p["exchangerate"]],
-        })
+        rp.insert_prepared(
+            {
+                "msdyn_name": f"{number}-{i}",
+                "_msdyn_rma_value": rid,
+                "_msdyn_product_value": ln[sod.pos["_productid_value"]],
+                "msdyn_quantity": q,
+                "msdyn_unitamount": unit,
+                "msdyn_totalamount": round_cents(Decimal(unit) * q),
+                "msdyn_credittoaccount": credit_to_account,
+                "statecode": 0,
+                "statuscode": 1,
+                "_transactioncurrencyid_value": order[p["_transactioncurrencyid_value"]],
+                "exchangerate": order[p["exchangerate"]],
+            }
+        )
     return rma
 
 
@@ -334,13 +381,22 @@ def random_mutation(org: Org, rng: random.Random) -> dict[str, Any]:
     if op == "create_order":
         customers = org.tables["accounts"].sorted_keys() + org.tables["contacts"].sorted_keys()
         prod = org.tables["products"]
-        products = [k for k, r in prod.rows.items() if r[prod.pos["productstructure"]] == 1
-                    and r[prod.pos["statecode"]] == 0]
+        products = [
+            k
+            for k, r in prod.rows.items()
+            if r[prod.pos["productstructure"]] == 1 and r[prod.pos["statecode"]] == 0
+        ]
         if not customers or not products:
             return {"op": "noop"}
         picked = [(rng.choice(products), rng.randint(1, 4)) for _ in range(rng.randint(1, 4))]
-        row = create_order(org, rng.choice(customers), picked, currency=rng.choice(["USD", "USD", "EUR", "GBP"]))
-        return {"op": op, "salesorderid": row[so.pos["salesorderid"]], "ordernumber": row[so.pos["ordernumber"]]}
+        row = create_order(
+            org, rng.choice(customers), picked, currency=rng.choice(["USD", "USD", "EUR", "GBP"])
+        )
+        return {
+            "op": op,
+            "salesorderid": row[so.pos["salesorderid"]],
+            "ordernumber": row[so.pos["ordernumber"]],
+        }
     oid = rng.choice(keys)
     order = so.rows[oid]
     state = order[so.pos["statecode"]]

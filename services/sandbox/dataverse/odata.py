@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, NoReturn
 
 from sandbox.dataverse.schema import Column, Entity
 from sandbox.dataverse.store import DataverseError, Org, Row, Table, from_units, to_epoch, to_units
@@ -44,6 +44,7 @@ def query_error(message: str) -> DataverseError:
 
 
 # -- Prefer ------------------------------------------------------------------------------------------------
+
 
 def parse_prefer(values: Iterable[str]) -> dict[str, str | None]:
     """``Prefer`` preferences (several headers or one comma list; quoted values may contain commas)."""
@@ -210,9 +211,7 @@ def literal(col: Column, tok: str) -> Any:
     try:
         match col.kind:
             case "str":
-                if not quoted:
-                    raise ValueError
-                return raw
+                return raw if quoted else _bad_literal(col, tok)
             case "money":
                 return to_units(Decimal(raw))
             case "decimal":
@@ -220,9 +219,7 @@ def literal(col: Column, tok: str) -> Any:
             case "int" | "option" | "version":
                 return int(raw)
             case "bool":
-                if raw not in {"true", "false"}:
-                    raise ValueError
-                return raw == "true"
+                return raw == "true" if raw in {"true", "false"} else _bad_literal(col, tok)
             case "datetime":
                 if len(raw) == 10:
                     raw += "T00:00:00Z"
@@ -230,13 +227,18 @@ def literal(col: Column, tok: str) -> Any:
             case _:
                 return str(uuid.UUID(raw))
     except (ValueError, InvalidOperation, TypeError):
-        raise query_error(
-            f"A binary operator with incompatible types was detected. Found operand types for "
-            f"'{col.name}' and literal {tok}."
-        ) from None
+        return _bad_literal(col, tok)
+
+
+def _bad_literal(col: Column, tok: str) -> NoReturn:
+    raise query_error(
+        f"A binary operator with incompatible types was detected. Found operand types for "
+        f"'{col.name}' and literal {tok}."
+    )
 
 
 # -- query options ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Query:
@@ -271,24 +273,28 @@ def parse_query(table: Table, params: Mapping[str, str]) -> Query:
         bits = part.split()
         if not bits:
             continue
-        if bits[0] not in table.by_name or len(bits) > 2 or (len(bits) == 2 and bits[1] not in {"asc", "desc"}):
+        if (
+            bits[0] not in table.by_name
+            or len(bits) > 2
+            or (len(bits) == 2 and bits[1] not in {"asc", "desc"})
+        ):
             raise query_error(
                 f"Could not find a property named '{bits[0]}' on type 'Microsoft.Dynamics.CRM.{ent.logical}'."
             )
         orderby.append((bits[0], len(bits) == 2 and bits[1] == "desc"))
     top = None
     if "$top" in params:
-        try:
-            top = int(params["$top"])
-            if top < 0:
-                raise ValueError
-        except ValueError:
-            raise query_error(f"Invalid value '{params['$top']}' for $top query option found.") from None
+        text = params["$top"]
+        if not text.isdigit():
+            raise query_error(f"Invalid value '{text}' for $top query option found.")
+        top = int(text)
     count = params.get("$count", "").lower() == "true"
     if "$expand" in params:
         # Navigation expansion is not simulated; say so the way the service reports unknown properties.
         raise query_error("$expand is not supported by this sandbox.")
-    return Query(select, predicate, orderby, top, count, params.get("$skiptoken"), params.get("$deltatoken"), has)
+    return Query(
+        select, predicate, orderby, top, count, params.get("$skiptoken"), params.get("$deltatoken"), has
+    )
 
 
 def _renderable(ent: Entity) -> list[str]:
@@ -300,7 +306,8 @@ def _renderable(ent: Entity) -> list[str]:
     return names
 
 
-# -- sort keys for $orderby paging ----------------------------------------------------------------------------
+# -- sort keys for $orderby paging --------------------------------------------------
+
 
 class _Desc:
     __slots__ = ("v",)
@@ -336,7 +343,9 @@ def cookie_values(table: Table, orderby: list[tuple[str, bool]], row: Row) -> li
     return out
 
 
-def key_from_cookie(table: Table, orderby: list[tuple[str, bool]], values: list[Any], pk: str) -> tuple[Any, ...]:
+def key_from_cookie(
+    table: Table, orderby: list[tuple[str, bool]], values: list[Any], pk: str
+) -> tuple[Any, ...]:
     fake: list[Any] = [None] * len(table.cols)
     for (name, _), v in zip(orderby, values, strict=True):
         col = table.by_name[name]
@@ -346,6 +355,7 @@ def key_from_cookie(table: Table, orderby: list[tuple[str, bool]], values: list[
 
 
 # -- paging cookie and delta token ---------------------------------------------------------------------------
+
 
 def encode_cookie(page: int, state: dict[str, Any], *, tracking: bool) -> str:
     inner = base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode()
@@ -393,6 +403,7 @@ def build_query(params: Iterable[tuple[str, str]]) -> str:
 
 # -- rendering -------------------------------------------------------------------------------------------
 
+
 def _money_text(units: int) -> str:
     sign = "-" if units < 0 else ""
     a = abs(units)
@@ -425,7 +436,7 @@ class Renderer:
         if ent.key not in names:
             names.append(ent.key)
         if (
-            any(n in ent.by_name and ent.by_name[n].kind == "money" or n.endswith("_base") for n in names)
+            any((n in ent.by_name and ent.by_name[n].kind == "money") or n.endswith("_base") for n in names)
             and "_transactioncurrencyid_value" in ent.by_name
             and "_transactioncurrencyid_value" not in names
         ):

@@ -92,10 +92,13 @@ _SYSTEM = (
 # salesorder statecode/statuscode (reference A2; 700970000 from the 2024 revision).
 ORDER_STATE = {0: "Active", 1: "Submitted", 2: "Canceled", 3: "Fulfilled", 4: "Invoiced"}
 ORDER_STATUS = {
-    1: "New", 2: "Pending", 700970000: "In Progress",
+    1: "New",
+    2: "Pending",
+    700970000: "In Progress",
     3: "In Progress",
     4: "No Money",
-    100001: "Complete", 100002: "Partial",
+    100001: "Complete",
+    100002: "Partial",
     100003: "Invoiced",
 }
 # statuscode -> statecode it belongs to (org-defined custom reasons are added per org).
@@ -114,7 +117,10 @@ _MONEY_TOTALS = (
 )
 
 SALESORDER = Entity(
-    "salesorder", "salesorders", "salesorderid", "name",
+    "salesorder",
+    "salesorders",
+    "salesorderid",
+    "name",
     (
         Column("salesorderid", "guid"),
         Column("ordernumber", "str"),
@@ -139,7 +145,10 @@ SALESORDER = Entity(
 )
 
 SALESORDERDETAIL = Entity(
-    "salesorderdetail", "salesorderdetails", "salesorderdetailid", "productdescription",
+    "salesorderdetail",
+    "salesorderdetails",
+    "salesorderdetailid",
+    "productdescription",
     (
         Column("salesorderdetailid", "guid"),
         _lookup("salesorderid", "salesorder"),
@@ -165,7 +174,10 @@ SALESORDERDETAIL = Entity(
 )
 
 ACCOUNT = Entity(
-    "account", "accounts", "accountid", "name",
+    "account",
+    "accounts",
+    "accountid",
+    "name",
     (
         Column("accountid", "guid"),
         Column("name", "str"),
@@ -183,7 +195,10 @@ ACCOUNT = Entity(
 )
 
 CONTACT = Entity(
-    "contact", "contacts", "contactid", "fullname",
+    "contact",
+    "contacts",
+    "contactid",
+    "fullname",
     (
         Column("contactid", "guid"),
         Column("firstname", "str"),
@@ -200,7 +215,10 @@ CONTACT = Entity(
 )
 
 PRODUCT = Entity(
-    "product", "products", "productid", "name",
+    "product",
+    "products",
+    "productid",
+    "name",
     (
         Column("productid", "guid"),
         Column("productnumber", "str"),
@@ -222,7 +240,10 @@ PRODUCT = Entity(
 )
 
 INVOICE = Entity(
-    "invoice", "invoices", "invoiceid", "name",
+    "invoice",
+    "invoices",
+    "invoiceid",
+    "name",
     (
         Column("invoiceid", "guid"),
         Column("invoicenumber", "str"),
@@ -230,10 +251,21 @@ INVOICE = Entity(
         _lookup("salesorderid", "salesorder"),
         _lookup("customerid", "account", "contact"),
         _opt("statecode", {0: "Active", 1: "Closed", 2: "Paid", 3: "Canceled"}),
-        _opt("statuscode", {
-            1: "New", 2: "Partially Shipped", 4: "Billed", 5: "Booked", 6: "Installed",
-            3: "Canceled", 7: "Paid in Full", 100001: "Complete", 100002: "Partial", 100003: "Canceled",
-        }),
+        _opt(
+            "statuscode",
+            {
+                1: "New",
+                2: "Partially Shipped",
+                4: "Billed",
+                5: "Booked",
+                6: "Installed",
+                3: "Canceled",
+                7: "Paid in Full",
+                100001: "Complete",
+                100002: "Partial",
+                100003: "Canceled",
+            },
+        ),
         _lookup("transactioncurrencyid", "transactioncurrency"),
         Column("exchangerate", "decimal", readonly=True, scale=10),
         *_MONEY_TOTALS,
@@ -243,7 +275,10 @@ INVOICE = Entity(
 )
 
 TRANSACTIONCURRENCY = Entity(
-    "transactioncurrency", "transactioncurrencies", "transactioncurrencyid", "currencyname",
+    "transactioncurrency",
+    "transactioncurrencies",
+    "transactioncurrencyid",
+    "currencyname",
     (
         Column("transactioncurrencyid", "guid"),
         Column("isocurrencycode", "str"),
@@ -259,7 +294,10 @@ TRANSACTIONCURRENCY = Entity(
 )
 
 ORGANIZATION = Entity(
-    "organization", "organizations", "organizationid", "name",
+    "organization",
+    "organizations",
+    "organizationid",
+    "name",
     (
         Column("organizationid", "guid"),
         Column("name", "str"),
@@ -274,7 +312,10 @@ ORGANIZATION = Entity(
 # Field Service return merchandise authorisation.  The link to the original sales order is a tenant
 # convention (reference addendum); this sandbox puts the order number in ``msdyn_referencenumber``.
 RMA = Entity(
-    "msdyn_rma", "msdyn_rmas", "msdyn_rmaid", "msdyn_name",
+    "msdyn_rma",
+    "msdyn_rmas",
+    "msdyn_rmaid",
+    "msdyn_name",
     (
         Column("msdyn_rmaid", "guid"),
         Column("msdyn_name", "str"),
@@ -292,7 +333,10 @@ RMA = Entity(
 )
 
 RMAPRODUCT = Entity(
-    "msdyn_rmaproduct", "msdyn_rmaproducts", "msdyn_rmaproductid", "msdyn_name",
+    "msdyn_rmaproduct",
+    "msdyn_rmaproducts",
+    "msdyn_rmaproductid",
+    "msdyn_name",
     (
         Column("msdyn_rmaproductid", "guid"),
         Column("msdyn_name", "str"),
@@ -314,8 +358,16 @@ RMAPRODUCT = Entity(
 ENTITIES: dict[str, Entity] = {
     e.entity_set: e
     for e in (
-        SALESORDER, SALESORDERDETAIL, ACCOUNT, CONTACT, PRODUCT, INVOICE,
-        TRANSACTIONCURRENCY, ORGANIZATION, RMA, RMAPRODUCT,
+        SALESORDER,
+        SALESORDERDETAIL,
+        ACCOUNT,
+        CONTACT,
+        PRODUCT,
+        INVOICE,
+        TRANSACTIONCURRENCY,
+        ORGANIZATION,
+        RMA,
+        RMAPRODUCT,
     )
 }
 ENTITY_BY_LOGICAL: dict[str, Entity] = {e.logical: e for e in ENTITIES.values()}

@@ -25,6 +25,7 @@ __all__ = [
     "AppRegistration",
     "DataverseState",
     "Fault",
+    "FaultKind",
     "Faults",
     "Limits",
     "Token",
@@ -88,8 +89,13 @@ class Fault:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.id, "kind": self.kind, "status": self.status, "count": self.count,
-            "match": self.match, "retry_after": self.retry_after, "delay": self.delay,
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "count": self.count,
+            "match": self.match,
+            "retry_after": self.retry_after,
+            "delay": self.delay,
             "probability": self.probability,
         }
 
@@ -147,7 +153,9 @@ def _b64(data: bytes) -> str:
 class DataverseState:
     """Tenants (Entra), organisations (Dataverse), tokens, service protection, faults and stats."""
 
-    def __init__(self, *, token_lifetime: float = 3599.0, limits: Limits | None = None, rng_seed: int = 0) -> None:
+    def __init__(
+        self, *, token_lifetime: float = 3599.0, limits: Limits | None = None, rng_seed: int = 0
+    ) -> None:
         self.clock = Clock()
         self.tenants: dict[str, dict[str, AppRegistration]] = {}
         self.orgs: dict[str, Org] = {}
@@ -166,7 +174,9 @@ class DataverseState:
         self.tenants.setdefault(tenant_id, {})
         return tenant_id
 
-    def register_app(self, tenant_id: str, client_id: str | None = None, client_secret: str | None = None) -> AppRegistration:
+    def register_app(
+        self, tenant_id: str, client_id: str | None = None, client_secret: str | None = None
+    ) -> AppRegistration:
         tenant_id = self.add_tenant(tenant_id)
         app = AppRegistration(
             tenant_id, (client_id or str(uuid.uuid4())).lower(), client_secret or secrets.token_urlsafe(30)
@@ -212,13 +222,26 @@ class DataverseState:
         header = {"typ": "JWT", "alg": "RS256", "kid": "flash-sandbox"}
         user = org.app_users.get(client_id)
         claims = {
-            "aud": audience, "iss": f"https://sts.windows.net/{tenant_id}/", "iat": int(now), "nbf": int(now),
-            "exp": int(now + self.token_lifetime), "appid": client_id, "appidacr": "1", "tid": tenant_id,
-            "oid": user.user_id if user else str(uuid.uuid4()), "sub": client_id, "ver": "1.0",
-            "uti": secrets.token_urlsafe(16), "idtyp": "app",
+            "aud": audience,
+            "iss": f"https://sts.windows.net/{tenant_id}/",
+            "iat": int(now),
+            "nbf": int(now),
+            "exp": int(now + self.token_lifetime),
+            "appid": client_id,
+            "appidacr": "1",
+            "tid": tenant_id,
+            "oid": user.user_id if user else str(uuid.uuid4()),
+            "sub": client_id,
+            "ver": "1.0",
+            "uti": secrets.token_urlsafe(16),
+            "idtyp": "app",
         }
         value = ".".join(
-            (_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()), _b64(secrets.token_bytes(32)))
+            (
+                _b64(json.dumps(header).encode()),
+                _b64(json.dumps(claims).encode()),
+                _b64(secrets.token_bytes(32)),
+            )
         )
         token = Token(value, tenant_id, client_id, org.name, audience, now + self.token_lifetime)
         self.tokens[value] = token
@@ -246,14 +269,17 @@ class DataverseState:
         if c.inflight >= lim.concurrent:
             self.stats["throttled"] += 1
             raise DataverseError(
-                429, "0x80072326", f"Number of concurrent requests exceeded the limit of {lim.concurrent}.",
+                429,
+                "0x80072326",
+                f"Number of concurrent requests exceeded the limit of {lim.concurrent}.",
                 {"Retry-After": "1"},
             )
         if len(c.requests) >= lim.requests_per_window:
             wait = max(1, math.ceil(c.requests[0] + lim.window_seconds - now))
             self.stats["throttled"] += 1
             raise DataverseError(
-                429, "0x80072322",
+                429,
+                "0x80072322",
                 f"Number of requests exceeded the limit of {lim.requests_per_window} over time window of "
                 f"{int(lim.window_seconds)} seconds.",
                 {"Retry-After": str(wait)},
@@ -263,7 +289,8 @@ class DataverseState:
             wait = max(1, math.ceil(c.executions[0][0] + lim.window_seconds - now))
             self.stats["throttled"] += 1
             raise DataverseError(
-                429, "0x80072321",
+                429,
+                "0x80072321",
                 f"Combined execution time of incoming requests exceeded limit of "
                 f"{int(lim.execution_seconds * 1000):,} milliseconds over time window of "
                 f"{int(lim.window_seconds)} seconds. Decrease number of concurrent requests or reduce the "
@@ -282,11 +309,12 @@ class DataverseState:
         c = self._counters.setdefault((org, client_id), _UserCounters())
         self._purge(c, time.monotonic())
         spent = sum(d for _, d in c.executions)
+        lim = self.limits
         return {
             "x-ms-ratelimit-burst-remaining-xrm-requests": str(
                 max(0, self.limits.requests_per_window - len(c.requests))
             ),
-            "x-ms-ratelimit-time-remaining-xrm-requests": f"{max(0.0, self.limits.execution_seconds - spent):,.2f}",
+            "x-ms-ratelimit-time-remaining-xrm-requests": f"{max(0.0, lim.execution_seconds - spent):,.2f}",
         }
 
     def _purge(self, c: _UserCounters, now: float) -> None:

@@ -163,7 +163,7 @@ class Table:
         """Up to ``limit`` rows with a primary key greater than ``after``, and whether more exist."""
         keys = self.sorted_keys()
         i = 0 if after is None else bisect.bisect_right(keys, after)
-        out = [self.rows[k] for k in keys[i:i + limit]]
+        out = [self.rows[k] for k in keys[i : i + limit]]
         return out, i + limit < len(keys)
 
     def changes(
@@ -259,9 +259,9 @@ class Table:
         pos = self.pos
         for name, value in values.items():
             data[pos[name]] = value
-        return self._insert(data)
+        return self._insert(data, bulk=True)
 
-    def _insert(self, data: list[Any]) -> Row:
+    def _insert(self, data: list[Any], *, bulk: bool = False) -> Row:
         now = int(self.org.clock.now())
         key_i = self.pos[self.entity.key]
         if data[key_i] is None:
@@ -279,9 +279,11 @@ class Table:
         row = tuple(data)
         self.rows[key] = row
         self._index(key, None, row)
-        self.keys.append(key)
-        if len(self.keys) > 1 and self.keys[-2] > key:
-            self._dirty = True
+        if bulk or self._dirty or not self.keys or self.keys[-1] < key:
+            self.keys.append(key)  # bulk loads sort once, lazily, on the next read
+            self._dirty = self._dirty or (len(self.keys) > 1 and self.keys[-2] > key)
+        else:
+            bisect.insort(self.keys, key)
         self._log(version, key)
         return row
 
@@ -292,8 +294,10 @@ class Table:
                 data[self.pos[name]] = value
                 return
             raise DataverseError(
-                400, "0x80060888",
-                f"Could not find a property named '{name}' on type 'Microsoft.Dynamics.CRM.{self.entity.logical}'.",
+                400,
+                "0x80060888",
+                f"Could not find a property named '{name}' on type "
+                f"'Microsoft.Dynamics.CRM.{self.entity.logical}'.",
             )
         if col.readonly and not system and col.name != self.entity.key:
             raise DataverseError(400, "0x80060888", f"The property '{name}' is read-only.")
@@ -360,7 +364,9 @@ def not_found(entity: Entity, key: str) -> DataverseError:
 class Org:
     """One Dataverse environment: tables, an org-wide version counter and its application users."""
 
-    def __init__(self, name: str, tenant_id: str, clock: Clock, *, expirechangetrackingindays: int = 7) -> None:
+    def __init__(
+        self, name: str, tenant_id: str, clock: Clock, *, expirechangetrackingindays: int = 7
+    ) -> None:
         self.name = name
         self.tenant_id = tenant_id
         self.clock = clock
@@ -373,8 +379,11 @@ class Org:
         self.custom_labels: dict[tuple[str, str], dict[int, str]] = {}
         self.order_status_state: dict[int, int] = dict(ORDER_STATUS_STATE)
         self.tables["organizations"].insert(
-            {"organizationid": self.organization_id, "name": name,
-             "expirechangetrackingindays": expirechangetrackingindays},
+            {
+                "organizationid": self.organization_id,
+                "name": name,
+                "expirechangetrackingindays": expirechangetrackingindays,
+            },
             system=True,
         )
 
