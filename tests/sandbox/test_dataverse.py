@@ -59,7 +59,8 @@ class Env:
     async def get_json(self, url: str, prefer: str | None = None) -> dict[str, Any]:
         resp = await self.get(url, prefer)
         assert resp.status_code == 200, resp.text
-        return json.loads(resp.text, parse_float=Decimal)
+        body: dict[str, Any] = json.loads(resp.text, parse_float=Decimal)
+        return body
 
 
 async def _token(client: httpx.AsyncClient, base: str, state: DataverseState, org: str = ORG) -> str:
@@ -108,7 +109,8 @@ async def test_msal_client_credentials_end_to_end(env: Env, monkeypatch: pytest.
             instance_discovery=False,
             verify=str(env.running.tls.ca_path),
         )
-        return cca.acquire_token_for_client(scopes=[scope])
+        result: dict[str, Any] = cca.acquire_token_for_client(scopes=[scope])
+        return result
 
     ok = await asyncio.to_thread(acquire, app.client_secret, f"{env.org_url}/.default")
     assert ok["token_type"] == "Bearer"

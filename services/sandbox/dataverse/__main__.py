@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import uuid
 
 from sandbox.dataverse import DataverseState, build_app, seed_org
 from sandbox.dataverse.mutations import random_mutation
@@ -14,7 +15,16 @@ from sandbox.server import serve
 async def _run(args: argparse.Namespace) -> None:
     state = DataverseState()
     for i, name in enumerate(args.org or ["contoso"]):
-        state.add_org(name)
+        # Same seed, same credentials: a demo script can be written once.
+        rng = random.Random(f"{args.seed}:{name}")
+        state.add_org(
+            name,
+            tenant_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            client_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            client_secret="".join(
+                rng.choice("abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789~._-") for _ in range(40)
+            ),
+        )
         summary = seed_org(
             state,
             name,

@@ -320,7 +320,9 @@ async def data_api(request: web.Request) -> web.StreamResponse:
         org, api_root = _org_from_request(request, state)
         tok = _authenticate(request, state, org)
     except DataverseError as err:
-        return _error(err)
+        resp = _error(err)
+        resp.headers["OData-Version"] = "4.0"
+        return resp
     headers = {"OData-Version": "4.0"}
     try:
         state.acquire_slot(org.name, tok.client_id)
