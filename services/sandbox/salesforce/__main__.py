@@ -1,4 +1,7 @@
-"""``python -m sandbox.salesforce --port 8444 --seed 1 --orders 1000 [--mode order_management] [--live 2.0]``"""
+"""Run the simulator: ``python -m sandbox.salesforce --port 8444 --seed 1 --orders 1000``.
+
+Options: ``--mode order_management``, ``--org NAME`` (repeatable), ``--live SECONDS`` (random mutations).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,16 @@ async def _main(args: argparse.Namespace) -> None:
     names = args.org or ["acme"]
     for i, name in enumerate(names):
         org = state.add_org(name, mode=args.mode)
-        seed_org(state, org, orders=args.orders, accounts=args.accounts, person_accounts=args.accounts,
-                 contacts=args.accounts * 2, products=args.products, seed=args.seed + i)
+        seed_org(
+            state,
+            org,
+            orders=args.orders,
+            accounts=args.accounts,
+            person_accounts=args.accounts,
+            contacts=args.accounts * 2,
+            products=args.products,
+            seed=args.seed + i,
+        )
     async with serve(build_app(state), port=args.port) as sb:
         print(f"Salesforce sandbox on {sb.base_url} (CA bundle: {sb.tls.ca_path})")
         print(f"  login.salesforce.com stand-in (rejects client credentials): {sb.url_for_host('localhost')}")

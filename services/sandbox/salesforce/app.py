@@ -39,6 +39,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _VERSION = re.compile(r"^v(\d{2,3}\.\d)$")
 _CURSOR_TTL_MS = 2 * 86_400_000
 STATE_KEY = web.AppKey("salesforce_state", SalesforceState)
+ORG_KEY = web.RequestKey("sf_org", Org)
 
 
 def _not_found() -> SalesforceError:
@@ -82,11 +83,16 @@ class _Api:
         except web.HTTPNotFound:
             resp = web.json_response(_not_found().body(), status=404)
         except web.HTTPMethodNotAllowed as exc:
-            body = [{"message": f"HTTP Method '{request.method}' not allowed. Allowed are {','.join(sorted(exc.allowed_methods))}",
-                     "errorCode": "METHOD_NOT_ALLOWED"}]
+            body = [
+                {
+                    "message": f"HTTP Method '{request.method}' not allowed. "
+                    f"Allowed are {','.join(sorted(exc.allowed_methods))}",
+                    "errorCode": "METHOD_NOT_ALLOWED",
+                }
+            ]
             resp = web.json_response(body, status=405)
-        org = request.get("sf_org")
-        if isinstance(org, Org) and not resp.prepared:
+        org = request.get(ORG_KEY)
+        if org is not None and not resp.prepared:
             used, maximum = org.api_usage()
             resp.headers["Sforce-Limit-Info"] = f"api-usage={used}/{maximum}"
         return resp
@@ -96,7 +102,7 @@ class _Api:
         auth = request.headers.get("Authorization", "")
         for scheme in ("Bearer ", "OAuth "):
             if auth.startswith(scheme):
-                return auth[len(scheme):].strip()
+                return auth[len(scheme) :].strip()
         return None
 
     def _auth(self, request: web.Request, *, count: bool = True) -> Org:
@@ -104,7 +110,7 @@ class _Api:
         path_org = request.match_info.get("org")
         if path_org is not None and path_org != org.name:
             raise SalesforceError(401, "INVALID_SESSION_ID", "Session expired or invalid")
-        request["sf_org"] = org
+        request[ORG_KEY] = org
         ver = request.match_info.get("ver")
         if ver is not None:
             m = _VERSION.match(ver)
@@ -163,10 +169,12 @@ class _Api:
 
     # ------------------------------------------------------------------ REST
     async def versions(self, request: web.Request) -> web.Response:
-        return web.json_response([
-            {"label": "Spring '26", "url": "/services/data/v66.0", "version": "66.0"},
-            {"label": "Summer '26", "url": "/services/data/v67.0", "version": "67.0"},
-        ])
+        return web.json_response(
+            [
+                {"label": "Spring '26", "url": "/services/data/v66.0", "version": "66.0"},
+                {"label": "Summer '26", "url": "/services/data/v67.0", "version": "67.0"},
+            ]
+        )
 
     async def limits(self, request: web.Request) -> web.Response:
         org = self._auth(request)
@@ -174,13 +182,18 @@ class _Api:
         now = org.clock.now_ms()
         while org.bulk_job_times and org.bulk_job_times[0] <= now - 86_400_000:
             org.bulk_job_times.popleft()
-        return web.json_response({
-            "DailyApiRequests": {"Max": maximum, "Remaining": max(0, maximum - used)},
-            "DailyBulkV2QueryJobs": {"Max": org.bulk_jobs_max, "Remaining": org.bulk_jobs_max - len(org.bulk_job_times)},
-            "DailyBulkV2QueryFileStorageMB": {"Max": 976562, "Remaining": 976562},
-            "DailyStreamingApiEvents": {"Max": 1000000, "Remaining": 1000000},
-            "MonthlyPlatformEventsUsageEntitlement": {"Max": 50000, "Remaining": 50000},
-        })
+        return web.json_response(
+            {
+                "DailyApiRequests": {"Max": maximum, "Remaining": max(0, maximum - used)},
+                "DailyBulkV2QueryJobs": {
+                    "Max": org.bulk_jobs_max,
+                    "Remaining": org.bulk_jobs_max - len(org.bulk_job_times),
+                },
+                "DailyBulkV2QueryFileStorageMB": {"Max": 976562, "Remaining": 976562},
+                "DailyStreamingApiEvents": {"Max": 1000000, "Remaining": 1000000},
+                "MonthlyPlatformEventsUsageEntitlement": {"Max": 50000, "Remaining": 50000},
+            }
+        )
 
     async def query(self, request: web.Request) -> web.Response:
         org = self._auth(request)
@@ -204,7 +217,9 @@ class _Api:
         m = re.search(r"batchSize=(\d+)", request.headers.get("Sforce-Query-Options", ""))
         return min(2000, max(200, int(m.group(1)))) if m else 2000
 
-    def _page(self, request: web.Request, org: Org, cursor_id: str, cursor: Cursor, start: int, size: int) -> web.Response:
+    def _page(
+        self, request: web.Request, org: Org, cursor_id: str, cursor: Cursor, start: int, size: int
+    ) -> web.Response:
         ver = self._version(request)
         end = min(len(cursor.ids), start + size)
         table = org.tables[cursor.object]
@@ -251,20 +266,33 @@ class _Api:
         if rec is None or rec.get("IsDeleted"):
             raise _not_found()
         fields = request.query.get("fields")
-        return web.json_response(org.render(obj, rec, self._fields(obj, fields.split(",") if fields else None),
-                                            self._version(request)))
+        return web.json_response(
+            org.render(
+                obj, rec, self._fields(obj, fields.split(",") if fields else None), self._version(request)
+            )
+        )
 
     async def sobject_describe(self, request: web.Request) -> web.Response:
         self._auth(request)
         od = SCHEMA[self._object(request.match_info["sobject"])]
-        return web.json_response({
-            "name": od.name, "keyPrefix": od.prefix, "queryable": True, "retrieveable": True,
-            "fields": [
-                {"name": f.name, "type": f.type, "referenceTo": list(f.ref_to), "relationshipName": f.relationship,
-                 "nillable": f.name not in ("Id", "IsDeleted")}
-                for f in od.fields.values()
-            ],
-        })
+        return web.json_response(
+            {
+                "name": od.name,
+                "keyPrefix": od.prefix,
+                "queryable": True,
+                "retrieveable": True,
+                "fields": [
+                    {
+                        "name": f.name,
+                        "type": f.type,
+                        "referenceTo": list(f.ref_to),
+                        "relationshipName": f.relationship,
+                        "nillable": f.name not in ("Id", "IsDeleted"),
+                    }
+                    for f in od.fields.values()
+                ],
+            }
+        )
 
     async def sobject_create(self, request: web.Request) -> web.Response:
         org = self._auth(request)
@@ -301,8 +329,12 @@ class _Api:
     async def composite_post(self, request: web.Request) -> web.Response:
         org = self._auth(request)
         body = await self._json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("ids"), list) or not isinstance(body.get("fields"), list):
-            raise SalesforceError(400, "JSON_PARSER_ERROR", "Expected {\"ids\": [..], \"fields\": [..]}")
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("ids"), list)
+            or not isinstance(body.get("fields"), list)
+        ):
+            raise SalesforceError(400, "JSON_PARSER_ERROR", 'Expected {"ids": [..], "fields": [..]}')
         return self._composite(request, org, [str(i) for i in body["ids"]], [str(f) for f in body["fields"]])
 
     def _composite(self, request: web.Request, org: Org, ids: list[str], fields: list[str]) -> web.Response:
@@ -312,19 +344,29 @@ class _Api:
         if not fields:
             raise SalesforceError(400, "MISSING_ARGUMENT", "fields is required")
         if len(ids) > 2000:
-            raise SalesforceError(400, "EXCEEDED_ID_LIMIT", "record limit reached. cannot submit more than 2000 records into this call")
+            raise SalesforceError(
+                400,
+                "EXCEEDED_ID_LIMIT",
+                "record limit reached. cannot submit more than 2000 records into this call",
+            )
         paths = self._fields(obj, fields)
         out: list[Any] = []
         for rid in ids:
             rec = org.get(obj, rid) if len(rid) in (15, 18) and rid[:3] == SCHEMA[obj].prefix else None
-            out.append(None if rec is None or rec.get("IsDeleted") else org.render(obj, rec, paths, self._version(request)))
+            out.append(
+                None
+                if rec is None or rec.get("IsDeleted")
+                else org.render(obj, rec, paths, self._version(request))
+            )
         return web.json_response(out)
 
     async def submit_cancel(self, request: web.Request) -> web.Response:
         org = self._auth(request)
         body = await self._json_body(request)
         changes = [(str(c["orderItemSummaryId"]), float(c["quantity"])) for c in body.get("changeItems", [])]
-        reason = next((str(c.get("reason")) for c in body.get("changeItems", []) if c.get("reason")), "Unknown")
+        reason = next(
+            (str(c.get("reason")) for c in body.get("changeItems", []) if c.get("reason")), "Unknown"
+        )
         with org.transaction(self._origin(request)):
             change_id = domain.submit_cancel(org, request.match_info["id"], changes, reason)
         return web.json_response({"changeOrderId": change_id, "success": True}, status=201)
@@ -334,14 +376,22 @@ class _Api:
         org = self._auth(request)
         body = await self._json_body(request)
         if not isinstance(body, dict) or body.get("operation") not in ("query", "queryAll"):
-            raise SalesforceError(400, "INVALIDJOB", "InvalidJob : Invalid operation; expected query or queryAll")
-        if body.get("contentType", "CSV") != "CSV" or body.get("columnDelimiter", "COMMA") != "COMMA" or body.get(
-            "lineEnding", "LF"
-        ) != "LF":
-            raise SalesforceError(400, "INVALIDJOB", "InvalidJob : the simulator supports CSV, COMMA and LF only")
+            raise SalesforceError(
+                400, "INVALIDJOB", "InvalidJob : Invalid operation; expected query or queryAll"
+            )
+        if (
+            body.get("contentType", "CSV") != "CSV"
+            or body.get("columnDelimiter", "COMMA") != "COMMA"
+            or body.get("lineEnding", "LF") != "LF"
+        ):
+            raise SalesforceError(
+                400, "INVALIDJOB", "InvalidJob : the simulator supports CSV, COMMA and LF only"
+            )
         query = parse_soql(str(body.get("query", "")))
         if query.offset is not None:
-            raise SalesforceError(400, "INVALIDJOB", "InvalidJob : OFFSET is not supported by Bulk API 2.0 query")
+            raise SalesforceError(
+                400, "INVALIDJOB", "InvalidJob : OFFSET is not supported by Bulk API 2.0 query"
+            )
         now = org.clock.now_ms()
         job = BulkJob(new_job_id(org), body["operation"], query, self._version(request), now, org.user_id)
         stuck = self.state.stuck_bulk.get(org.name, 0)
@@ -361,7 +411,9 @@ class _Api:
 
     async def bulk_list(self, request: web.Request) -> web.Response:
         org = self._auth(request)
-        return web.json_response({"done": True, "records": [j.info() for j in org.bulk_jobs.values()], "nextRecordsUrl": None})
+        return web.json_response(
+            {"done": True, "records": [j.info() for j in org.bulk_jobs.values()], "nextRecordsUrl": None}
+        )
 
     async def bulk_get(self, request: web.Request) -> web.Response:
         org = self._auth(request)
@@ -374,7 +426,7 @@ class _Api:
         job = self._job(org, request)
         body = await self._json_body(request)
         if not isinstance(body, dict) or body.get("state") != "Aborted":
-            raise SalesforceError(400, "INVALIDJOB", "InvalidJob : only {\"state\":\"Aborted\"} is accepted")
+            raise SalesforceError(400, "INVALIDJOB", 'InvalidJob : only {"state":"Aborted"} is accepted')
         if job.state in ("JobComplete", "Failed", "Aborted"):
             raise SalesforceError(400, "INVALIDJOB", f"InvalidJob : Job {job.id} is already {job.state}")
         job.state = "Aborted"
@@ -385,7 +437,9 @@ class _Api:
         org = self._auth(request)
         job = self._job(org, request)
         if job.state in ("UploadComplete", "InProgress"):
-            raise SalesforceError(400, "INVALIDJOB", f"InvalidJob : Job {job.id} must be completed or aborted before deletion")
+            raise SalesforceError(
+                400, "INVALIDJOB", f"InvalidJob : Job {job.id} must be completed or aborted before deletion"
+            )
         del org.bulk_jobs[job.id]
         return web.Response(status=204)
 
@@ -394,7 +448,8 @@ class _Api:
         job = self._job(org, request)
         if job.api_version != self._version(request):
             raise SalesforceError(
-                409, "INVALIDJOB",
+                409,
+                "INVALIDJOB",
                 f"InvalidJob : Job {job.id} was created with API version {job.api_version}; "
                 "use the same version to retrieve its results",
             )
@@ -411,11 +466,13 @@ class _Api:
         if max_records <= 0 or start < 0 or start > len(job.ids):
             raise SalesforceError(400, "INVALIDLOCATOR", "Invalid locator or maxRecords")
         end = min(len(job.ids), start + max_records)
-        resp = web.StreamResponse(headers={
-            "Content-Type": "text/csv",
-            "Sforce-NumberOfRecords": str(end - start),
-            "Sforce-Locator": encode_locator(end) if end < len(job.ids) else "null",
-        })
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/csv",
+                "Sforce-NumberOfRecords": str(end - start),
+                "Sforce-Locator": encode_locator(end) if end < len(job.ids) else "null",
+            }
+        )
         used, maximum = org.api_usage()
         resp.headers["Sforce-Limit-Info"] = f"api-usage={used}/{maximum}"
         await resp.prepare(request)
@@ -436,14 +493,28 @@ class _Api:
             org = self._auth(request, count=False)
         except SalesforceError:
             if any(m.get("channel") == "/meta/handshake" for m in messages):
-                return web.json_response([{
-                    "ext": {"sfdc": {"failureReason": "401::Authentication invalid"}},
-                    "advice": {"reconnect": "none"}, "channel": "/meta/handshake",
-                    "error": "403::Handshake denied", "successful": False,
-                }])
+                return web.json_response(
+                    [
+                        {
+                            "ext": {"sfdc": {"failureReason": "401::Authentication invalid"}},
+                            "advice": {"reconnect": "none"},
+                            "channel": "/meta/handshake",
+                            "error": "403::Handshake denied",
+                            "successful": False,
+                        }
+                    ]
+                )
             return web.json_response(
-                [{"channel": m.get("channel"), "clientId": m.get("clientId"), "successful": False,
-                  "error": "401::Authentication invalid", "advice": {"reconnect": "handshake"}} for m in messages],
+                [
+                    {
+                        "channel": m.get("channel"),
+                        "clientId": m.get("clientId"),
+                        "successful": False,
+                        "error": "401::Authentication invalid",
+                        "advice": {"reconnect": "handshake"},
+                    }
+                    for m in messages
+                ],
                 status=401,
             )
         replies = await hub.handle(org, messages)
@@ -466,10 +537,16 @@ class _Api:
         port = request.host.rsplit(":", 1)[1] if ":" in request.host else ""
         my_domain = f"https://127.0.0.1:{port}" if port else f"https://{request.host}"
         return {
-            "name": org.name, "org_id": org.org_id, "user_id": org.user_id, "mode": org.mode,
-            "client_id": org.client_id, "client_secret": org.client_secret,
-            "my_domain": my_domain, "token_url": f"{my_domain}/services/oauth2/token",
-            "instance_url": f"{my_domain}/orgs/{org.name}", "statuses": org.status_categories,
+            "name": org.name,
+            "org_id": org.org_id,
+            "user_id": org.user_id,
+            "mode": org.mode,
+            "client_id": org.client_id,
+            "client_secret": org.client_secret,
+            "my_domain": my_domain,
+            "token_url": f"{my_domain}/services/oauth2/token",
+            "instance_url": f"{my_domain}/orgs/{org.name}",
+            "statuses": org.status_categories,
         }
 
     async def ctl_orgs(self, request: web.Request) -> web.Response:
@@ -478,8 +555,12 @@ class _Api:
     async def ctl_add_org(self, request: web.Request) -> web.Response:
         body = await self._ctl_body(request)
         try:
-            org = self.state.add_org(str(body["name"]), mode=str(body.get("mode", "order")),
-                                     client_id=body.get("client_id"), client_secret=body.get("client_secret"))
+            org = self.state.add_org(
+                str(body["name"]),
+                mode=str(body.get("mode", "order")),
+                client_id=body.get("client_id"),
+                client_secret=body.get("client_secret"),
+            )
         except (KeyError, ValueError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(self._org_info(request, org), status=201)
@@ -488,14 +569,19 @@ class _Api:
         org = self._ctl_org(request)
         body = await self._ctl_body(request)
         keys = ("accounts", "person_accounts", "contacts", "products", "orders", "seed")
-        summary = seed_org(self.state, org, mode=body.get("mode"), **{k: int(body[k]) for k in keys if k in body})
+        summary = seed_org(
+            self.state, org, mode=body.get("mode"), **{k: int(body[k]) for k in keys if k in body}
+        )
         return web.json_response(vars(summary))
 
     async def ctl_fault(self, request: web.Request) -> web.Response:
         body = await self._ctl_body(request)
         try:
             fault = self.state.inject_fault(
-                str(body["kind"]), int(body.get("count", 1)), path=body.get("path"), org=body.get("org"),
+                str(body["kind"]),
+                int(body.get("count", 1)),
+                path=body.get("path"),
+                org=body.get("org"),
                 delay_s=float(body.get("delay_s", 0.0)),
             )
         except (KeyError, ValueError) as exc:
@@ -530,7 +616,11 @@ class _Api:
     async def ctl_gap(self, request: web.Request) -> web.Response:
         org = self._ctl_org(request)
         body = await self._ctl_body(request)
-        org.emit_gap(str(body["entity"]), [str(i) for i in body["recordIds"]], str(body.get("changeType", "GAP_UPDATE")))
+        org.emit_gap(
+            str(body["entity"]),
+            [str(i) for i in body["recordIds"]],
+            str(body.get("changeType", "GAP_UPDATE")),
+        )
         return web.json_response({"latest_replay_id": org.latest_replay_id()})
 
     async def ctl_overflow(self, request: web.Request) -> web.Response:
@@ -561,8 +651,11 @@ class _Api:
         org = self._ctl_org(request)
         b = await self._ctl_body(request)
         oid = domain.create_order(
-            org, str(b["accountId"]), [(str(ln["productId"]), float(ln.get("quantity", 1))) for ln in b["lines"]],
-            currency=str(b.get("currency", "EUR")), status=str(b.get("status", "Activated")),
+            org,
+            str(b["accountId"]),
+            [(str(ln["productId"]), float(ln.get("quantity", 1))) for ln in b["lines"]],
+            currency=str(b.get("currency", "EUR")),
+            status=str(b.get("status", "Activated")),
             bill_to_contact_id=b.get("billToContactId"),
         )
         return web.json_response({"id": oid}, status=201)
@@ -578,11 +671,18 @@ class _Api:
             result = domain.cancel_order(org, oid, str(b.get("reason", "Customer Request")))
         elif action == "returns":
             result = domain.create_return(
-                org, oid, [(str(ln["orderItemId"]), float(ln.get("quantity", 1)), str(ln.get("reason", "Damaged")))
-                           for ln in b["lines"]], status=str(b.get("status", "Submitted")),
+                org,
+                oid,
+                [
+                    (str(ln["orderItemId"]), float(ln.get("quantity", 1)), str(ln.get("reason", "Damaged")))
+                    for ln in b["lines"]
+                ],
+                status=str(b.get("status", "Submitted")),
             )
         elif action == "reduction":
-            result = domain.create_reduction_order(org, oid, [(str(ln["orderItemId"]), float(ln["quantity"])) for ln in b["lines"]])
+            result = domain.create_reduction_order(
+                org, oid, [(str(ln["orderItemId"]), float(ln["quantity"])) for ln in b["lines"]]
+            )
         else:
             raise web.HTTPNotFound()
         return web.json_response({"ok": True, "id": result})
@@ -598,7 +698,9 @@ class _Api:
         elif what == "quantity":
             domain.amend_quantity(org, rid, float(b["quantity"]))
         elif what == "credit-memo":
-            result = domain.create_credit_memo(org, rid, [(str(ln["itemId"]), float(ln["amount"])) for ln in b["lines"]])
+            result = domain.create_credit_memo(
+                org, rid, [(str(ln["itemId"]), float(ln["amount"])) for ln in b["lines"]]
+            )
         elif what == "undelete":
             obj = org.object_of(rid)
             if obj is None:
@@ -614,8 +716,10 @@ class _Api:
         return web.json_response({"ok": True, "id": result})
 
     async def ctl_transaction(self, request: web.Request) -> web.Response:
-        """``{"ops": [{"op": "create|update|delete|undelete", "object": "Order", "id"?, "fields"?}]}`` atomically
-        timestamped: one transactionKey, sequenceNumbers in op order."""
+        """Several writes in one transaction: one timestamp, one transactionKey, sequenceNumbers in op order.
+
+        Body: ``{"ops": [{"op": "create|update|delete|undelete", "object": "Order", "id"?, "fields"?}]}``.
+        """
         org = self._ctl_org(request)
         b = await self._ctl_body(request)
         ids: list[str | None] = []
@@ -674,7 +778,9 @@ def build_app(state: SalesforceState) -> web.Application:
         r.add_delete(d + "/sobjects/{sobject}/{id}", api.sobject_delete)
         r.add_get(d + "/composite/sobjects/{sobject}", api.composite_get)
         r.add_post(d + "/composite/sobjects/{sobject}", api.composite_post)
-        r.add_post(d + "/commerce/order-management/order-summaries/{id}/actions/submit-cancel", api.submit_cancel)
+        r.add_post(
+            d + "/commerce/order-management/order-summaries/{id}/actions/submit-cancel", api.submit_cancel
+        )
         r.add_post(d + "/jobs/query", api.bulk_create)
         r.add_get(d + "/jobs/query", api.bulk_list)
         r.add_get(d + "/jobs/query/{job}", api.bulk_get)
@@ -690,24 +796,26 @@ def build_app(state: SalesforceState) -> web.Application:
 def _control_routes(r: web.UrlDispatcher, api: _Api) -> None:
     """Control API (JSON bodies, no auth)::
 
-        GET  /_sandbox/orgs                               orgs with credentials and URLs
-        POST /_sandbox/orgs                               {name, mode?, client_id?, client_secret?}
-        POST /_sandbox/orgs/{org}/seed                    {accounts, person_accounts, contacts, products, orders, seed, mode}
-        POST /_sandbox/faults                             {kind, count?, path?, org?, delay_s?}
-        DELETE /_sandbox/faults
-        POST /_sandbox/orgs/{org}/limits                  {max?, used?}
-        POST /_sandbox/orgs/{org}/bulk/stuck              {count?} or {job_id}
-        POST /_sandbox/orgs/{org}/streams/drop
-        POST /_sandbox/orgs/{org}/cdc/gap                 {entity, recordIds, changeType?}
-        POST /_sandbox/orgs/{org}/cdc/overflow            {entity}
-        POST /_sandbox/sessions/expire, /_sandbox/orgs/{org}/sessions/expire
-        POST /_sandbox/clock/advance                      {seconds}
-        GET  /_sandbox/stats
-        POST /_sandbox/orgs/{org}/mutations/random        {count, seed?}
-        POST /_sandbox/orgs/{org}/orders                  {accountId, lines:[{productId, quantity}], currency?, status?}
-        POST /_sandbox/orgs/{org}/orders/{id}/{status|cancel|returns|reduction}
-        POST /_sandbox/orgs/{org}/records/{id}/{close-return|quantity|credit-memo|undelete|delete}
-        POST /_sandbox/orgs/{org}/transaction             {ops:[{op, object, id?, fields?}], origin?}
+    GET  /_sandbox/orgs                               orgs with credentials and URLs
+    POST /_sandbox/orgs                               {name, mode?, client_id?, client_secret?}
+    POST /_sandbox/orgs/{org}/seed                    {accounts, person_accounts, contacts, products,
+                                                       orders, seed, mode}
+    POST /_sandbox/faults                             {kind, count?, path?, org?, delay_s?}
+    DELETE /_sandbox/faults
+    POST /_sandbox/orgs/{org}/limits                  {max?, used?}
+    POST /_sandbox/orgs/{org}/bulk/stuck              {count?} or {job_id}
+    POST /_sandbox/orgs/{org}/streams/drop
+    POST /_sandbox/orgs/{org}/cdc/gap                 {entity, recordIds, changeType?}
+    POST /_sandbox/orgs/{org}/cdc/overflow            {entity}
+    POST /_sandbox/sessions/expire, /_sandbox/orgs/{org}/sessions/expire
+    POST /_sandbox/clock/advance                      {seconds}
+    GET  /_sandbox/stats
+    POST /_sandbox/orgs/{org}/mutations/random        {count, seed?}
+    POST /_sandbox/orgs/{org}/orders                  {accountId, lines:[{productId, quantity}],
+                                                       currency?, status?}
+    POST /_sandbox/orgs/{org}/orders/{id}/{status|cancel|returns|reduction}
+    POST /_sandbox/orgs/{org}/records/{id}/{close-return|quantity|credit-memo|undelete|delete}
+    POST /_sandbox/orgs/{org}/transaction             {ops:[{op, object, id?, fields?}], origin?}
     """
     s = "/_sandbox"
     r.add_get(s + "/orgs", api.ctl_orgs)

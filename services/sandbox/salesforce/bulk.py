@@ -51,14 +51,24 @@ class BulkJob:
 
     def info(self, *, detail: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "id": self.id, "operation": self.operation, "object": self.object, "createdById": self.created_by,
-            "createdDate": rest_datetime(self.created_ms), "systemModstamp": rest_datetime(self.modstamp_ms or self.created_ms),
-            "state": self.state, "concurrencyMode": "Parallel", "contentType": "CSV",
-            "apiVersion": float(self.api_version), "lineEnding": "LF", "columnDelimiter": "COMMA",
+            "id": self.id,
+            "operation": self.operation,
+            "object": self.object,
+            "createdById": self.created_by,
+            "createdDate": rest_datetime(self.created_ms),
+            "systemModstamp": rest_datetime(self.modstamp_ms or self.created_ms),
+            "state": self.state,
+            "concurrencyMode": "Parallel",
+            "contentType": "CSV",
+            "apiVersion": float(self.api_version),
+            "lineEnding": "LF",
+            "columnDelimiter": "COMMA",
         }
         if detail:
             out.update(
-                jobType="V2Query", numberRecordsProcessed=len(self.ids or []), retries=0,
+                jobType="V2Query",
+                numberRecordsProcessed=len(self.ids or []),
+                retries=0,
                 totalProcessingTime=0 if self.ids is None else 120,
             )
             if self.error_message:

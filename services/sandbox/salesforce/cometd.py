@@ -1,8 +1,8 @@
 """Streaming API (CometD/Bayeux long-polling) for Change Data Capture channels.
 
 Channels: ``/data/ChangeEvents`` (every entity) and ``/data/<Object>ChangeEvent``. Subscriptions take
-``ext.replay = {channel: -1 | -2 | replayId}``; a replay id is valid when no event after it has left the
-72 h retention window and it is not beyond the newest event. The first ``/meta/connect`` after a handshake
+``ext.replay = {channel: -1 | -2 | replayId}``; a replay id is valid while it is not older than the oldest
+event still inside the 72 h retention window and not beyond the newest event. The first ``/meta/connect`` after a handshake
 answers at once; later ones hold up to ``cometd_timeout_s``. A client that does not reconnect within
 ``cometd_client_ttl_s`` is forgotten (``403::Unknown client``, ``advice.reconnect = handshake``).
 """
@@ -49,6 +49,13 @@ def _entity_of(channel: str) -> str | None:
     return None
 
 
+def _invalid_replay(replay: object) -> str:
+    return (
+        f"400::The replayId {{{replay}}} you provided was invalid. Please provide a valid ID, "
+        "-2 to replay all events, or -1 to replay only new events."
+    )
+
+
 class CometdHub:
     def __init__(self, state: SalesforceState) -> None:
         self.state = state
@@ -84,21 +91,33 @@ class CometdHub:
             if "id" in msg:
                 base["id"] = msg["id"]
             if channel == "/meta/handshake":
-                client = CometdClient(id=secrets.token_hex(16), org=org.name)
-                self.clients[client.id] = client
+                fresh = CometdClient(id=secrets.token_hex(16), org=org.name)
+                self.clients[fresh.id] = fresh
                 self.state.bump("cometd_handshakes")
-                replies.append({
-                    **base, "version": "1.0", "minimumVersion": "1.0", "clientId": client.id,
-                    "supportedConnectionTypes": ["long-polling"], "advice": self._advice(),
-                    "ext": {"replay": True, "payload.format": True}, "successful": True,
-                })
+                replies.append(
+                    {
+                        **base,
+                        "version": "1.0",
+                        "minimumVersion": "1.0",
+                        "clientId": fresh.id,
+                        "supportedConnectionTypes": ["long-polling"],
+                        "advice": self._advice(),
+                        "ext": {"replay": True, "payload.format": True},
+                        "successful": True,
+                    }
+                )
                 continue
             client = self._client(msg.get("clientId"), org)
             if client is None:
-                replies.append({
-                    **base, "clientId": msg.get("clientId"), "successful": False, "error": "403::Unknown client",
-                    "advice": {"reconnect": "handshake", "interval": 0},
-                })
+                replies.append(
+                    {
+                        **base,
+                        "clientId": msg.get("clientId"),
+                        "successful": False,
+                        "error": "403::Unknown client",
+                        "advice": {"reconnect": "handshake", "interval": 0},
+                    }
+                )
                 continue
             base["clientId"] = client.id
             client.last_seen = time.monotonic()
@@ -117,29 +136,45 @@ class CometdHub:
                 replies.append({**base, "successful": False, "error": f"400::Unsupported channel {channel}"})
         return replies
 
-    def _subscribe(self, org: Org, client: CometdClient, msg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    def _subscribe(
+        self, org: Org, client: CometdClient, msg: dict[str, Any], base: dict[str, Any]
+    ) -> dict[str, Any]:
         sub = msg.get("subscription")
         reply = {**base, "subscription": sub}
         if not isinstance(sub, str) or _entity_of(sub) is None:
-            return {**reply, "successful": False,
-                    "error": f"400::The channel you requested to subscribe to does not exist {{{sub}}}"}
+            return {
+                **reply,
+                "successful": False,
+                "error": f"400::The channel you requested to subscribe to does not exist {{{sub}}}",
+            }
         replay_map = (msg.get("ext") or {}).get("replay") or {}
         replay = replay_map.get(sub, -1)
         if not isinstance(replay, int) or isinstance(replay, bool):
-            return {**reply, "successful": False, "error": f"400::The replayId {{{replay}}} you provided was invalid. "
-                    "Please provide a valid ID, -2 to replay all events, or -1 to replay only new events."}
+            return {
+                **reply,
+                "successful": False,
+                "error": _invalid_replay(replay),
+            }
         oldest = org.oldest_retained_index()
         if replay == -1:
             position = len(org.events)
         elif replay == -2:
             position = oldest
         else:
-            purged_after = oldest > 0 and org.event_replay_ids[oldest - 1] > replay
-            too_new = replay > org.latest_replay_id()
-            if replay < 0 or purged_after or too_new:
-                return {**reply, "successful": False,
-                        "error": f"400::The replayId {{{replay}}} you provided was invalid. Please provide a valid "
-                        "ID, -2 to replay all events, or -1 to replay only new events."}
+            # the stored id itself must still be inside the retention window (as on a quiet channel in
+            # Salesforce: a checkpoint older than 72 h is rejected even if nothing happened since)
+            if oldest == 0:
+                floor = 0
+            elif oldest < len(org.events):
+                floor = org.event_replay_ids[oldest]
+            else:
+                floor = org.latest_replay_id() + 1
+            if replay < floor or replay > org.latest_replay_id():
+                return {
+                    **reply,
+                    "successful": False,
+                    "error": _invalid_replay(replay),
+                }
             position = bisect.bisect_right(org.event_replay_ids, replay)
         client.positions[sub] = position
         self.state.bump("cometd_subscribes")
@@ -159,7 +194,10 @@ class CometdHub:
             client.positions[channel] = pos
         picked.sort(key=lambda p: p[0])
         return [
-            {"channel": ch, "data": {"schema": ev.schema, "payload": ev.payload, "event": {"replayId": ev.replay_id}}}
+            {
+                "channel": ch,
+                "data": {"schema": ev.schema, "payload": ev.payload, "event": {"replayId": ev.replay_id}},
+            }
             for _, ch, ev in picked
         ]
 
@@ -170,8 +208,14 @@ class CometdHub:
             deadline = time.monotonic() + (0.0 if client.connects == 1 else self.state.cometd_timeout_s)
             while True:
                 if client.kicked.is_set() or client.id not in self.clients:
-                    return [{**base, "successful": False, "error": "403::Unknown client",
-                             "advice": {"reconnect": "handshake", "interval": 0}}]
+                    return [
+                        {
+                            **base,
+                            "successful": False,
+                            "error": "403::Unknown client",
+                            "advice": {"reconnect": "handshake", "interval": 0},
+                        }
+                    ]
                 events = self._collect(org, client)
                 remaining = deadline - time.monotonic()
                 if events or remaining <= 0:

@@ -20,8 +20,17 @@ from sandbox.salesforce.errors import SalesforceError
 from sandbox.salesforce.org import Org
 
 __all__ = [
-    "TAX_RATES", "amend_quantity", "cancel_order", "close_return", "create_credit_memo", "create_order",
-    "create_reduction_order", "create_return", "next_number", "random_mutations", "set_order_status",
+    "TAX_RATES",
+    "amend_quantity",
+    "cancel_order",
+    "close_return",
+    "create_credit_memo",
+    "create_order",
+    "create_reduction_order",
+    "create_return",
+    "next_number",
+    "random_mutations",
+    "set_order_status",
     "submit_cancel",
 ]
 
@@ -43,7 +52,8 @@ def _order(org: Org, order_id: str) -> dict[str, Any]:
 
 def _live_children(org: Org, obj: str, field: str, parent: str) -> list[dict[str, Any]]:
     return [
-        org.tables[obj][i] for i in sorted(org.children(obj, field, parent))
+        org.tables[obj][i]
+        for i in sorted(org.children(obj, field, parent))
         if not org.tables[obj][i].get("IsDeleted")
     ]
 
@@ -67,24 +77,43 @@ def create_order(
     """A new order with lines ``(product_id, quantity)`` priced from the standard pricebook entries."""
     pricebook = next((p for p in org.records("Pricebook2") if p.get("IsStandard")), None)
     with org.transaction() as tx:
-        order_id = org.create("Order", {
-            "AccountId": account_id, "Status": "Draft", "EffectiveDate": rest_datetime(tx.ts)[:10],
-            "Pricebook2Id": pricebook["Id"] if pricebook else None, "CurrencyIsoCode": currency,
-            "OrderNumber": next_number(org, "Order"), "BillToContactId": bill_to_contact_id,
-            "IsReductionOrder": False, "Type": order_type,
-        })
+        order_id = org.create(
+            "Order",
+            {
+                "AccountId": account_id,
+                "Status": "Draft",
+                "EffectiveDate": rest_datetime(tx.ts)[:10],
+                "Pricebook2Id": pricebook["Id"] if pricebook else None,
+                "CurrencyIsoCode": currency,
+                "OrderNumber": next_number(org, "Order"),
+                "BillToContactId": bill_to_contact_id,
+                "IsReductionOrder": False,
+                "Type": order_type,
+            },
+        )
         for product_id, qty in lines:
             pbe = next(
-                (e for e in _live_children(org, "PricebookEntry", "Product2Id", product_id)
-                 if e.get("CurrencyIsoCode") == currency),
+                (
+                    e
+                    for e in _live_children(org, "PricebookEntry", "Product2Id", product_id)
+                    if e.get("CurrencyIsoCode") == currency
+                ),
                 None,
             )
             price = pbe["UnitPrice"] if pbe else 10.0
-            org.create("OrderItem", {
-                "OrderId": order_id, "Product2Id": product_id, "PricebookEntryId": pbe["Id"] if pbe else None,
-                "Quantity": float(qty), "UnitPrice": price, "ListPrice": price, "CurrencyIsoCode": currency,
-                "OrderItemNumber": next_number(org, "OrderItem", 10),
-            })
+            org.create(
+                "OrderItem",
+                {
+                    "OrderId": order_id,
+                    "Product2Id": product_id,
+                    "PricebookEntryId": pbe["Id"] if pbe else None,
+                    "Quantity": float(qty),
+                    "UnitPrice": price,
+                    "ListPrice": price,
+                    "CurrencyIsoCode": currency,
+                    "OrderItemNumber": next_number(org, "OrderItem", 10),
+                },
+            )
         if status != "Draft":
             set_order_status(org, order_id, status)
     return order_id
@@ -94,9 +123,12 @@ def set_order_status(org: Org, order_id: str, status: str) -> None:
     order = _order(org, order_id)
     with org.transaction():
         org.update("Order", order_id, {"Status": status})
-        if org.mode == "order_management" and order["StatusCode"] == "Activated" and not order.get(
-            "IsReductionOrder"
-        ) and summary_for(org, order_id) is None:
+        if (
+            org.mode == "order_management"
+            and order["StatusCode"] == "Activated"
+            and not order.get("IsReductionOrder")
+            and summary_for(org, order_id) is None
+        ):
             _create_summary(org, order)
 
 
@@ -105,24 +137,43 @@ def _create_summary(org: Org, order: dict[str, Any]) -> str:
     contact = org.lookup(order.get("BillToContactId")) or {}
     email = account.get("PersonEmail") or contact.get("Email")
     rate = TAX_RATES.get(order.get("CurrencyIsoCode") or "", 0.0)
-    os_id = org.create("OrderSummary", {
-        "OrderNumber": order.get("OrderNumber"), "AccountId": order.get("AccountId"), "Status": "Created",
-        "OrderLifeCycleType": "MANAGED", "BillingEmailAddress": email, "OriginalOrderId": order["Id"],
-        "OrderedDate": order.get("ActivatedDate") or order["CreatedDate"],
-        "CurrencyIsoCode": order.get("CurrencyIsoCode"),
-    })
+    os_id = org.create(
+        "OrderSummary",
+        {
+            "OrderNumber": order.get("OrderNumber"),
+            "AccountId": order.get("AccountId"),
+            "Status": "Created",
+            "OrderLifeCycleType": "MANAGED",
+            "BillingEmailAddress": email,
+            "OriginalOrderId": order["Id"],
+            "OrderedDate": order.get("ActivatedDate") or order["CreatedDate"],
+            "CurrencyIsoCode": order.get("CurrencyIsoCode"),
+        },
+    )
     for item in _live_children(org, "OrderItem", "OrderId", order["Id"]):
         product = org.lookup(item.get("Product2Id")) or {}
         amount = round(item["Quantity"] * item["UnitPrice"], 2)
-        org.create("OrderItemSummary", {
-            "OrderSummaryId": os_id, "OriginalOrderItemId": item["Id"], "Product2Id": item.get("Product2Id"),
-            "Name": product.get("Name"), "StockKeepingUnit": product.get("StockKeepingUnit"),
-            "Status": "Ordered", "Quantity": item["Quantity"], "QuantityOrdered": item["Quantity"],
-            "QuantityCanceled": 0.0, "QuantityFulfilled": 0.0, "QuantityReturnInitiated": 0.0,
-            "QuantityReturned": 0.0, "UnitPrice": item["UnitPrice"], "AdjustedLineAmount": amount,
-            "AdjustedLineAmtWithTax": round(amount * (1 + rate), 2),
-            "CurrencyIsoCode": order.get("CurrencyIsoCode"),
-        })
+        org.create(
+            "OrderItemSummary",
+            {
+                "OrderSummaryId": os_id,
+                "OriginalOrderItemId": item["Id"],
+                "Product2Id": item.get("Product2Id"),
+                "Name": product.get("Name"),
+                "StockKeepingUnit": product.get("StockKeepingUnit"),
+                "Status": "Ordered",
+                "Quantity": item["Quantity"],
+                "QuantityOrdered": item["Quantity"],
+                "QuantityCanceled": 0.0,
+                "QuantityFulfilled": 0.0,
+                "QuantityReturnInitiated": 0.0,
+                "QuantityReturned": 0.0,
+                "UnitPrice": item["UnitPrice"],
+                "AdjustedLineAmount": amount,
+                "AdjustedLineAmtWithTax": round(amount * (1 + rate), 2),
+                "CurrencyIsoCode": order.get("CurrencyIsoCode"),
+            },
+        )
     _retotal_summary(org, os_id)
     return os_id
 
@@ -155,23 +206,40 @@ def _reprice_ois(org: Org, ois: dict[str, Any], **deltas: float) -> None:
     org.update("OrderItemSummary", ois["Id"], values)
 
 
-def _change_order(org: Org, original: dict[str, Any], lines: list[tuple[dict[str, Any], float]]) -> dict[str, str]:
+def _change_order(
+    org: Org, original: dict[str, Any], lines: list[tuple[dict[str, Any], float]]
+) -> dict[str, str]:
     """A reduction/change order with negative lines; returns original item id -> change item id."""
-    change_id = org.create("Order", {
-        "AccountId": original.get("AccountId"), "Status": "Draft", "Pricebook2Id": original.get("Pricebook2Id"),
-        "CurrencyIsoCode": original.get("CurrencyIsoCode"), "OrderNumber": next_number(org, "Order"),
-        "BillToContactId": original.get("BillToContactId"), "IsReductionOrder": True,
-        "OriginalOrderId": original["Id"], "EffectiveDate": original.get("EffectiveDate"),
-    })
+    change_id = org.create(
+        "Order",
+        {
+            "AccountId": original.get("AccountId"),
+            "Status": "Draft",
+            "Pricebook2Id": original.get("Pricebook2Id"),
+            "CurrencyIsoCode": original.get("CurrencyIsoCode"),
+            "OrderNumber": next_number(org, "Order"),
+            "BillToContactId": original.get("BillToContactId"),
+            "IsReductionOrder": True,
+            "OriginalOrderId": original["Id"],
+            "EffectiveDate": original.get("EffectiveDate"),
+        },
+    )
     mapping: dict[str, str] = {}
     for item, qty in lines:
-        mapping[item["Id"]] = org.create("OrderItem", {
-            "OrderId": change_id, "Product2Id": item.get("Product2Id"),
-            "PricebookEntryId": item.get("PricebookEntryId"), "Quantity": -float(qty),
-            "UnitPrice": item["UnitPrice"], "ListPrice": item.get("ListPrice"),
-            "OriginalOrderItemId": item["Id"], "CurrencyIsoCode": item.get("CurrencyIsoCode"),
-            "OrderItemNumber": next_number(org, "OrderItem", 10),
-        })
+        mapping[item["Id"]] = org.create(
+            "OrderItem",
+            {
+                "OrderId": change_id,
+                "Product2Id": item.get("Product2Id"),
+                "PricebookEntryId": item.get("PricebookEntryId"),
+                "Quantity": -float(qty),
+                "UnitPrice": item["UnitPrice"],
+                "ListPrice": item.get("ListPrice"),
+                "OriginalOrderItemId": item["Id"],
+                "CurrencyIsoCode": item.get("CurrencyIsoCode"),
+                "OrderItemNumber": next_number(org, "OrderItem", 10),
+            },
+        )
     org.update("Order", change_id, {"Status": "Activated"})
     return mapping
 
@@ -186,8 +254,10 @@ def create_reduction_order(org: Org, order_id: str, lines: list[tuple[str, float
     return str(change_item["OrderId"])
 
 
-def submit_cancel(org: Org, order_summary_id: str, changes: list[tuple[str, float]], reason: str = "Customer Request") -> str:
-    """OM ``submit-cancel``: ``changes`` are ``(order_item_summary_id, quantity)``; returns the change order id."""
+def submit_cancel(
+    org: Org, order_summary_id: str, changes: list[tuple[str, float]], reason: str = "Customer Request"
+) -> str:
+    """OM ``submit-cancel`` of ``(order_item_summary_id, quantity)`` pairs; returns the change order id."""
     summary = org.get("OrderSummary", order_summary_id)
     if summary is None:
         raise SalesforceError(404, "NOT_FOUND", "The requested resource does not exist")
@@ -202,10 +272,17 @@ def submit_cancel(org: Org, order_summary_id: str, changes: list[tuple[str, floa
         mapping = _change_order(org, original, [(item, q) for _, item, q in pairs])
         for ois, item, qty in pairs:
             _reprice_ois(org, ois, QuantityCanceled=qty)
-            org.create("OrderItemSummaryChange", {
-                "ChangeType": "Cancel", "OrderItemSummaryId": ois["Id"], "OrderSummaryId": order_summary_id,
-                "ChangeOrderItemId": mapping[item["Id"]], "IsPreFulfillment": True, "Reason": reason,
-            })
+            org.create(
+                "OrderItemSummaryChange",
+                {
+                    "ChangeType": "Cancel",
+                    "OrderItemSummaryId": ois["Id"],
+                    "OrderSummaryId": order_summary_id,
+                    "ChangeOrderItemId": mapping[item["Id"]],
+                    "IsPreFulfillment": True,
+                    "Reason": reason,
+                },
+            )
         _retotal_summary(org, order_summary_id)
     return str(org.tables["OrderItem"][next(iter(mapping.values()))]["OrderId"])
 
@@ -239,25 +316,43 @@ def create_return(
     order = _order(org, order_id)
     summary = summary_for(org, order_id) if org.mode == "order_management" else None
     with org.transaction():
-        ro_id = org.create("ReturnOrder", {
-            "ReturnOrderNumber": next_number(org, "ReturnOrder"), "AccountId": order.get("AccountId"),
-            "ContactId": order.get("BillToContactId"), "OrderId": order_id,
-            "OrderSummaryId": summary["Id"] if summary else None, "Status": "Submitted",
-            "CurrencyIsoCode": order.get("CurrencyIsoCode"),
-        })
+        ro_id = org.create(
+            "ReturnOrder",
+            {
+                "ReturnOrderNumber": next_number(org, "ReturnOrder"),
+                "AccountId": order.get("AccountId"),
+                "ContactId": order.get("BillToContactId"),
+                "OrderId": order_id,
+                "OrderSummaryId": summary["Id"] if summary else None,
+                "Status": "Submitted",
+                "CurrencyIsoCode": order.get("CurrencyIsoCode"),
+            },
+        )
         for item_id, qty, reason in lines:
             item = org.tables["OrderItem"][item_id]
             ois = None
             if summary is not None:
-                ois = next(o for o in _live_children(org, "OrderItemSummary", "OrderSummaryId", summary["Id"])
-                           if o["OriginalOrderItemId"] == item_id)
+                ois = next(
+                    o
+                    for o in _live_children(org, "OrderItemSummary", "OrderSummaryId", summary["Id"])
+                    if o["OriginalOrderItemId"] == item_id
+                )
                 _reprice_ois(org, ois, QuantityReturnInitiated=qty)
-            org.create("ReturnOrderLineItem", {
-                "ReturnOrderId": ro_id, "OrderItemId": item_id, "OrderItemSummaryId": ois["Id"] if ois else None,
-                "Product2Id": item.get("Product2Id"), "QuantityExpected": float(qty), "QuantityReceived": 0.0,
-                "QuantityReturned": 0.0, "ReasonForReturn": reason,
-                "TotalPrice": round(qty * item["UnitPrice"], 2), "CurrencyIsoCode": item.get("CurrencyIsoCode"),
-            })
+            org.create(
+                "ReturnOrderLineItem",
+                {
+                    "ReturnOrderId": ro_id,
+                    "OrderItemId": item_id,
+                    "OrderItemSummaryId": ois["Id"] if ois else None,
+                    "Product2Id": item.get("Product2Id"),
+                    "QuantityExpected": float(qty),
+                    "QuantityReceived": 0.0,
+                    "QuantityReturned": 0.0,
+                    "ReasonForReturn": reason,
+                    "TotalPrice": round(qty * item["UnitPrice"], 2),
+                    "CurrencyIsoCode": item.get("CurrencyIsoCode"),
+                },
+            )
         if status == "Closed":
             close_return(org, ro_id)
         elif status != "Submitted":
@@ -286,16 +381,25 @@ def close_return(org: Org, return_id: str, *, refund: bool | None = None) -> str
                 ois = org.tables["OrderItemSummary"][line["OrderItemSummaryId"]]
                 q = line["QuantityExpected"]
                 _reprice_ois(org, ois, QuantityReturned=q, QuantityReturnInitiated=-q)
-                org.create("OrderItemSummaryChange", {
-                    "ChangeType": "Return", "OrderItemSummaryId": ois["Id"], "OrderSummaryId": summary_id,
-                    "ChangeOrderItemId": mapping[line["OrderItemId"]], "IsPreFulfillment": False,
-                    "Reason": line.get("ReasonForReturn"),
-                })
-                org.update("ReturnOrderLineItem", line["Id"], {"ChangeOrderItemId": mapping[line["OrderItemId"]]})
+                org.create(
+                    "OrderItemSummaryChange",
+                    {
+                        "ChangeType": "Return",
+                        "OrderItemSummaryId": ois["Id"],
+                        "OrderSummaryId": summary_id,
+                        "ChangeOrderItemId": mapping[line["OrderItemId"]],
+                        "IsPreFulfillment": False,
+                        "Reason": line.get("ReasonForReturn"),
+                    },
+                )
+                org.update(
+                    "ReturnOrderLineItem", line["Id"], {"ChangeOrderItemId": mapping[line["OrderItemId"]]}
+                )
             _retotal_summary(org, summary_id)
         if refund if refund is not None else bool(summary_id):
             memo_id = create_credit_memo(
-                org, summary_id or ro["OrderId"],
+                org,
+                summary_id or ro["OrderId"],
                 [(ln.get("OrderItemSummaryId") or ln["OrderItemId"], ln["TotalPrice"]) for ln in lines],
             )
     return memo_id
@@ -312,18 +416,36 @@ def create_credit_memo(org: Org, reference_id: str, lines: list[tuple[str, float
     net = round(sum(a for _, a in lines), 2)
     tax = round(sum(round(a * rate, 2) for _, a in lines), 2)
     with org.transaction():
-        memo_id = org.create("CreditMemo", {
-            "DocumentNumber": "CM-" + next_number(org, "CreditMemo"), "BillingAccountId": ref.get("AccountId"),
-            "BillToContactId": order.get("BillToContactId"), "Balance": round(net + tax, 2),
-            "CreditDate": org.clock.now_ms(), "AppType": "Commerce Cloud", "TotalAmount": net,
-            "TotalTaxAmount": tax, "TotalAmountWithTax": round(net + tax, 2), "ReferenceEntityId": ref["Id"],
-            "Status": "Posted", "CurrencyIsoCode": currency,
-        })
+        memo_id = org.create(
+            "CreditMemo",
+            {
+                "DocumentNumber": "CM-" + next_number(org, "CreditMemo"),
+                "BillingAccountId": ref.get("AccountId"),
+                "BillToContactId": order.get("BillToContactId"),
+                "Balance": round(net + tax, 2),
+                "CreditDate": org.clock.now_ms(),
+                "AppType": "Commerce Cloud",
+                "TotalAmount": net,
+                "TotalTaxAmount": tax,
+                "TotalAmountWithTax": round(net + tax, 2),
+                "ReferenceEntityId": ref["Id"],
+                "Status": "Posted",
+                "CurrencyIsoCode": currency,
+            },
+        )
         for item_id, amount in lines:
-            org.create("CreditMemoLine", {
-                "CreditMemoId": memo_id, "Name": "Refund", "Type": "Charge", "ReferenceEntityItemId": item_id,
-                "ChargeAmount": round(amount, 2), "TaxAmount": round(amount * rate, 2), "CurrencyIsoCode": currency,
-            })
+            org.create(
+                "CreditMemoLine",
+                {
+                    "CreditMemoId": memo_id,
+                    "Name": "Refund",
+                    "Type": "Charge",
+                    "ReferenceEntityItemId": item_id,
+                    "ChargeAmount": round(amount, 2),
+                    "TaxAmount": round(amount * rate, 2),
+                    "CurrencyIsoCode": currency,
+                },
+            )
     return memo_id
 
 
@@ -344,10 +466,17 @@ def random_mutations(org: Org, count: int, rng: random.Random | None = None) -> 
                 if not accounts or not products:
                     break
                 acc = org.tables["Account"][rng.choice(accounts)]
-                contact = acc.get("PersonContactId") or next(iter(sorted(org.children("Contact", "AccountId", acc["Id"]))), None)
+                contact = acc.get("PersonContactId") or next(
+                    iter(sorted(org.children("Contact", "AccountId", acc["Id"]))), None
+                )
                 lines = [(rng.choice(products), float(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
-                oid = create_order(org, acc["Id"], lines, currency=rng.choice(list(TAX_RATES)[:3]),
-                                   bill_to_contact_id=contact)
+                oid = create_order(
+                    org,
+                    acc["Id"],
+                    lines,
+                    currency=rng.choice(list(TAX_RATES)[:3]),
+                    bill_to_contact_id=contact,
+                )
                 done.append(("create", oid))
                 continue
             order = rng.choice(orders)
@@ -361,7 +490,9 @@ def random_mutations(org: Org, count: int, rng: random.Random | None = None) -> 
                 amend_quantity(org, rng.choice(items)["Id"], float(rng.randint(1, 6)))
             elif kind == "return" and items and order["Status"] in ("Activated", "Fulfilled"):
                 item = rng.choice(items)
-                create_return(org, oid, [(item["Id"], 1.0, "Damaged")], status=rng.choice(["Submitted", "Closed"]))
+                create_return(
+                    org, oid, [(item["Id"], 1.0, "Damaged")], status=rng.choice(["Submitted", "Closed"])
+                )
             elif kind == "email" and order.get("BillToContactId"):
                 n = rng.randint(1, 10_000)
                 org.update("Contact", order["BillToContactId"], {"Email": f"changed{n}@example.com"})

@@ -188,11 +188,19 @@ class Org:
         self.api_versions: dict[str, int] = {}
         self.user_id = self.ids.next("005")
         user_ts = clock.now_ms() - 400 * _DAY_MS
-        self.insert_raw("User", {
-            "Id": self.user_id, "Name": "Integration User", "Username": f"integration@{name}.example",
-            "Email": f"integration@{name}.example", "IsActive": True,
-            "CreatedDate": user_ts, "LastModifiedDate": user_ts, "SystemModstamp": user_ts,
-        })
+        self.insert_raw(
+            "User",
+            {
+                "Id": self.user_id,
+                "Name": "Integration User",
+                "Username": f"integration@{name}.example",
+                "Email": f"integration@{name}.example",
+                "IsActive": True,
+                "CreatedDate": user_ts,
+                "LastModifiedDate": user_ts,
+                "SystemModstamp": user_ts,
+            },
+        )
 
     # ------------------------------------------------------------------ reads
     def lookup(self, record_id: str | None) -> dict[str, Any] | None:
@@ -238,7 +246,9 @@ class Org:
             self._ref_index[key] = index
         return index.get(parent_id, set())
 
-    def render(self, obj: str, rec: dict[str, Any], fields: Iterable[FieldPath], version: str) -> dict[str, Any]:
+    def render(
+        self, obj: str, rec: dict[str, Any], fields: Iterable[FieldPath], version: str
+    ) -> dict[str, Any]:
         """A record as REST returns it: ``attributes`` first, parents as nested objects."""
         out: dict[str, Any] = {
             "attributes": {"type": obj, "url": f"/services/data/v{version}/sobjects/{obj}/{rec['Id']}"}
@@ -254,9 +264,12 @@ class Org:
                         container[hop] = None
                     else:
                         ptype = self.object_of(parent["Id"]) or ""
-                        container[hop] = {"attributes": {
-                            "type": ptype, "url": f"/services/data/v{version}/sobjects/{ptype}/{parent['Id']}",
-                        }}
+                        container[hop] = {
+                            "attributes": {
+                                "type": ptype,
+                                "url": f"/services/data/v{version}/sobjects/{ptype}/{parent['Id']}",
+                            }
+                        }
                 if container[hop] is None or parent is None:
                     cur = None
                     break
@@ -279,7 +292,11 @@ class Org:
         else:
             lo, hi = datetime_bounds(query.where, "SystemModstamp")
             keys = [(k.path.parts, k.ascending) for k in query.order]
-            index_order = keys in ([], [(("SystemModstamp",), True)], [(("SystemModstamp",), True), (("Id",), True)])
+            index_order = keys in (
+                [],
+                [(("SystemModstamp",), True)],
+                [(("SystemModstamp",), True), (("Id",), True)],
+            )
             if lo is not None or hi is not None or (keys and index_order):
                 index = self.smod[obj]
                 start = 0 if lo is None else bisect.bisect_left(index, (lo, ""))
@@ -309,14 +326,17 @@ class Org:
                     v = self.get_path(table[rid], path)
                     if v is None:
                         return (0 if nulls_first else 2, 0)
-                    return (1, v.lower() if isinstance(v, str) and path.field.type not in ("id", "reference") else v)
+                    return (
+                        1,
+                        v.lower() if isinstance(v, str) and path.field.type not in ("id", "reference") else v,
+                    )
 
                 if key.ascending:
                     out.sort(key=sort_key)
                 else:
                     out.sort(key=sort_key, reverse=True)
         if query.offset:
-            out = out[query.offset:]
+            out = out[query.offset :]
         if query.limit is not None:
             out = out[: query.limit]
         return out
@@ -386,8 +406,13 @@ class Org:
         with self.transaction(origin) as tx:
             rid = self.ids.next(od.prefix)
             rec: dict[str, Any] = {
-                "Id": rid, "IsDeleted": False, "CreatedDate": tx.ts, "CreatedById": self.user_id,
-                "LastModifiedDate": tx.ts, "LastModifiedById": self.user_id, "SystemModstamp": tx.ts,
+                "Id": rid,
+                "IsDeleted": False,
+                "CreatedDate": tx.ts,
+                "CreatedById": self.user_id,
+                "LastModifiedDate": tx.ts,
+                "LastModifiedById": self.user_id,
+                "SystemModstamp": tx.ts,
             }
             for name, value in self._coerce_all(obj, values).items():
                 rec[name] = value
@@ -401,7 +426,9 @@ class Org:
             self._after_write(obj, rec)
         return rid
 
-    def update(self, obj: str, record_id: str, values: dict[str, Any], *, origin: str | None = None) -> list[str]:
+    def update(
+        self, obj: str, record_id: str, values: dict[str, Any], *, origin: str | None = None
+    ) -> list[str]:
         """Apply field changes; returns the changed field names (empty: nothing changed, nothing emitted)."""
         rec = self._live(obj, record_id)
         with self.transaction(origin) as tx:
@@ -410,7 +437,10 @@ class Org:
             for name, value in coerced.items():
                 if name in ("Id", "CreatedDate", "SystemModstamp", "IsDeleted"):
                     raise SalesforceError(
-                        400, "INVALID_FIELD_FOR_INSERT_UPDATE", f"Unable to create/update fields: {name}.", [name]
+                        400,
+                        "INVALID_FIELD_FOR_INSERT_UPDATE",
+                        f"Unable to create/update fields: {name}.",
+                        [name],
                     )
                 rec[name] = value
             self._derive(obj, rec, set(coerced))
@@ -515,8 +545,10 @@ class Org:
             if status is not None:
                 if status not in self.status_categories:
                     raise SalesforceError(
-                        400, "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                        f"Status: bad value for restricted picklist field: {status}", ["Status"],
+                        400,
+                        "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
+                        f"Status: bad value for restricted picklist field: {status}",
+                        ["Status"],
                     )
                 rec["StatusCode"] = self.status_categories[status]
                 if rec["StatusCode"] == "Activated" and rec.get("ActivatedDate") is None:
@@ -533,11 +565,14 @@ class Org:
         order = self.tables["Order"].get(order_id)
         if order is None or order.get("IsDeleted"):
             return
-        total = round(sum(
-            self.tables["OrderItem"][i].get("TotalPrice") or 0.0
-            for i in self.children("OrderItem", "OrderId", order_id)
-            if not self.tables["OrderItem"][i].get("IsDeleted")
-        ), 2)
+        total = round(
+            sum(
+                self.tables["OrderItem"][i].get("TotalPrice") or 0.0
+                for i in self.children("OrderItem", "OrderId", order_id)
+                if not self.tables["OrderItem"][i].get("IsDeleted")
+            ),
+            2,
+        )
         if order.get("TotalAmount") != total:
             self.update("Order", order_id, {"TotalAmount": total})
 
@@ -555,8 +590,11 @@ class Org:
         if not changes:
             return
         key = "%08x-%04x-%04x-%04x-%012x" % (  # noqa: UP031 - uuid-shaped transaction key
-            self.rng.getrandbits(32), self.rng.getrandbits(16), self.rng.getrandbits(16),
-            self.rng.getrandbits(16), self.rng.getrandbits(48),
+            self.rng.getrandbits(32),
+            self.rng.getrandbits(16),
+            self.rng.getrandbits(16),
+            self.rng.getrandbits(16),
+            self.rng.getrandbits(48),
         )
         self._next_commit += self.rng.randrange(1, 5000)
         for seq, change in enumerate(changes, start=1):

@@ -22,11 +22,65 @@ if TYPE_CHECKING:
 __all__ = ["CURRENCIES", "LineTruth", "OrderTruth", "SeedSummary", "ground_truth", "seed_org"]
 
 CURRENCIES = ("EUR", "USD", "GBP")
-_FIRST = ["Anna", "Ben", "Chloe", "David", "Emma", "Felix", "Grace", "Hugo", "Ines", "Jonas", "Klara",
-          "Liam", "Mia", "Noah", "Olivia", "Paul", "Rosa", "Sam", "Tara", "Viktor", "Wen", "Yusuf", "Zoe"]
-_LAST = ["Schmidt", "Martin", "Rossi", "Garcia", "Smith", "Dubois", "Novak", "Jensen", "Silva", "Kowalski",
-         "Meyer", "Brown", "Lopez", "Fischer", "Moreau", "Bianchi", "Nguyen", "Okafor", "Ivanova", "Berg"]
-_COMPANY = ["Acme", "Globex", "Initech", "Umbrella", "Stark", "Wayne", "Tyrell", "Cyberdyne", "Hooli", "Vandelay"]
+_FIRST = [
+    "Anna",
+    "Ben",
+    "Chloe",
+    "David",
+    "Emma",
+    "Felix",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Klara",
+    "Liam",
+    "Mia",
+    "Noah",
+    "Olivia",
+    "Paul",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Viktor",
+    "Wen",
+    "Yusuf",
+    "Zoe",
+]
+_LAST = [
+    "Schmidt",
+    "Martin",
+    "Rossi",
+    "Garcia",
+    "Smith",
+    "Dubois",
+    "Novak",
+    "Jensen",
+    "Silva",
+    "Kowalski",
+    "Meyer",
+    "Brown",
+    "Lopez",
+    "Fischer",
+    "Moreau",
+    "Bianchi",
+    "Nguyen",
+    "Okafor",
+    "Ivanova",
+    "Berg",
+]
+_COMPANY = [
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Stark",
+    "Wayne",
+    "Tyrell",
+    "Cyberdyne",
+    "Hooli",
+    "Vandelay",
+]
 _SUFFIX = ["GmbH", "Ltd", "Inc", "SA", "BV", "AG"]
 _FAMILIES = ["Apparel", "Footwear", "Accessories", "Electronics", "Home"]
 _ITEMS = ["Shirt", "Sneaker", "Backpack", "Headphones", "Lamp", "Jacket", "Watch", "Mug", "Scarf", "Speaker"]
@@ -81,8 +135,16 @@ def seed_org(
 
 
 def _seed(
-    org: Org, rng: random.Random, clock: ManualClock, start: int, end: int,
-    n_accounts: int, n_person: int, n_contacts: int, n_products: int, n_orders: int,
+    org: Org,
+    rng: random.Random,
+    clock: ManualClock,
+    start: int,
+    end: int,
+    n_accounts: int,
+    n_person: int,
+    n_contacts: int,
+    n_products: int,
+    n_orders: int,
 ) -> None:
     clock.set(start)
     pricebook = next((p["Id"] for p in org.records("Pricebook2") if p.get("IsStandard")), None)
@@ -94,29 +156,49 @@ def _seed(
         clock.set(start + i * 1000)
         n = base + i + 1
         with org.transaction():
-            pid = org.create("Product2", {
-                "Name": f"{rng.choice(_ADJ)} {rng.choice(_ITEMS)} {n}", "ProductCode": f"P-{n:05d}",
-                "StockKeepingUnit": f"SKU-{n:05d}", "Family": rng.choice(_FAMILIES), "IsActive": rng.random() > 0.05,
-            })
+            pid = org.create(
+                "Product2",
+                {
+                    "Name": f"{rng.choice(_ADJ)} {rng.choice(_ITEMS)} {n}",
+                    "ProductCode": f"P-{n:05d}",
+                    "StockKeepingUnit": f"SKU-{n:05d}",
+                    "Family": rng.choice(_FAMILIES),
+                    "IsActive": rng.random() > 0.05,
+                },
+            )
             price = round(rng.uniform(5, 250), 2)
             fx = {"EUR": 1.0, "USD": 1.08, "GBP": 0.86}
             pb = next(p["Id"] for p in org.records("Pricebook2") if p.get("IsStandard"))
             for cur in CURRENCIES:
-                org.create("PricebookEntry", {
-                    "Pricebook2Id": pb, "Product2Id": pid, "UnitPrice": round(price * fx[cur], 2),
-                    "IsActive": True, "UseStandardPrice": False, "CurrencyIsoCode": cur,
-                    "ProductCode": f"P-{n:05d}", "Name": org.tables["Product2"][pid]["Name"],
-                })
+                org.create(
+                    "PricebookEntry",
+                    {
+                        "Pricebook2Id": pb,
+                        "Product2Id": pid,
+                        "UnitPrice": round(price * fx[cur], 2),
+                        "IsActive": True,
+                        "UseStandardPrice": False,
+                        "CurrencyIsoCode": cur,
+                        "ProductCode": f"P-{n:05d}",
+                        "Name": org.tables["Product2"][pid]["Name"],
+                    },
+                )
         product_ids.append(pid)
     customers: list[tuple[str, str | None]] = []  # (account id, bill-to contact id)
     t = start + _DAY
     for i in range(n_accounts):
         clock.set(t + i * 7_000)
-        acc = org.create("Account", {
-            "Name": f"{rng.choice(_COMPANY)} {rng.choice(_SUFFIX)} {i + 1}", "IsPersonAccount": False,
-            "AccountNumber": f"B{100000 + i}", "Phone": f"+49 30 {rng.randint(1000000, 9999999)}",
-            "Type": "Customer", "CurrencyIsoCode": rng.choice(CURRENCIES),
-        })
+        acc = org.create(
+            "Account",
+            {
+                "Name": f"{rng.choice(_COMPANY)} {rng.choice(_SUFFIX)} {i + 1}",
+                "IsPersonAccount": False,
+                "AccountNumber": f"B{100000 + i}",
+                "Phone": f"+49 30 {rng.randint(1000000, 9999999)}",
+                "Type": "Customer",
+                "CurrencyIsoCode": rng.choice(CURRENCIES),
+            },
+        )
         customers.append((acc, None))
     business = [a for a, _ in customers]
     for i in range(n_contacts):
@@ -125,10 +207,17 @@ def _seed(
         clock.set(t + _DAY + i * 5_000)
         first, last = rng.choice(_FIRST), rng.choice(_LAST)
         acc = business[i % len(business)] if i < len(business) else rng.choice(business)
-        cid = org.create("Contact", {
-            "FirstName": first, "LastName": last, "AccountId": acc, "IsPersonAccount": False,
-            "Email": f"{first.lower()}.{last.lower()}.{i + 1}@example.com", "HasOptedOutOfEmail": False,
-        })
+        cid = org.create(
+            "Contact",
+            {
+                "FirstName": first,
+                "LastName": last,
+                "AccountId": acc,
+                "IsPersonAccount": False,
+                "Email": f"{first.lower()}.{last.lower()}.{i + 1}@example.com",
+                "HasOptedOutOfEmail": False,
+            },
+        )
         idx = business.index(acc)
         if customers[idx][1] is None:
             customers[idx] = (acc, cid)
@@ -137,14 +226,29 @@ def _seed(
         first, last = rng.choice(_FIRST), rng.choice(_LAST)
         email = f"{first.lower()}.{last.lower()}.p{i + 1}@example.net"
         with org.transaction():
-            acc = org.create("Account", {
-                "FirstName": first, "LastName": last, "IsPersonAccount": True, "PersonEmail": email,
-                "AccountNumber": f"P{200000 + i}", "PersonHasOptedOutOfEmail": rng.random() < 0.1,
-                "Phone": f"+44 20 {rng.randint(1000000, 9999999)}", "CurrencyIsoCode": rng.choice(CURRENCIES),
-            })
-            contact = org.create("Contact", {
-                "FirstName": first, "LastName": last, "AccountId": acc, "Email": email, "IsPersonAccount": True,
-            })
+            acc = org.create(
+                "Account",
+                {
+                    "FirstName": first,
+                    "LastName": last,
+                    "IsPersonAccount": True,
+                    "PersonEmail": email,
+                    "AccountNumber": f"P{200000 + i}",
+                    "PersonHasOptedOutOfEmail": rng.random() < 0.1,
+                    "Phone": f"+44 20 {rng.randint(1000000, 9999999)}",
+                    "CurrencyIsoCode": rng.choice(CURRENCIES),
+                },
+            )
+            contact = org.create(
+                "Contact",
+                {
+                    "FirstName": first,
+                    "LastName": last,
+                    "AccountId": acc,
+                    "Email": email,
+                    "IsPersonAccount": True,
+                },
+            )
             org.update("Account", acc, {"PersonContactId": contact})
         customers.append((acc, contact))
     if not customers or not product_ids:
@@ -158,12 +262,17 @@ def _seed(
     for _ in range(n_orders):
         if rng.random() > 0.15:  # otherwise: same millisecond as the previous order (a batch insert)
             t += rng.randint(1, 2 * step)
-        acc, contact = rng.choice(customers)
+        customer, bill_to = rng.choice(customers)
         currency = rng.choice(CURRENCIES)
-        lines = [(rng.choice(active), float(rng.randint(1, 4))) for _ in range(rng.choices([1, 2, 3, 4], [4, 3, 2, 1])[0])]
+        lines = [
+            (rng.choice(active), float(rng.randint(1, 4)))
+            for _ in range(rng.choices([1, 2, 3, 4], [4, 3, 2, 1])[0])
+        ]
         clock.set(t)
         roll = rng.random()
-        oid = domain.create_order(org, acc, lines, currency=currency, status="Draft", bill_to_contact_id=contact)
+        oid = domain.create_order(
+            org, customer, lines, currency=currency, status="Draft", bill_to_contact_id=bill_to
+        )
         if roll < 0.07:
             if rng.random() < 0.15:
                 clock.set(t + rng.randint(1, 3_600_000))
@@ -198,17 +307,28 @@ def _seed(
             item = org.tables["OrderItem"][rng.choice(items)]
             summary = domain.summary_for(org, oid) if om else None
             if summary is not None:
-                ois = next(o for i in org.children("OrderItemSummary", "OrderSummaryId", summary["Id"])
-                           if (o := org.tables["OrderItemSummary"][i])["OriginalOrderItemId"] == item["Id"])
-                available = ois["Quantity"] - ois["QuantityReturned"] - ois["QuantityReturnInitiated"]
+                line_summary = next(
+                    o
+                    for i in org.children("OrderItemSummary", "OrderSummaryId", summary["Id"])
+                    if (o := org.tables["OrderItemSummary"][i])["OriginalOrderItemId"] == item["Id"]
+                )
+                available = (
+                    line_summary["Quantity"]
+                    - line_summary["QuantityReturned"]
+                    - line_summary["QuantityReturnInitiated"]
+                )
             else:
                 available = item["Quantity"]
             if available < 1:
                 continue
             qty = float(rng.randint(1, int(available)))
             status = rng.choices(["Submitted", "Approved", "Closed"], [3, 2, 5])[0]
-            rid = domain.create_return(org, oid, [(item["Id"], qty, rng.choice(["Damaged", "Wrong Size", "Not Needed"]))],
-                                       status=status)
+            rid = domain.create_return(
+                org,
+                oid,
+                [(item["Id"], qty, rng.choice(["Damaged", "Wrong Size", "Not Needed"]))],
+                status=status,
+            )
             if status == "Closed" and not om and rng.random() < 0.5:
                 line = next(iter(org.children("ReturnOrderLineItem", "ReturnOrderId", rid)))
                 ln = org.tables["ReturnOrderLineItem"][line]
@@ -278,7 +398,10 @@ def ground_truth(org: Org) -> dict[str, OrderTruth]:
         if o.get("IsReductionOrder") and o.get("OriginalOrderId") and o["Id"] not in om_return_change:
             amount = om_cancel.get(o["Id"])
             if amount is None:
-                amount = sum(abs(t["OrderItem"][i]["TotalPrice"]) for i in org.children("OrderItem", "OrderId", o["Id"]))
+                amount = sum(
+                    abs(t["OrderItem"][i]["TotalPrice"])
+                    for i in org.children("OrderItem", "OrderId", o["Id"])
+                )
             reductions[o["OriginalOrderId"]] = reductions.get(o["OriginalOrderId"], 0.0) + amount
     returned: dict[str, float] = {}
     for ln in t["ReturnOrderLineItem"].values():
@@ -286,7 +409,9 @@ def ground_truth(org: Org) -> dict[str, OrderTruth]:
         item = t["OrderItem"].get(ln["OrderItemId"])
         if ro is None or item is None or ro.get("IsDeleted") or ln.get("IsDeleted"):
             continue
-        returned[ro["OrderId"]] = returned.get(ro["OrderId"], 0.0) + (ln.get("QuantityReturned") or 0.0) * item["UnitPrice"]
+        returned[ro["OrderId"]] = (
+            returned.get(ro["OrderId"], 0.0) + (ln.get("QuantityReturned") or 0.0) * item["UnitPrice"]
+        )
     credited: dict[str, float] = {}
     for memo in t["CreditMemo"].values():
         ref = memo.get("ReferenceEntityId") or ""
@@ -301,16 +426,27 @@ def ground_truth(org: Org) -> dict[str, OrderTruth]:
         account: dict[str, Any] = t["Account"].get(o.get("AccountId") or "") or {}
         contact: dict[str, Any] = t["Contact"].get(o.get("BillToContactId") or "") or {}
         lines = tuple(
-            LineTruth(i["Id"], i["Product2Id"], (t["Product2"].get(i["Product2Id"]) or {}).get("StockKeepingUnit"),
-                      i["Quantity"], i["UnitPrice"], i["TotalPrice"])
+            LineTruth(
+                i["Id"],
+                i["Product2Id"],
+                (t["Product2"].get(i["Product2Id"]) or {}).get("StockKeepingUnit"),
+                i["Quantity"],
+                i["UnitPrice"],
+                i["TotalPrice"],
+            )
             for i in (t["OrderItem"][x] for x in sorted(org.children("OrderItem", "OrderId", o["Id"])))
         )
         total = o.get("TotalAmount") or 0.0
         whole = o["Status"] == "Cancelled" or bool(o.get("IsDeleted"))
         out[o["Id"]] = OrderTruth(
-            order_id=o["Id"], order_number=o["OrderNumber"], account_id=o["AccountId"],
-            email=account.get("PersonEmail") or contact.get("Email"), currency=o.get("CurrencyIsoCode") or "EUR",
-            status=o["Status"], status_code=o["StatusCode"], is_deleted=bool(o.get("IsDeleted")),
+            order_id=o["Id"],
+            order_number=o["OrderNumber"],
+            account_id=o["AccountId"],
+            email=account.get("PersonEmail") or contact.get("Email"),
+            currency=o.get("CurrencyIsoCode") or "EUR",
+            status=o["Status"],
+            status_code=o["StatusCode"],
+            is_deleted=bool(o.get("IsDeleted")),
             total_amount=total,
             lines=lines,
             cancelled_amount=round(total if whole else reductions.get(o["Id"], 0.0), 2),

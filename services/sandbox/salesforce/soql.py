@@ -19,8 +19,18 @@ from sandbox.salesforce.errors import SalesforceError
 from sandbox.salesforce.schema import SCHEMA, FieldDef, ObjectDef, find_object
 
 __all__ = [
-    "And", "Cmp", "Cond", "FieldPath", "In", "Like", "Not", "Or", "Query", "compile_predicate",
-    "parse_datetime", "parse_soql",
+    "And",
+    "Cmp",
+    "Cond",
+    "FieldPath",
+    "In",
+    "Like",
+    "Not",
+    "Or",
+    "Query",
+    "compile_predicate",
+    "parse_datetime",
+    "parse_soql",
 ]
 
 _TOKEN = re.compile(
@@ -37,9 +47,33 @@ _TOKEN = re.compile(
     re.X,
 )
 _KEYWORDS = {
-    "select", "from", "where", "and", "or", "not", "in", "like", "order", "by", "asc", "desc",
-    "nulls", "first", "last", "limit", "offset", "true", "false", "null", "includes", "excludes",
-    "group", "having", "with", "for", "typeof",
+    "select",
+    "from",
+    "where",
+    "and",
+    "or",
+    "not",
+    "in",
+    "like",
+    "order",
+    "by",
+    "asc",
+    "desc",
+    "nulls",
+    "first",
+    "last",
+    "limit",
+    "offset",
+    "true",
+    "false",
+    "null",
+    "includes",
+    "excludes",
+    "group",
+    "having",
+    "with",
+    "for",
+    "typeof",
 }
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -141,7 +175,7 @@ def _tokenize(text: str) -> list[Tok]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.lastgroup is None:
-            raise malformed(f"unexpected token: '{text[pos:pos + 10]}' at position {pos}")
+            raise malformed(f"unexpected token: '{text[pos : pos + 10]}' at position {pos}")
         if m.lastgroup != "ws":
             out.append(Tok(m.lastgroup, m.group(), pos))
         pos = m.end()
@@ -158,7 +192,8 @@ def resolve_path(obj: ObjectDef, dotted: str) -> FieldPath:
         rel = current.relationship_ci(hop)
         if rel is None:
             raise SalesforceError(
-                400, "INVALID_FIELD",
+                400,
+                "INVALID_FIELD",
                 f"Didn't understand relationship '{hop}' in field path. If you are attempting to use a "
                 "custom relationship, be sure to append the '__r' after the custom relationship name.",
             )
@@ -170,7 +205,8 @@ def resolve_path(obj: ObjectDef, dotted: str) -> FieldPath:
     fdef = current.field_ci(parts[-1])
     if fdef is None:
         raise SalesforceError(
-            400, "INVALID_FIELD",
+            400,
+            "INVALID_FIELD",
             f"No such column '{parts[-1]}' on entity '{current.name}'. If you are attempting to use a custom "
             "field, be sure to append the '__c' after the custom field name. Please reference your WSDL or "
             "the describe call for the appropriate names.",
@@ -227,7 +263,8 @@ class _Parser:
         obj = find_object(otok.text)
         if obj is None:
             raise SalesforceError(
-                400, "INVALID_TYPE",
+                400,
+                "INVALID_TYPE",
                 f"sObject type '{otok.text}' is not supported. If you are attempting to use a custom object, "
                 "be sure to append the '__c' after the entity name. Please reference your WSDL or the "
                 "describe call for the appropriate names.",
@@ -293,7 +330,9 @@ class _Parser:
         while self.at_kw("and", "or"):
             kw = self.take().kw
             if joiner is not None and kw != joiner:
-                raise malformed("unexpected token: '" + kw.upper() + "' (AND and OR must be grouped with parentheses)")
+                raise malformed(
+                    "unexpected token: '" + kw.upper() + "' (AND and OR must be grouped with parentheses)"
+                )
             joiner = kw
             items.append(self.parse_unary())
         if joiner is None:
@@ -475,7 +514,11 @@ def datetime_bounds(cond: Cond | None, field: str) -> tuple[int | None, int | No
             return None, None
         v = int(cond.value)
         return {
-            "=": (v, v), ">": (v + 1, None), ">=": (v, None), "<": (None, v - 1), "<=": (None, v),
+            "=": (v, v),
+            ">": (v + 1, None),
+            ">=": (v, None),
+            "<": (None, v - 1),
+            "<=": (None, v),
         }.get(cond.op, (None, None))
     if isinstance(cond, And):
         lo: int | None = None

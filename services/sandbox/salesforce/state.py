@@ -21,12 +21,15 @@ FAULT_KINDS: dict[str, tuple[int, str, str]] = {
     "invalid_session": (401, "INVALID_SESSION_ID", "Session expired or invalid"),
     "query_timeout": (400, "QUERY_TIMEOUT", "Your query request was running for too long."),
     "server_error": (
-        500, "UNKNOWN_EXCEPTION",
-        "An unexpected error occurred. Please include this ErrorId if you contact support: 1824711843-42 (-1)",
+        500,
+        "UNKNOWN_EXCEPTION",
+        "An unexpected error occurred. Please include this ErrorId if you contact support: 1824711843-42",
     ),
     "unavailable": (503, "SERVER_UNAVAILABLE", "Server is busy. Please try again later."),
     "unable_to_lock_row": (
-        400, "UNABLE_TO_LOCK_ROW", "unable to obtain exclusive access to this record or 1 records",
+        400,
+        "UNABLE_TO_LOCK_ROW",
+        "unable to obtain exclusive access to this record or 1 records",
     ),
     "slow": (200, "", ""),
 }
@@ -92,8 +95,12 @@ class SalesforceState:
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError("org names are [A-Za-z0-9_-]")
         org = Org(
-            self.clock, name, client_id=client_id or f"{name}-client-id",
-            client_secret=client_secret or f"{name}-client-secret", mode=mode, seed=seed,
+            self.clock,
+            name,
+            client_id=client_id or f"{name}-client-id",
+            client_secret=client_secret or f"{name}-client-secret",
+            mode=mode,
+            seed=seed,
         )
         self.orgs[name] = org
         return org
@@ -112,8 +119,14 @@ class SalesforceState:
         ).decode()
         self.bump("tokens_issued")
         return {
-            "access_token": token, "signature": signature, "scope": "api", "instance_url": instance_url,
-            "id": ident, "token_type": "Bearer", "issued_at": issued_at, "token_format": "opaque",
+            "access_token": token,
+            "signature": signature,
+            "scope": "api",
+            "instance_url": instance_url,
+            "id": ident,
+            "token_type": "Bearer",
+            "issued_at": issued_at,
+            "token_format": "opaque",
         }
 
     def authenticate(self, token: str | None) -> Org:
@@ -135,7 +148,13 @@ class SalesforceState:
 
     # ---------------------------------------------------------------- faults and hooks
     def inject_fault(
-        self, kind: str, count: int = 1, *, path: str | None = None, org: str | None = None, delay_s: float = 0.0
+        self,
+        kind: str,
+        count: int = 1,
+        *,
+        path: str | None = None,
+        org: str | None = None,
+        delay_s: float = 0.0,
     ) -> Fault:
         """Make the next ``count`` matching requests fail with ``kind`` (see :data:`FAULT_KINDS`)."""
         if kind not in FAULT_KINDS:
@@ -195,10 +214,15 @@ class SalesforceState:
             "faults_pending": [vars(f) for f in self.faults],
             "orgs": {
                 name: {
-                    "org_id": o.org_id, "mode": o.mode, "api_usage": list(o.api_usage()),
-                    "api_versions": dict(o.api_versions), "events": len(o.events),
-                    "latest_replay_id": o.latest_replay_id(), "bulk_jobs": len(o.bulk_jobs),
-                    "cursors": len(o.cursors), "stats": {k: v for k, v in o.stats.items() if not k.startswith("seq:")},
+                    "org_id": o.org_id,
+                    "mode": o.mode,
+                    "api_usage": list(o.api_usage()),
+                    "api_versions": dict(o.api_versions),
+                    "events": len(o.events),
+                    "latest_replay_id": o.latest_replay_id(),
+                    "bulk_jobs": len(o.bulk_jobs),
+                    "cursors": len(o.cursors),
+                    "stats": {k: v for k, v in o.stats.items() if not k.startswith("seq:")},
                     "records": {k: len(v) for k, v in o.tables.items()},
                     "stream_clients": self.streams.count(name) if self.streams is not None else 0,
                 }
