@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import csv
 import io
@@ -14,7 +13,6 @@ import aiohttp
 import httpx
 import pytest
 import pytest_asyncio
-
 from sandbox.salesforce import SalesforceState, build_app, ground_truth, seed_org
 from sandbox.server import RunningSandbox, serve
 
@@ -98,14 +96,16 @@ async def test_token_on_my_domain_has_exactly_the_reference_fields(env: Env) -> 
     org = env.state.orgs["acme"]
     assert tok["instance_url"] == f"{env.sb.base_url}/orgs/acme"
     assert tok["id"].endswith(f"/id/{org.org_id}/{org.user_id}")
-    assert tok["issued_at"].isdigit() and tok["token_type"] == "Bearer"
+    assert tok["issued_at"].isdigit()
+    assert tok["token_type"] == "Bearer"
     basic = base64.b64encode(f"{org.client_id}:{org.client_secret}".encode()).decode()
     resp = await env.http.post(
         f"{env.sb.base_url}/services/oauth2/token",
         data={"grant_type": "client_credentials"},
         headers={"Authorization": f"Basic {basic}"},
     )
-    assert resp.status_code == 200 and resp.json()["instance_url"].endswith("/orgs/acme")
+    assert resp.status_code == 200
+    assert resp.json()["instance_url"].endswith("/orgs/acme")
 
 
 async def test_token_errors_and_login_domain(env: Env) -> None:
@@ -124,11 +124,13 @@ async def test_token_errors_and_login_domain(env: Env) -> None:
     resp = await env.http.post(
         f"{env.sb.base_url}/services/oauth2/token", data={**form, "client_secret": "x"}
     )
-    assert resp.status_code == 400 and resp.json()["error"] == "invalid_client"
+    assert resp.status_code == 400
+    assert resp.json()["error"] == "invalid_client"
     resp = await env.http.post(
         f"{env.sb.base_url}/services/oauth2/token", data={**form, "grant_type": "password"}
     )
-    assert resp.status_code == 400 and resp.json()["error"] == "unsupported_grant_type"
+    assert resp.status_code == 400
+    assert resp.json()["error"] == "unsupported_grant_type"
 
 
 # ---------------------------------------------------------------------------------------------- REST
@@ -138,7 +140,8 @@ async def test_query_paging_batch_size_and_limit_header(env: Env, acme: httpx.As
     )
     pages = await _query_all_pages(acme, soql, batch=200)
     live = [o for o in env.state.orgs["acme"].tables["Order"].values() if not o["IsDeleted"]]
-    assert pages[0]["totalSize"] == len(live) and len(pages) == -(-len(live) // 200)
+    assert pages[0]["totalSize"] == len(live)
+    assert len(pages) == -(-len(live) // 200)
     assert pages[0]["nextRecordsUrl"].startswith(f"/services/data/{V}/query/01g")
     assert pages[0]["nextRecordsUrl"].endswith("-200")
     records = [r for p in pages for r in p["records"]]
@@ -147,9 +150,11 @@ async def test_query_paging_batch_size_and_limit_header(env: Env, acme: httpx.As
         "type": "Order",
         "url": f"/services/data/{V}/sobjects/Order/{records[0]['Id']}",
     }
-    assert records[0]["Account"]["attributes"]["type"] == "Account" and "Name" in records[0]["Account"]
+    assert records[0]["Account"]["attributes"]["type"] == "Account"
+    assert "Name" in records[0]["Account"]
     keys = [(r["SystemModstamp"], r["Id"]) for r in records]
-    assert keys == sorted(keys) and keys[0][0].endswith("+0000")
+    assert keys == sorted(keys)
+    assert keys[0][0].endswith("+0000")
     # several rows share a SystemModstamp: a (SystemModstamp, Id) cursor is required
     stamps = [k[0] for k in keys]
     assert len(stamps) - len(set(stamps)) >= 5
@@ -204,9 +209,11 @@ async def test_query_all_returns_deleted_rows_and_sobject_reads(env: Env) -> Non
                 params={"q": f"SELECT Id, IsDeleted FROM OrderItem WHERE OrderId = '{order['Id']}'"},
             )
         ).json()["records"]
-        assert items and all(i["IsDeleted"] for i in items)
+        assert items
+        assert all(i["IsDeleted"] for i in items)
         resp = await c.get(f"/services/data/{V}/sobjects/Order/{order['Id']}")
-        assert resp.status_code == 404 and resp.json()[0]["errorCode"] == "NOT_FOUND"
+        assert resp.status_code == 404
+        assert resp.json()[0]["errorCode"] == "NOT_FOUND"
 
 
 async def test_composite_reads(env: Env, acme: httpx.AsyncClient) -> None:
@@ -217,17 +224,21 @@ async def test_composite_reads(env: Env, acme: httpx.AsyncClient) -> None:
         params={"ids": ",".join([*ids, unknown]), "fields": "Id,TotalAmount,CurrencyIsoCode"},
     )
     body = resp.json()
-    assert [r["Id"] for r in body[:3]] == ids and body[3] is None
+    assert [r["Id"] for r in body[:3]] == ids
+    assert body[3] is None
     resp = await acme.post(
         f"/services/data/{V}/composite/sobjects/Order",
         json={"ids": [*ids, unknown], "fields": ["Id", "Status", "Account.Name"]},
     )
     body = resp.json()
-    assert len(body) == 4 and body[3] is None and "Account" in body[0]
+    assert len(body) == 4
+    assert body[3] is None
+    assert "Account" in body[0]
     resp = await acme.post(
         f"/services/data/{V}/composite/sobjects/Order", json={"ids": ids, "fields": ["Nope"]}
     )
-    assert resp.status_code == 400 and resp.json()[0]["errorCode"] == "INVALID_FIELD"
+    assert resp.status_code == 400
+    assert resp.json()[0]["errorCode"] == "INVALID_FIELD"
 
 
 async def test_request_limit_exceeded_and_injected_faults(env: Env) -> None:
@@ -237,7 +248,8 @@ async def test_request_limit_exceeded_and_injected_faults(env: Env) -> None:
         assert resp.headers["Sforce-Limit-Info"] == "api-usage=50/50"
         assert resp.json()["DailyApiRequests"] == {"Max": 50, "Remaining": 0}
         resp = await c.get(f"/services/data/{V}/limits")
-        assert resp.status_code == 403 and resp.json()[0]["errorCode"] == "REQUEST_LIMIT_EXCEEDED"
+        assert resp.status_code == 403
+        assert resp.json()[0]["errorCode"] == "REQUEST_LIMIT_EXCEEDED"
         env.state.set_api_limit("tiny", maximum=100_000, used=0)
         r = await env.http.post(
             f"{env.sb.base_url}/_sandbox/faults",
@@ -255,7 +267,8 @@ async def test_request_limit_exceeded_and_injected_faults(env: Env) -> None:
         ).status_code == 200
         env.state.inject_fault("server_error", 1, org="tiny")
         resp = await c.get(f"/services/data/{V}/limits")
-        assert resp.status_code == 500 and resp.json()[0]["errorCode"] == "UNKNOWN_EXCEPTION"
+        assert resp.status_code == 500
+        assert resp.json()[0]["errorCode"] == "UNKNOWN_EXCEPTION"
 
 
 # ---------------------------------------------------------------------------------------------- Bulk 2.0
@@ -268,7 +281,10 @@ async def _poll(c: httpx.AsyncClient, job_id: str, until: str, tries: int = 5) -
 
 
 async def test_bulk_query_lifecycle_locators_and_version_rule(env: Env, acme: httpx.AsyncClient) -> None:
-    soql = "SELECT Id, OrderNumber, Account.Name, TotalAmount, SystemModstamp FROM Order ORDER BY SystemModstamp, Id"
+    soql = (
+        "SELECT Id, OrderNumber, Account.Name, TotalAmount, SystemModstamp FROM Order "
+        "ORDER BY SystemModstamp, Id"
+    )
     job = (
         await acme.post(
             f"/services/data/{V}/jobs/query",
@@ -281,9 +297,12 @@ async def test_bulk_query_lifecycle_locators_and_version_rule(env: Env, acme: ht
             },
         )
     ).json()
-    assert job["state"] == "UploadComplete" and job["id"].startswith("750") and job["object"] == "Order"
+    assert job["state"] == "UploadComplete"
+    assert job["id"].startswith("750")
+    assert job["object"] == "Order"
     early = await acme.get(f"/services/data/{V}/jobs/query/{job['id']}/results")
-    assert early.status_code == 400 and early.json()[0]["errorCode"] == "JOB_NOT_COMPLETE"
+    assert early.status_code == 400
+    assert early.json()[0]["errorCode"] == "JOB_NOT_COMPLETE"
     assert (await _poll(acme, job["id"], "JobComplete"))["state"] == "JobComplete"
     wrong = await acme.get(f"/services/data/v65.0/jobs/query/{job['id']}/results")
     assert wrong.status_code == 409
@@ -295,7 +314,8 @@ async def test_bulk_query_lifecycle_locators_and_version_rule(env: Env, acme: ht
         if locator:
             params["locator"] = locator
         resp = await acme.get(f"/services/data/{V}/jobs/query/{job['id']}/results", params=params)
-        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv")
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/csv")
         parsed = list(csv.reader(io.StringIO(resp.text)))
         assert parsed[0] == ["Id", "OrderNumber", "Account.Name", "TotalAmount", "SystemModstamp"]
         assert int(resp.headers["Sforce-NumberOfRecords"]) == len(parsed) - 1
@@ -304,8 +324,11 @@ async def test_bulk_query_lifecycle_locators_and_version_rule(env: Env, acme: ht
         locator = resp.headers["Sforce-Locator"]
         if locator == "null":
             break
-    assert len(rows) == len(env.state.orgs["acme"].tables["Order"]) and chunks > 1
-    assert '"' in resp.text and "\r" not in resp.text and rows[0][4].endswith("Z")
+    assert len(rows) == len(env.state.orgs["acme"].tables["Order"])
+    assert chunks > 1
+    assert '"' in resp.text
+    assert "\r" not in resp.text
+    assert rows[0][4].endswith("Z")
     assert (await acme.delete(f"/services/data/{V}/jobs/query/{job['id']}")).status_code == 204
 
 
@@ -324,7 +347,8 @@ async def test_bulk_stuck_job_and_abort(env: Env, acme: httpx.AsyncClient) -> No
     bad = await acme.post(
         f"/services/data/{V}/jobs/query", json={"operation": "query", "query": "SELECT Nope FROM Account"}
     )
-    assert bad.status_code == 400 and bad.json()[0]["errorCode"] == "INVALID_FIELD"
+    assert bad.status_code == 400
+    assert bad.json()[0]["errorCode"] == "INVALID_FIELD"
 
 
 # ---------------------------------------------------------------------------------------------- CometD
@@ -383,7 +407,9 @@ async def test_cometd_create_and_update_events_and_replay(env: Env, acme: httpx.
     bx = Bayeux(env, await env.token("acme"))
     try:
         hs = await bx.handshake()
-        assert hs["successful"] and hs["supportedConnectionTypes"] == ["long-polling"] and "advice" in hs
+        assert hs["successful"]
+        assert hs["supportedConnectionTypes"] == ["long-polling"]
+        assert "advice" in hs
         assert (await bx.subscribe("/data/ChangeEvents", -1))["successful"]
         await bx.connect()  # the first connect answers at once
         account = next(a for a in env.state.orgs["acme"].records("Account") if not a["IsPersonAccount"])
@@ -405,12 +431,14 @@ async def test_cometd_create_and_update_events_and_replay(env: Env, acme: httpx.
         assert patched.status_code == 204
         events = await bx.events(2)
         create, update = events[0]["data"], events[1]["data"]
-        assert events[0]["channel"] == "/data/ChangeEvents" and "schema" in create
+        assert events[0]["channel"] == "/data/ChangeEvents"
+        assert "schema" in create
         h = create["payload"]["ChangeEventHeader"]
-        assert (
-            h["changeType"] == "CREATE" and h["entityName"] == "Contact" and h["recordIds"] == [created["id"]]
-        )
-        assert create["payload"]["Email"] == "ada@example.com" and "SystemModstamp" not in create["payload"]
+        assert h["changeType"] == "CREATE"
+        assert h["entityName"] == "Contact"
+        assert h["recordIds"] == [created["id"]]
+        assert create["payload"]["Email"] == "ada@example.com"
+        assert "SystemModstamp" not in create["payload"]
         assert {
             "transactionKey",
             "sequenceNumber",
@@ -420,12 +448,12 @@ async def test_cometd_create_and_update_events_and_replay(env: Env, acme: httpx.
             "changeOrigin",
         } <= set(h)
         u = update["payload"]
-        assert u["ChangeEventHeader"]["changeType"] == "UPDATE" and u["ChangeEventHeader"]["recordIds"] == [
-            order["Id"]
-        ]
+        assert u["ChangeEventHeader"]["changeType"] == "UPDATE"
+        assert u["ChangeEventHeader"]["recordIds"] == [order["Id"]]
         assert set(u) == {"ChangeEventHeader", "LastModifiedDate", "Status"}  # StatusCode stays Activated
         assert u["ChangeEventHeader"]["changedFields"] == ["LastModifiedDate", "Status"]
-        assert u["Status"] == "Fulfilled" and u["LastModifiedDate"].endswith("Z")
+        assert u["Status"] == "Fulfilled"
+        assert u["LastModifiedDate"].endswith("Z")
         assert update["event"]["replayId"] > create["event"]["replayId"]
         # a fresh client replaying from the first event's id gets only what came after it
         bx2 = Bayeux(env, await env.token("acme"))
@@ -455,13 +483,15 @@ async def test_cometd_gap_overflow_and_dropped_stream(env: Env) -> None:
         await env.http.post(f"{env.sb.base_url}/_sandbox/orgs/omco/cdc/overflow", json={"entity": "Order"})
         events = await bx.events(2)
         gap, overflow = (e["data"]["payload"] for e in events[:2])
-        assert set(gap) == {"ChangeEventHeader"} and gap["ChangeEventHeader"]["changeType"] == "GAP_UPDATE"
+        assert set(gap) == {"ChangeEventHeader"}
+        assert gap["ChangeEventHeader"]["changeType"] == "GAP_UPDATE"
         assert gap["ChangeEventHeader"]["recordIds"] == [oid]
         assert overflow["ChangeEventHeader"]["changeType"] == "GAP_OVERFLOW"
         assert overflow["ChangeEventHeader"]["recordIds"] == ["000000000000000AAA"]
         assert env.state.drop_streams("omco") == 1
         _, meta = await bx.connect()
-        assert meta["successful"] is False and meta["error"] == "403::Unknown client"
+        assert meta["successful"] is False
+        assert meta["error"] == "403::Unknown client"
         assert meta["advice"]["reconnect"] == "handshake"
     finally:
         await bx.close()
@@ -480,9 +510,13 @@ async def test_om_submit_cancel_emits_change_records(env: Env) -> None:
             },
         )
         assert resp.status_code == 201
-        q = f"SELECT Id, ChangeType, ChangeOrderItem.Quantity FROM OrderItemSummaryChange WHERE OrderItemSummaryId = '{ois['Id']}'"
+        q = (
+            "SELECT Id, ChangeType, ChangeOrderItem.Quantity FROM OrderItemSummaryChange "
+            f"WHERE OrderItemSummaryId = '{ois['Id']}'"
+        )
         changes = (await c.get(f"/services/data/{V}/query", params={"q": q})).json()["records"]
-    assert changes[-1]["ChangeType"] == "Cancel" and changes[-1]["ChangeOrderItem"]["Quantity"] == -1.0
+    assert changes[-1]["ChangeType"] == "Cancel"
+    assert changes[-1]["ChangeOrderItem"]["Quantity"] == -1.0
     after = ground_truth(org)[summary["OriginalOrderId"]]
     assert after.cancelled_amount == pytest.approx(before.cancelled_amount + ois["UnitPrice"])
 
@@ -504,9 +538,12 @@ async def test_session_expiry_and_replay_past_retention() -> None:
             assert resp.json() == [
                 {"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}
             ]
+        state.advance_clock(72 * 3600)
         async with await env.client("old") as c:
-            state.advance_clock(72 * 3600)
-            await c.patch(f"/services/data/{V}/sobjects/Account/{acc['Id']}", json={"Phone": "+1 555 0101"})
+            resp = await c.patch(
+                f"/services/data/{V}/sobjects/Account/{acc['Id']}", json={"Phone": "+1 555 0101"}
+            )
+            assert resp.status_code == 204
             state.expire_sessions("old")
             assert (await c.get(f"/services/data/{V}/limits")).json()[0]["errorCode"] == "INVALID_SESSION_ID"
         bx = Bayeux(env, await env.token("old"))
