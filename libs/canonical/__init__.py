@@ -4,7 +4,8 @@ Every event is a frozen pydantic v2 model carrying the envelope fields of DESIGN
 ``TypeAdapter`` over a discriminated union decodes any of them from bytes (:func:`decode_event`).
 """
 
-from canonical.envelope import Envelope, Source, make_event_id, order_key, entity_key
+from canonical import topics
+from canonical.envelope import Envelope, Source, entity_key, make_event_id, order_key
 from canonical.events import (
     EVENT_TYPES,
     AnyEvent,
@@ -37,7 +38,6 @@ from canonical.events import (
     decode_raw,
     encode,
 )
-from canonical import topics
 
 __all__ = [
     "EVENT_TYPES",

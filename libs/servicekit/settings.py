@@ -44,6 +44,10 @@ class FlashSettings(BaseSettings):
     log_format: Literal["json", "console"] = Field(default="json")
     batch_max_records: int = Field(default=1000, ge=1, description="Records per consumer batch.")
     batch_timeout_ms: int = Field(default=100, ge=1)
+    fetch_max_wait_ms: int = Field(default=20, ge=1, description="Longest a consumer fetch waits for data.")
+    consumer_copies: int = Field(
+        default=1, ge=1, le=16, description="Consumers per subscription in one process (same group)."
+    )
     max_attempts: int = Field(default=5, ge=1, description="Attempts before a failing message is dead-lettered.")
     backoff_base_s: float = Field(default=0.2, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)

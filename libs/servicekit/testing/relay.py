@@ -3,15 +3,19 @@
 hop 1 consumes ``relay.in``, records an effect row and emits a derived event on ``relay.mid``;
 hop 2 consumes ``relay.mid`` and records an effect row. A product whose sku starts with ``POISON`` is
 rejected as poison by hop 1 until its source_id is listed in ``relay_fixes``. Run it as a process with
-``python -m servicekit.testing.relay`` (settings from ``FLASH_`` variables).
+``python -m servicekit.testing.relay`` (settings from ``FLASH_`` variables; ``FLASH_RELAY_HOPS=hop1``
+runs one hop only, so the hops can run as separate processes like real services).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 
+from canonical.envelope import make_event_id
 from canonical.events import ProductUpserted
+
 from servicekit.consumer import Delivery, PipeConsumer, UnitOfWork
 from servicekit.db import Migrations
 from servicekit.errors import Poison
@@ -46,8 +50,10 @@ async def hop1(batch: Sequence[Delivery[ProductUpserted]], uow: UnitOfWork) -> N
     )
     for d in batch:
         # A derived event: new entity, so a new deterministic id; the correlation id carries through.
-        uow.emit(MID_TOPIC, ProductUpserted.model_validate({**d.event.model_dump(), "entity": "relay-mid",
-                                                            "event_id": ""}))
+        e = d.event
+        event_id = make_event_id(e.event_type, e.tenant_id, e.connection_id, e.source, "relay-mid", e.source_id,
+                                 e.source_version)
+        uow.emit(MID_TOPIC, e.model_copy(update={"entity": "relay-mid", "event_id": event_id}))
 
 
 async def hop2(batch: Sequence[Delivery[ProductUpserted]], uow: UnitOfWork) -> None:
@@ -61,10 +67,12 @@ async def hop2(batch: Sequence[Delivery[ProductUpserted]], uow: UnitOfWork) -> N
 def _consumers(infra: Infra) -> list[PipeConsumer[ProductUpserted]]:
     common = {"settings": infra.settings, "pool": infra.pool, "publisher": infra.publisher}
     accepted = frozenset({"product.upserted"})
-    return [
-        PipeConsumer("relay-hop1", [IN_TOPIC], hop1, accepted=accepted, **common),  # type: ignore[arg-type]
-        PipeConsumer("relay-hop2", [MID_TOPIC], hop2, accepted=accepted, **common),  # type: ignore[arg-type]
-    ]
+    hops = os.environ.get("FLASH_RELAY_HOPS", "hop1,hop2").split(",")
+    consumers = {
+        "hop1": lambda: PipeConsumer("relay-hop1", [IN_TOPIC], hop1, accepted=accepted, **common),  # type: ignore[arg-type]
+        "hop2": lambda: PipeConsumer("relay-hop2", [MID_TOPIC], hop2, accepted=accepted, **common),  # type: ignore[arg-type]
+    }
+    return [consumers[h.strip()]() for h in hops]
 
 
 RELAY = Service("relay", migrations=[MIGRATIONS], consumers=_consumers, extra_topics=[IN_TOPIC, MID_TOPIC])
