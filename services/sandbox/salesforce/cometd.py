@@ -3,8 +3,9 @@
 Channels: ``/data/ChangeEvents`` (every entity) and ``/data/<Object>ChangeEvent``. Subscriptions take
 ``ext.replay = {channel: -1 | -2 | replayId}``; a replay id is valid while it is not older than the oldest
 event still inside the 72 h retention window and not beyond the newest event. The first
-``/meta/connect`` after a handshake answers at once; later ones hold up to ``cometd_timeout_s``. A client that does not reconnect within
-``cometd_client_ttl_s`` is forgotten (``403::Unknown client``, ``advice.reconnect = handshake``).
+``/meta/connect`` after a handshake answers at once; later ones hold up to ``cometd_timeout_s``.
+A client that does not reconnect within ``cometd_client_ttl_s`` is forgotten
+(``403::Unknown client``, ``advice.reconnect = handshake``).
 """
 
 from __future__ import annotations
