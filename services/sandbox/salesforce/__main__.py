@@ -41,7 +41,7 @@ async def _main(args: argparse.Namespace) -> None:
             print(f"    token URL:    {sb.base_url}/services/oauth2/token")
             print(f"    client_id:    {org.client_id}")
             print(f"    client_secret:{org.client_secret}")
-            print(f"    instance_url: {sb.base_url}/orgs/{org.name}")
+            print(f"    instance_url: {sb.base_url}/orgs/{org.name}", flush=True)
         rng = random.Random(args.seed)
         while True:
             await asyncio.sleep(args.live or 3600)
