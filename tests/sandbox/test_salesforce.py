@@ -121,23 +121,17 @@ async def test_token_errors_and_login_domain(env: Env) -> None:
         "error": "invalid_grant",
         "error_description": "request not supported on this domain",
     }
-    resp = await env.http.post(
-        f"{env.sb.base_url}/services/oauth2/token", data={**form, "client_secret": "x"}
-    )
+    resp = await env.http.post(f"{env.sb.base_url}/services/oauth2/token", data={**form, "client_secret": "x"})
     assert resp.status_code == 400
     assert resp.json()["error"] == "invalid_client"
-    resp = await env.http.post(
-        f"{env.sb.base_url}/services/oauth2/token", data={**form, "grant_type": "password"}
-    )
+    resp = await env.http.post(f"{env.sb.base_url}/services/oauth2/token", data={**form, "grant_type": "password"})
     assert resp.status_code == 400
     assert resp.json()["error"] == "unsupported_grant_type"
 
 
 # ---------------------------------------------------------------------------------------------- REST
 async def test_query_paging_batch_size_and_limit_header(env: Env, acme: httpx.AsyncClient) -> None:
-    soql = (
-        "SELECT Id, OrderNumber, Status, Account.Name, SystemModstamp FROM Order ORDER BY SystemModstamp, Id"
-    )
+    soql = "SELECT Id, OrderNumber, Status, Account.Name, SystemModstamp FROM Order ORDER BY SystemModstamp, Id"
     pages = await _query_all_pages(acme, soql, batch=200)
     live = [o for o in env.state.orgs["acme"].tables["Order"].values() if not o["IsDeleted"]]
     assert pages[0]["totalSize"] == len(live)
@@ -166,11 +160,7 @@ async def test_query_paging_batch_size_and_limit_header(env: Env, acme: httpx.As
 async def test_compound_cursor_resumes_exactly_after_a_colliding_row(acme: httpx.AsyncClient) -> None:
     soql = "SELECT Id, SystemModstamp FROM Order ORDER BY SystemModstamp, Id"
     records = [r for p in await _query_all_pages(acme, soql) for r in p["records"]]
-    i = next(
-        i
-        for i in range(1, len(records) - 1)
-        if records[i]["SystemModstamp"] == records[i + 1]["SystemModstamp"]
-    )
+    i = next(i for i in range(1, len(records) - 1) if records[i]["SystemModstamp"] == records[i + 1]["SystemModstamp"])
     stamp = records[i]["SystemModstamp"].replace("+0000", "Z")
     resume = (
         f"SELECT Id, SystemModstamp FROM Order WHERE SystemModstamp > {stamp} OR "
@@ -234,9 +224,7 @@ async def test_composite_reads(env: Env, acme: httpx.AsyncClient) -> None:
     assert len(body) == 4
     assert body[3] is None
     assert "Account" in body[0]
-    resp = await acme.post(
-        f"/services/data/{V}/composite/sobjects/Order", json={"ids": ids, "fields": ["Nope"]}
-    )
+    resp = await acme.post(f"/services/data/{V}/composite/sobjects/Order", json={"ids": ids, "fields": ["Nope"]})
     assert resp.status_code == 400
     assert resp.json()[0]["errorCode"] == "INVALID_FIELD"
 
@@ -262,9 +250,7 @@ async def test_request_limit_exceeded_and_injected_faults(env: Env) -> None:
         assert resp.json() == [
             {"message": "Your query request was running for too long.", "errorCode": "QUERY_TIMEOUT"}
         ]
-        assert (
-            await c.get(f"/services/data/{V}/query", params={"q": "SELECT Id FROM Account"})
-        ).status_code == 200
+        assert (await c.get(f"/services/data/{V}/query", params={"q": "SELECT Id FROM Account"})).status_code == 200
         env.state.inject_fault("server_error", 1, org="tiny")
         resp = await c.get(f"/services/data/{V}/limits")
         assert resp.status_code == 500
@@ -281,10 +267,7 @@ async def _poll(c: httpx.AsyncClient, job_id: str, until: str, tries: int = 5) -
 
 
 async def test_bulk_query_lifecycle_locators_and_version_rule(env: Env, acme: httpx.AsyncClient) -> None:
-    soql = (
-        "SELECT Id, OrderNumber, Account.Name, TotalAmount, SystemModstamp FROM Order "
-        "ORDER BY SystemModstamp, Id"
-    )
+    soql = "SELECT Id, OrderNumber, Account.Name, TotalAmount, SystemModstamp FROM Order ORDER BY SystemModstamp, Id"
     job = (
         await acme.post(
             f"/services/data/{V}/jobs/query",
@@ -340,9 +323,7 @@ async def test_bulk_stuck_job_and_abort(env: Env, acme: httpx.AsyncClient) -> No
         )
     ).json()
     assert (await _poll(acme, job["id"], "JobComplete", tries=6))["state"] == "InProgress"
-    aborted = (
-        await acme.patch(f"/services/data/{V}/jobs/query/{job['id']}", json={"state": "Aborted"})
-    ).json()
+    aborted = (await acme.patch(f"/services/data/{V}/jobs/query/{job['id']}", json={"state": "Aborted"})).json()
     assert aborted["state"] == "Aborted"
     bad = await acme.post(
         f"/services/data/{V}/jobs/query", json={"operation": "query", "query": "SELECT Nope FROM Account"}
@@ -425,9 +406,7 @@ async def test_cometd_create_and_update_events_and_replay(env: Env, acme: httpx.
             )
         ).json()
         order = next(o for o in env.state.orgs["acme"].records("Order") if o["Status"] == "Activated")
-        patched = await acme.patch(
-            f"/services/data/{V}/sobjects/Order/{order['Id']}", json={"Status": "Fulfilled"}
-        )
+        patched = await acme.patch(f"/services/data/{V}/sobjects/Order/{order['Id']}", json={"Status": "Fulfilled"})
         assert patched.status_code == 204
         events = await bx.events(2)
         create, update = events[0]["data"], events[1]["data"]
@@ -505,9 +484,7 @@ async def test_om_submit_cancel_emits_change_records(env: Env) -> None:
     async with await env.client("omco") as c:
         resp = await c.post(
             f"/services/data/{V}/commerce/order-management/order-summaries/{summary['Id']}/actions/submit-cancel",
-            json={
-                "changeItems": [{"orderItemSummaryId": ois["Id"], "quantity": 1.0, "reason": "Wrong Item"}]
-            },
+            json={"changeItems": [{"orderItemSummaryId": ois["Id"], "quantity": 1.0, "reason": "Wrong Item"}]},
         )
         assert resp.status_code == 201
         q = (
@@ -535,14 +512,10 @@ async def test_session_expiry_and_replay_past_retention() -> None:
             state.advance_clock(2 * 3600)  # idle beyond the session timeout
             resp = await c.get(f"/services/data/{V}/limits")
             assert resp.status_code == 401
-            assert resp.json() == [
-                {"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}
-            ]
+            assert resp.json() == [{"message": "Session expired or invalid", "errorCode": "INVALID_SESSION_ID"}]
         state.advance_clock(72 * 3600)
         async with await env.client("old") as c:
-            resp = await c.patch(
-                f"/services/data/{V}/sobjects/Account/{acc['Id']}", json={"Phone": "+1 555 0101"}
-            )
+            resp = await c.patch(f"/services/data/{V}/sobjects/Account/{acc['Id']}", json={"Phone": "+1 555 0101"})
             assert resp.status_code == 204
             state.expire_sessions("old")
             assert (await c.get(f"/services/data/{V}/limits")).json()[0]["errorCode"] == "INVALID_SESSION_ID"
@@ -557,8 +530,6 @@ async def test_session_expiry_and_replay_past_retention() -> None:
             )
             assert (await bx.subscribe("/data/AccountChangeEvent", -2))["successful"]
             events = await bx.events(1)
-            assert [e["data"]["payload"]["Phone"] for e in events] == [
-                "+1 555 0101"
-            ]  # the purged one is gone
+            assert [e["data"]["payload"]["Phone"] for e in events] == ["+1 555 0101"]  # the purged one is gone
         finally:
             await bx.close()

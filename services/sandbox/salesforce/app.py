@@ -229,9 +229,7 @@ class _Api:
             body["nextRecordsUrl"] = f"/services/data/v{ver}/{kind}/{cursor_id}-{end}"
         else:
             org.cursors.pop(cursor_id, None) if start > 0 else None
-        body["records"] = [
-            org.render(cursor.object, table[i], cursor.query.fields, ver) for i in cursor.ids[start:end]
-        ]
+        body["records"] = [org.render(cursor.object, table[i], cursor.query.fields, ver) for i in cursor.ids[start:end]]
         return web.json_response(body)
 
     async def query_more(self, request: web.Request) -> web.Response:
@@ -267,9 +265,7 @@ class _Api:
             raise _not_found()
         fields = request.query.get("fields")
         return web.json_response(
-            org.render(
-                obj, rec, self._fields(obj, fields.split(",") if fields else None), self._version(request)
-            )
+            org.render(obj, rec, self._fields(obj, fields.split(",") if fields else None), self._version(request))
         )
 
     async def sobject_describe(self, request: web.Request) -> web.Response:
@@ -354,9 +350,7 @@ class _Api:
         for rid in ids:
             rec = org.get(obj, rid) if len(rid) in (15, 18) and rid[:3] == SCHEMA[obj].prefix else None
             out.append(
-                None
-                if rec is None or rec.get("IsDeleted")
-                else org.render(obj, rec, paths, self._version(request))
+                None if rec is None or rec.get("IsDeleted") else org.render(obj, rec, paths, self._version(request))
             )
         return web.json_response(out)
 
@@ -364,9 +358,7 @@ class _Api:
         org = self._auth(request)
         body = await self._json_body(request)
         changes = [(str(c["orderItemSummaryId"]), float(c["quantity"])) for c in body.get("changeItems", [])]
-        reason = next(
-            (str(c.get("reason")) for c in body.get("changeItems", []) if c.get("reason")), "Unknown"
-        )
+        reason = next((str(c.get("reason")) for c in body.get("changeItems", []) if c.get("reason")), "Unknown")
         with org.transaction(self._origin(request)):
             change_id = domain.submit_cancel(org, request.match_info["id"], changes, reason)
         return web.json_response({"changeOrderId": change_id, "success": True}, status=201)
@@ -376,22 +368,16 @@ class _Api:
         org = self._auth(request)
         body = await self._json_body(request)
         if not isinstance(body, dict) or body.get("operation") not in ("query", "queryAll"):
-            raise SalesforceError(
-                400, "INVALIDJOB", "InvalidJob : Invalid operation; expected query or queryAll"
-            )
+            raise SalesforceError(400, "INVALIDJOB", "InvalidJob : Invalid operation; expected query or queryAll")
         if (
             body.get("contentType", "CSV") != "CSV"
             or body.get("columnDelimiter", "COMMA") != "COMMA"
             or body.get("lineEnding", "LF") != "LF"
         ):
-            raise SalesforceError(
-                400, "INVALIDJOB", "InvalidJob : the simulator supports CSV, COMMA and LF only"
-            )
+            raise SalesforceError(400, "INVALIDJOB", "InvalidJob : the simulator supports CSV, COMMA and LF only")
         query = parse_soql(str(body.get("query", "")))
         if query.offset is not None:
-            raise SalesforceError(
-                400, "INVALIDJOB", "InvalidJob : OFFSET is not supported by Bulk API 2.0 query"
-            )
+            raise SalesforceError(400, "INVALIDJOB", "InvalidJob : OFFSET is not supported by Bulk API 2.0 query")
         now = org.clock.now_ms()
         job = BulkJob(new_job_id(org), body["operation"], query, self._version(request), now, org.user_id)
         stuck = self.state.stuck_bulk.get(org.name, 0)
@@ -569,9 +555,7 @@ class _Api:
         org = self._ctl_org(request)
         body = await self._ctl_body(request)
         keys = ("accounts", "person_accounts", "contacts", "products", "orders", "seed")
-        summary = seed_org(
-            self.state, org, mode=body.get("mode"), **{k: int(body[k]) for k in keys if k in body}
-        )
+        summary = seed_org(self.state, org, mode=body.get("mode"), **{k: int(body[k]) for k in keys if k in body})
         return web.json_response(vars(summary))
 
     async def ctl_fault(self, request: web.Request) -> web.Response:
@@ -778,9 +762,7 @@ def build_app(state: SalesforceState) -> web.Application:
         r.add_delete(d + "/sobjects/{sobject}/{id}", api.sobject_delete)
         r.add_get(d + "/composite/sobjects/{sobject}", api.composite_get)
         r.add_post(d + "/composite/sobjects/{sobject}", api.composite_post)
-        r.add_post(
-            d + "/commerce/order-management/order-summaries/{id}/actions/submit-cancel", api.submit_cancel
-        )
+        r.add_post(d + "/commerce/order-management/order-summaries/{id}/actions/submit-cancel", api.submit_cancel)
         r.add_post(d + "/jobs/query", api.bulk_create)
         r.add_get(d + "/jobs/query", api.bulk_list)
         r.add_get(d + "/jobs/query/{job}", api.bulk_get)

@@ -137,9 +137,7 @@ class CometdHub:
                 replies.append({**base, "successful": False, "error": f"400::Unsupported channel {channel}"})
         return replies
 
-    def _subscribe(
-        self, org: Org, client: CometdClient, msg: dict[str, Any], base: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _subscribe(self, org: Org, client: CometdClient, msg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         sub = msg.get("subscription")
         reply = {**base, "subscription": sub}
         if not isinstance(sub, str) or _entity_of(sub) is None:

@@ -52,9 +52,7 @@ def _order(org: Org, order_id: str) -> dict[str, Any]:
 
 def _live_children(org: Org, obj: str, field: str, parent: str) -> list[dict[str, Any]]:
     return [
-        org.tables[obj][i]
-        for i in sorted(org.children(obj, field, parent))
-        if not org.tables[obj][i].get("IsDeleted")
+        org.tables[obj][i] for i in sorted(org.children(obj, field, parent)) if not org.tables[obj][i].get("IsDeleted")
     ]
 
 
@@ -200,15 +198,11 @@ def _reprice_ois(org: Org, ois: dict[str, Any], **deltas: float) -> None:
     summary = org.lookup(ois["OrderSummaryId"]) or {}
     rate = TAX_RATES.get(summary.get("CurrencyIsoCode") or "", 0.0)
     amount = round(kept * merged["UnitPrice"], 2)
-    values.update(
-        Quantity=remaining, AdjustedLineAmount=amount, AdjustedLineAmtWithTax=round(amount * (1 + rate), 2)
-    )
+    values.update(Quantity=remaining, AdjustedLineAmount=amount, AdjustedLineAmtWithTax=round(amount * (1 + rate), 2))
     org.update("OrderItemSummary", ois["Id"], values)
 
 
-def _change_order(
-    org: Org, original: dict[str, Any], lines: list[tuple[dict[str, Any], float]]
-) -> dict[str, str]:
+def _change_order(org: Org, original: dict[str, Any], lines: list[tuple[dict[str, Any], float]]) -> dict[str, str]:
     """A reduction/change order with negative lines; returns original item id -> change item id."""
     change_id = org.create(
         "Order",
@@ -309,9 +303,7 @@ def amend_quantity(org: Org, order_item_id: str, quantity: float) -> None:
     org.update("OrderItem", order_item_id, {"Quantity": float(quantity)})
 
 
-def create_return(
-    org: Org, order_id: str, lines: list[tuple[str, float, str]], *, status: str = "Submitted"
-) -> str:
+def create_return(org: Org, order_id: str, lines: list[tuple[str, float, str]], *, status: str = "Submitted") -> str:
     """A ReturnOrder with lines ``(order_item_id, quantity, reason)``."""
     order = _order(org, order_id)
     summary = summary_for(org, order_id) if org.mode == "order_management" else None
@@ -392,9 +384,7 @@ def close_return(org: Org, return_id: str, *, refund: bool | None = None) -> str
                         "Reason": line.get("ReasonForReturn"),
                     },
                 )
-                org.update(
-                    "ReturnOrderLineItem", line["Id"], {"ChangeOrderItemId": mapping[line["OrderItemId"]]}
-                )
+                org.update("ReturnOrderLineItem", line["Id"], {"ChangeOrderItemId": mapping[line["OrderItemId"]]})
             _retotal_summary(org, summary_id)
         if refund if refund is not None else bool(summary_id):
             memo_id = create_credit_memo(
@@ -490,9 +480,7 @@ def random_mutations(org: Org, count: int, rng: random.Random | None = None) -> 
                 amend_quantity(org, rng.choice(items)["Id"], float(rng.randint(1, 6)))
             elif kind == "return" and items and order["Status"] in ("Activated", "Fulfilled"):
                 item = rng.choice(items)
-                create_return(
-                    org, oid, [(item["Id"], 1.0, "Damaged")], status=rng.choice(["Submitted", "Closed"])
-                )
+                create_return(org, oid, [(item["Id"], 1.0, "Damaged")], status=rng.choice(["Submitted", "Closed"]))
             elif kind == "email" and order.get("BillToContactId"):
                 n = rng.randint(1, 10_000)
                 org.update("Contact", order["BillToContactId"], {"Email": f"changed{n}@example.com"})

@@ -246,9 +246,7 @@ class Org:
             self._ref_index[key] = index
         return index.get(parent_id, set())
 
-    def render(
-        self, obj: str, rec: dict[str, Any], fields: Iterable[FieldPath], version: str
-    ) -> dict[str, Any]:
+    def render(self, obj: str, rec: dict[str, Any], fields: Iterable[FieldPath], version: str) -> dict[str, Any]:
         """A record as REST returns it: ``attributes`` first, parents as nested objects."""
         out: dict[str, Any] = {
             "attributes": {"type": obj, "url": f"/services/data/v{version}/sobjects/{obj}/{rec['Id']}"}
@@ -426,9 +424,7 @@ class Org:
             self._after_write(obj, rec)
         return rid
 
-    def update(
-        self, obj: str, record_id: str, values: dict[str, Any], *, origin: str | None = None
-    ) -> list[str]:
+    def update(self, obj: str, record_id: str, values: dict[str, Any], *, origin: str | None = None) -> list[str]:
         """Apply field changes; returns the changed field names (empty: nothing changed, nothing emitted)."""
         rec = self._live(obj, record_id)
         with self.transaction(origin) as tx:
@@ -516,9 +512,7 @@ class Org:
         for name, value in values.items():
             fdef = od.field_ci(name)
             if fdef is None:
-                raise SalesforceError(
-                    400, "INVALID_FIELD", f"No such column '{name}' on sobject of type {obj}", [name]
-                )
+                raise SalesforceError(400, "INVALID_FIELD", f"No such column '{name}' on sobject of type {obj}", [name])
             out[fdef.name] = _coerce(fdef, value)
         return out
 

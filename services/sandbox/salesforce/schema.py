@@ -315,9 +315,7 @@ def _build() -> dict[str, ObjectDef]:
 SCHEMA: dict[str, ObjectDef] = _build()
 _CI_OBJECTS = {k.lower(): v for k, v in SCHEMA.items()}
 _CI_FIELDS = {o.name: {f.lower(): d for f, d in o.fields.items()} for o in SCHEMA.values()}
-_CI_RELS = {
-    o.name: {d.relationship.lower(): d for d in o.fields.values() if d.relationship} for o in SCHEMA.values()
-}
+_CI_RELS = {o.name: {d.relationship.lower(): d for d in o.fields.values() if d.relationship} for o in SCHEMA.values()}
 PREFIX_TO_OBJECT = {o.prefix: o.name for o in SCHEMA.values()}
 
 

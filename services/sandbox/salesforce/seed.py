@@ -265,14 +265,11 @@ def _seed(
         customer, bill_to = rng.choice(customers)
         currency = rng.choice(CURRENCIES)
         lines = [
-            (rng.choice(active), float(rng.randint(1, 4)))
-            for _ in range(rng.choices([1, 2, 3, 4], [4, 3, 2, 1])[0])
+            (rng.choice(active), float(rng.randint(1, 4))) for _ in range(rng.choices([1, 2, 3, 4], [4, 3, 2, 1])[0])
         ]
         clock.set(t)
         roll = rng.random()
-        oid = domain.create_order(
-            org, customer, lines, currency=currency, status="Draft", bill_to_contact_id=bill_to
-        )
+        oid = domain.create_order(org, customer, lines, currency=currency, status="Draft", bill_to_contact_id=bill_to)
         if roll < 0.07:
             if rng.random() < 0.15:
                 clock.set(t + rng.randint(1, 3_600_000))
@@ -399,8 +396,7 @@ def ground_truth(org: Org) -> dict[str, OrderTruth]:
             amount = om_cancel.get(o["Id"])
             if amount is None:
                 amount = sum(
-                    abs(t["OrderItem"][i]["TotalPrice"])
-                    for i in org.children("OrderItem", "OrderId", o["Id"])
+                    abs(t["OrderItem"][i]["TotalPrice"]) for i in org.children("OrderItem", "OrderId", o["Id"])
                 )
             reductions[o["OriginalOrderId"]] = reductions.get(o["OriginalOrderId"], 0.0) + amount
     returned: dict[str, float] = {}

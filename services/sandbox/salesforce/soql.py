@@ -330,9 +330,7 @@ class _Parser:
         while self.at_kw("and", "or"):
             kw = self.take().kw
             if joiner is not None and kw != joiner:
-                raise malformed(
-                    "unexpected token: '" + kw.upper() + "' (AND and OR must be grouped with parentheses)"
-                )
+                raise malformed("unexpected token: '" + kw.upper() + "' (AND and OR must be grouped with parentheses)")
             joiner = kw
             items.append(self.parse_unary())
         if joiner is None:
