@@ -22,6 +22,7 @@ import uuid
 from decimal import Decimal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
 from canonical.events import ProductData, ProductUpserted, encode
 from servicekit.db import migrate
 from servicekit.kafka import OutMessage, ensure_topics

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
+from pydantic import ValidationError
+
 from canonical.envelope import Envelope
 from canonical.events import EVENT_TYPES, decode_event, encode
 from canonical.topics import dlq
-from pydantic import ValidationError
-
 from servicekit import metrics
 from servicekit.db import DbConnection, db_errors
 from servicekit.errors import (

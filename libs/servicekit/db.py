@@ -10,7 +10,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Iterable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -20,8 +20,11 @@ from servicekit.logging import get_logger
 
 __all__ = ["DbConnection", "Migrations", "create_pool", "db_errors", "migrate"]
 
-DbConnection = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
-"""A connection as handlers see it: acquired from a pool, or opened directly."""
+if TYPE_CHECKING:
+    DbConnection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+    """A connection as handlers see it: acquired from a pool, or opened directly."""
+else:
+    DbConnection = asyncpg.Connection | PoolConnectionProxy
 
 log = get_logger(__name__)
 

@@ -11,9 +11,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from canonical.topics import TOPICS, TopicSpec
 from faststream.kafka import KafkaBroker
 
+from canonical.topics import TOPICS, TopicSpec
 from servicekit.errors import InfrastructureUnavailable
 from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings

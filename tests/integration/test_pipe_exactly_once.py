@@ -16,6 +16,7 @@ from decimal import Decimal
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+
 from canonical.events import ProductData, ProductUpserted, encode
 from canonical.topics import dlq
 from servicekit import dlq as dlq_ops

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 from canonical.envelope import make_event_id
 from canonical.events import ProductUpserted
-
 from servicekit.consumer import Delivery, PipeConsumer, UnitOfWork
 from servicekit.db import Migrations
 from servicekit.errors import Poison
