@@ -1,0 +1,89 @@
+"""Composition root of the points engine."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from canonical.topics import CANONICAL_PRODUCT, RESOLVED_ORDER, RESOLVED_RETURN
+from points.adapters import TaskOutbox
+from points.handlers import Clock, make_handler, mature_orders, utcnow
+from servicekit.consumer import PipeConsumer
+from servicekit.db import Migrations, db_errors
+from servicekit.errors import FlashError, InfrastructureUnavailable
+from servicekit.logging import get_logger
+from servicekit.runtime import Infra, Service
+
+__all__ = ["ACCEPTED", "CONSUMER", "MIGRATIONS", "SERVICE", "build_service", "mature_once"]
+
+log = get_logger(__name__)
+
+CONSUMER = "points"
+MIGRATIONS = Migrations("points", "points")
+ACCEPTED = frozenset(
+    {
+        "order.resolved",
+        "order.line_upserted",
+        "order.line_deleted",
+        "order.deleted",
+        "return.resolved",
+        "return.deleted",
+        "product.upserted",
+        "product.deleted",
+    }
+)
+MATURE_INTERVAL_S = 30.0
+
+
+async def mature_once(box: TaskOutbox, now: dt.datetime) -> int:
+    """One pass of the return-window task: award what matured, in one transaction with its emits."""
+    async with db_errors("points maturity"), box.pool.acquire() as conn, conn.transaction():
+        uow = box.unit_of_work(conn)
+        n = await mature_orders(conn, uow, now=now)
+        await box.write(conn, uow)
+    await box.flush()
+    return n
+
+
+def build_service(clock: Clock = utcnow, mature_interval_s: float = MATURE_INTERVAL_S) -> Service:
+    """The points Service; tests pass a clock and a short maturity interval."""
+    handler = make_handler(clock)
+
+    def consumers(infra: Infra) -> Sequence[PipeConsumer[Any]]:
+        return [
+            PipeConsumer(
+                CONSUMER,
+                [RESOLVED_ORDER, RESOLVED_RETURN, CANONICAL_PRODUCT],
+                handler,
+                settings=infra.settings,
+                pool=infra.pool,
+                publisher=infra.publisher,
+                accepted=ACCEPTED,
+            )
+        ]
+
+    def tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
+        box = TaskOutbox(f"{CONSUMER}-maturity", infra.pool, infra.publisher, infra.settings)
+        return [_every(mature_interval_s, stop, lambda: mature_once(box, clock()))]
+
+    return Service(CONSUMER, migrations=[MIGRATIONS], consumers=consumers, tasks=tasks)
+
+
+async def _every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[int]]) -> None:
+    while not stop.is_set():
+        try:
+            while await job():
+                pass
+        except InfrastructureUnavailable as exc:
+            log.warning("points maturity deferred", error=str(exc))
+        except FlashError as exc:  # a bad program must not stop the engine: say so and try again later
+            log.error("points maturity failed", error=str(exc), error_class=type(exc).__name__)  # noqa: TRY400
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass
+
+
+SERVICE = build_service()

@@ -1,0 +1,89 @@
+"""Composition root of the member resolver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from canonical.topics import CANONICAL_CUSTOMER, CANONICAL_ORDER, CANONICAL_RETURN, MEMBERS
+from resolver.adapters import PgResolverStore, TaskOutbox
+from resolver.handlers import handle, relink_members
+from servicekit.consumer import PipeConsumer
+from servicekit.db import Migrations, db_errors
+from servicekit.errors import InfrastructureUnavailable
+from servicekit.logging import get_logger
+from servicekit.runtime import Infra, Service
+
+__all__ = ["ACCEPTED", "CONSUMER", "MIGRATIONS", "SERVICE", "relink_once"]
+
+log = get_logger(__name__)
+
+CONSUMER = "resolver"
+MIGRATIONS = Migrations("resolver", "resolver")
+ACCEPTED = frozenset(
+    {
+        "member.upserted",
+        "customer.upserted",
+        "customer.deleted",
+        "order.upserted",
+        "order.deleted",
+        "order.line_upserted",
+        "order.line_deleted",
+        "return.upserted",
+        "return.deleted",
+    }
+)
+RELINK_INTERVAL_S = 1.0
+
+
+def consumers(infra: Infra) -> Sequence[PipeConsumer[Any]]:
+    return [
+        PipeConsumer(
+            CONSUMER,
+            [MEMBERS, CANONICAL_CUSTOMER, CANONICAL_ORDER, CANONICAL_RETURN],
+            handle,
+            settings=infra.settings,
+            pool=infra.pool,
+            publisher=infra.publisher,
+            accepted=ACCEPTED,
+        )
+    ]
+
+
+async def relink_once(box: TaskOutbox, limit: int = 1000) -> int:
+    """Re-link members written outside the members topic (``flash members import``); returns how many.
+
+    The members are claimed with SKIP LOCKED, re-linked and marked in one transaction whose emits go
+    through the task's outbox, so a crash re-does or finds done, like a consumer batch.
+    """
+    async with db_errors("member relink"), box.pool.acquire() as conn, conn.transaction():
+        uow = box.unit_of_work(conn)
+        rows = await PgResolverStore(conn).claim_unlinked_members(limit)
+        if rows:
+            await relink_members(rows, uow)
+            await PgResolverStore(conn).mark_relinked((r["tenant_id"], r["member_id"]) for r in rows)
+            await box.write(conn, uow)
+    await box.flush()
+    return len(rows)
+
+
+def tasks(infra: Infra, stop: asyncio.Event, *, interval: float = RELINK_INTERVAL_S) -> Sequence[Awaitable[None]]:
+    box = TaskOutbox(f"{CONSUMER}-relink", infra.pool, infra.publisher, infra.settings)
+    return [_every(interval, stop, lambda: relink_once(box))]
+
+
+async def _every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[int]]) -> None:
+    while not stop.is_set():
+        try:
+            while await job():
+                pass
+        except InfrastructureUnavailable as exc:
+            log.warning("resolver relink deferred", error=str(exc))
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass
+
+
+SERVICE = Service(CONSUMER, migrations=[MIGRATIONS], consumers=consumers, tasks=tasks)
