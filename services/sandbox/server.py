@@ -42,9 +42,9 @@ async def serve(
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls.server_context(), reuse_address=True)
     await site.start()
-    server = site._server
-    assert server is not None and server.sockets  # noqa: S101 - aiohttp started the listener above
-    bound_port = int(server.sockets[0].getsockname()[1])
+    sockets = getattr(site._server, "sockets", None)  # aiohttp exposes no public accessor for the bound port
+    assert sockets  # noqa: S101 - aiohttp started the listener above
+    bound_port = int(sockets[0].getsockname()[1])
     try:
         yield RunningSandbox(host=host, port=bound_port, tls=tls)
     finally:
