@@ -32,7 +32,7 @@ async def _main(args: argparse.Namespace) -> None:
             products=args.products,
             seed=args.seed + i,
         )
-    async with serve(build_app(state), port=args.port) as sb:
+    async with serve(build_app(state), host=args.host, port=args.port) as sb:
         print(f"Salesforce sandbox on {sb.base_url} (CA bundle: {sb.tls.ca_path})")
         print(f"  login.salesforce.com stand-in (rejects client credentials): {sb.url_for_host('localhost')}")
         print(f"  control API: {sb.base_url}/_sandbox/stats")
@@ -52,6 +52,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m sandbox.salesforce", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=8444)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--orders", type=int, default=1000)
