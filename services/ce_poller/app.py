@@ -1,0 +1,139 @@
+"""Composition root of the CE poller: one background task per live ``dynamics-ce`` connection.
+
+The supervisor re-lists the ``connections`` table every ``RELIST_S`` seconds, starts a task for each live
+connection, and restarts it when its settings or credentials change (or stops it when it leaves ``live``).
+A connection whose configuration is wrong is marked ``failed`` with the message saying what to fix; the
+other connections keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import ssl
+from collections.abc import Awaitable, Sequence
+
+import httpx
+
+from ce_poller.client import DataverseClient, MsalTokenSource
+from ce_poller.config import CeConnection, parse_connection
+from ce_poller.limiter import budget_for
+from ce_poller.stores import PgKnownKeys, index_dead_letters
+from ce_poller.sync import ConnectionSync
+from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
+from servicekit.db import Migrations
+from servicekit.errors import ConfigError, Transient
+from servicekit.logging import bind, get_logger
+from servicekit.runtime import Infra, Service
+
+__all__ = ["MIGRATIONS", "RELIST_S", "SERVICE", "build_sync", "run_connection", "supervise"]
+
+log = get_logger(__name__)
+
+MIGRATIONS = Migrations("ce_poller", "ce_poller")
+RELIST_S = 5.0
+SOURCE = "dynamics-ce"
+
+
+def http_client(cc: CeConnection) -> httpx.AsyncClient:
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cc.ca_bundle) if cc.ca_bundle else True
+    limit = int(cc.limits.get("concurrent", 52))
+    return httpx.AsyncClient(
+        verify=verify, timeout=httpx.Timeout(120.0, connect=15.0), trust_env=False,
+        limits=httpx.Limits(max_connections=limit, max_keepalive_connections=min(limit, 20)),
+    )
+
+
+def build_sync(cc: CeConnection, http: httpx.AsyncClient, infra: Infra) -> ConnectionSync:
+    tokens = MsalTokenSource(authority=cc.authority, client_id=cc.client_id, client_secret=cc.client_secret,
+                             scope=cc.scope, ca_bundle=cc.ca_bundle)
+    client = DataverseClient(http, cc.api, tokens, budget_for(cc.authority, cc.client_id, cc.limits),
+                             backoff_base_s=infra.settings.backoff_base_s, backoff_max_s=infra.settings.backoff_max_s)
+
+    async def sink(rows: Sequence[tuple[object, ...]]) -> None:
+        await index_dead_letters(infra.pool, rows)
+
+    return ConnectionSync(cc, client, infra.publisher, PgCursorStore(infra.pool), PgKnownKeys(infra.pool),
+                          infra.settings, dead_letter_sink=sink)
+
+
+async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *, once: bool = False) -> None:
+    """Poll one connection until ``stop`` (or one full cycle with ``once``)."""
+    bind(tenant_id=conn.tenant_id, connection_id=conn.connection_id)
+    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
+    try:
+        cc = parse_connection(conn)
+    except ConfigError as exc:
+        await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+        log.warning("connection misconfigured", error=str(exc))
+        return
+    failures = 0
+    async with http_client(cc) as http:
+        sync = build_sync(cc, http, infra)
+        while not stop.is_set():
+            try:
+                await sync.check_token_ages()
+                results = await sync.run_cycle()
+                failures = 0
+                log.debug("cycle done", results={k: (v.upserts, v.deletes) for k, v in results.items()})
+                if once:
+                    return
+                delay = cc.poll_interval_s
+            except ConfigError as exc:
+                log.warning("connection stopped: configuration error", error=str(exc))
+                await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+                return
+            except Transient as exc:  # includes our broker/database being down: retry the cycle later
+                failures += 1
+                delay = min(infra.settings.backoff_max_s * 4, infra.settings.backoff_base_s * 2 ** min(failures, 8))
+                log.warning("cycle failed, retrying", error=str(exc)[:500], retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+
+def _fingerprint(c: Connection) -> str:
+    blob = json.dumps([c.endpoint, c.settings, c.credentials], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELIST_S) -> None:
+    """Keep one :func:`run_connection` task per live dynamics-ce connection."""
+    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
+    running: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
+    try:
+        while not stop.is_set():
+            try:
+                live = {(c.tenant_id, c.connection_id): c for c in await store.list(source=SOURCE, states=("live",))}
+            except Transient as exc:
+                log.warning("listing connections failed", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), relist_s)
+                continue
+            for key, (fp, task) in list(running.items()):
+                c = live.get(key)
+                if c is None or _fingerprint(c) != fp or task.done():
+                    if c is not None and task.done() and _fingerprint(c) == fp:
+                        continue  # finished (config error marked it failed); the next listing drops it
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                    del running[key]
+            for key, c in live.items():
+                if key not in running:
+                    running[key] = (_fingerprint(c), asyncio.ensure_future(run_connection(c, infra, stop)))
+                    log.info("connection started", tenant_id=c.tenant_id, connection_id=c.connection_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), relist_s)
+    finally:
+        for _, task in running.values():
+            task.cancel()
+        await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
+
+
+def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
+    return [supervise(infra, stop)]
+
+
+SERVICE = Service("ce-poller", migrations=[MIGRATIONS], tasks=_tasks)

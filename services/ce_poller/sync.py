@@ -1,0 +1,477 @@
+"""Per-entity cursor state machine: initial load -> re-read -> change tracking, resync on expiry.
+
+Cursor (``cursors`` row per tenant, connection, entity; saved only after the page it covers was acknowledged
+by the broker)::
+
+    {"phase": "initial", "next": <nextLink or null>, "started_at": iso, "generation": n, "resync": bool}
+    {"phase": "reread",  "next": <nextLink or null>, "started_at": iso, "delta_link": ..., "generation": n}
+    {"phase": "delta",   "delta_link": ..., "delta_at": iso, "generation": n}
+
+* initial: ``GET <set>?$select=...`` with ``Prefer: odata.track-changes,odata.maxpagesize=N``; after every
+  acknowledged page the nextLink is the checkpoint, so a crash resumes at that page, not at zero.
+* reread: after the first delta link, rows with ``modifiedon ge started_at`` (sync start minus a margin) are
+  read again with a plain ``$filter`` query, so edits made during a long initial load are not lost
+  whichever way the server's tracking treats them. Re-read rows have the same ids downstream when unchanged.
+* delta: ``GET <deltaLink>``; upserts, then ``$deletedEntity`` tombstones (published as ``op=delete``,
+  order lines keyed by the order they belonged to, from the known-key table). The new delta link is saved
+  after the whole delta was acknowledged (a crash re-reads it; duplicates collapse on event ids).
+* ExpiredVersionStamp (0x80044352): the generation is bumped and the initial load runs again; every row seen
+  is stamped with the new generation, and the keys left on an older one are published as deletes (deletes
+  missed during the gap). Unchanged rows produce the same event ids, so nothing lands twice downstream.
+* Before the organisation's ``expirechangetrackingindays`` closes on a stored delta link, the poller warns
+  (log ``delta token near expiry`` + gauge ``flash_ce_delta_token_age_days``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import re
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from prometheus_client import Counter, Gauge
+
+from canonical.envelope import make_event_id
+from canonical.events import RawRecord
+from canonical.topics import raw
+from ce_poller.client import DataverseClient, DeltaTokenExpired, Page, RecordNotFound, iter_values
+from ce_poller.config import CeConnection, EntitySpec
+from ce_poller.stores import KnownKey, KnownKeys, source_dead_letter
+from servicekit import metrics
+from servicekit.connections import CursorStore
+from servicekit.consumer import message_headers
+from servicekit.errors import Poison
+from servicekit.kafka import OutMessage
+from servicekit.logging import get_logger
+from servicekit.settings import FlashSettings
+
+__all__ = [
+    "CURRENCY_ANNOTATION",
+    "RETURNS_TOPIC_ENTITY",
+    "RMA_PRODUCTS_PROPERTY",
+    "ConnectionSync",
+    "EntityResult",
+    "Publisher",
+    "token_issued_at",
+]
+
+log = get_logger(__name__)
+
+SOURCE: Literal["dynamics-ce"] = "dynamics-ce"
+CURRENCY_ANNOTATION = "_transactioncurrencyid_value@flash.isocurrencycode"
+RMA_PRODUCTS_PROPERTY = "msdyn_rmaproducts"
+RETURNS_TOPIC_ENTITY = "msdyn_rma"
+"""Raw topic entity that carries every return record (RMAs and custom return tables alike)."""
+REREAD_MARGIN = dt.timedelta(minutes=5)
+CHUNK = 25
+
+TOKEN_AGE = Gauge("flash_ce_delta_token_age_days", "Age of the stored change-tracking token",
+                  ["tenant_id", "connection_id", "entity"])
+TOKEN_EXPIRING = Gauge("flash_ce_delta_token_expiring", "1 when the token is within the warning window",
+                       ["tenant_id", "connection_id", "entity"])
+RESYNCS = Counter("flash_ce_resyncs_total", "Full resyncs after an expired delta token",
+                  ["tenant_id", "connection_id", "entity"])
+
+
+class Publisher(Protocol):
+    async def send_all(self, messages: Sequence[OutMessage]) -> Any: ...
+
+
+class DeadLetterSink(Protocol):
+    async def __call__(self, rows: Sequence[tuple[object, ...]]) -> None: ...
+
+
+@dataclass
+class EntityResult:
+    entity: str
+    upserts: int = 0
+    deletes: int = 0
+    pages: int = 0
+    phase: str = ""
+    resynced: bool = False
+    dead_letters: int = 0
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_DELTA_RE = re.compile(r"[?&]\$deltatoken=([^&]+)")
+
+
+def token_issued_at(delta_link: str) -> dt.datetime | None:
+    """When a delta token was issued, from its ``<version>!<MM/dd/yyyy HH:mm:ss>`` form (None if opaque)."""
+    m = _DELTA_RE.search(delta_link)
+    if not m:
+        return None
+    token = urllib.parse.unquote(m.group(1))
+    _, _, stamp = token.partition("!")
+    try:
+        return dt.datetime.strptime(stamp, "%m/%d/%Y %H:%M:%S").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+def _version(obj: dict[str, Any]) -> str:
+    v = obj.get("versionnumber")
+    if v is not None:
+        return str(v)
+    return str(obj.get("modifiedon") or "0")
+
+
+def _int_version(v: str | None) -> int:
+    try:
+        return int(v or 0)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class ConnectionSync:
+    """Syncs every configured table of one connection; one :meth:`run_cycle` call = one poll."""
+
+    conn: CeConnection
+    client: DataverseClient
+    publisher: Publisher
+    cursors: CursorStore
+    keys: KnownKeys
+    settings: FlashSettings
+    dead_letter_sink: DeadLetterSink | None = None
+    now: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
+    currencies: dict[str, str] = field(default_factory=dict)
+    expiry_days: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------------------------------- cycle
+
+    async def run_cycle(self) -> dict[str, EntityResult]:
+        await self.load_currencies()
+        if self.expiry_days is None:
+            await self.load_expiry()
+        first = [s for s in self.conn.entities if s.logical not in ("msdyn_rma", "msdyn_rmaproduct")
+                 and not self._is_custom_return(s)]
+        second = [s for s in self.conn.entities if s not in first]
+        results: dict[str, EntityResult] = {}
+        # Returns after orders: an RMA names its order by number, resolved from the orders already published.
+        for group in (first, second):
+            for r in await asyncio.gather(*(self.sync_entity(s) for s in group)):
+                results[r.entity] = r
+        return results
+
+    def _is_custom_return(self, spec: EntitySpec) -> bool:
+        return self.conn.return_source.get("kind") == "custom" and spec.entity_set == self.conn.return_source.get(
+            "entity_set")
+
+    async def load_currencies(self) -> None:
+        page = await self.client.get("transactioncurrencies?$select=isocurrencycode", what="transactioncurrencies")
+        for _, obj in iter_values(page.text):
+            if obj.get("transactioncurrencyid") and obj.get("isocurrencycode"):
+                self.currencies[str(obj["transactioncurrencyid"]).lower()] = str(obj["isocurrencycode"])
+
+    async def load_expiry(self) -> None:
+        page = await self.client.get("organizations?$select=expirechangetrackingindays", what="organizations")
+        for _, obj in iter_values(page.text):
+            if obj.get("expirechangetrackingindays") is not None:
+                self.expiry_days = int(obj["expirechangetrackingindays"])
+
+    async def check_token_ages(self) -> list[str]:
+        """Warn for every stored delta link within ``expiry_warning_days`` of the org's expiry window."""
+        if self.expiry_days is None:
+            await self.load_expiry()
+        out: list[str] = []
+        for spec in self.conn.entities:
+            cur = await self.cursors.load(self.conn.tenant_id, self.conn.connection_id, spec.logical)
+            if not cur or cur.get("phase") != "delta":
+                continue
+            issued = token_issued_at(cur["delta_link"])
+            if issued is None and cur.get("delta_at"):
+                issued = dt.datetime.fromisoformat(str(cur["delta_at"]).replace("Z", "+00:00"))
+            if issued is None or self.expiry_days is None:
+                continue
+            age = (self.now() - issued).total_seconds() / 86400
+            labels = (self.conn.tenant_id, self.conn.connection_id, spec.logical)
+            TOKEN_AGE.labels(*labels).set(age)
+            expiring = age >= self.expiry_days - self.conn.expiry_warning_days
+            TOKEN_EXPIRING.labels(*labels).set(1 if expiring else 0)
+            if expiring:
+                msg = (f"{spec.logical}: change-tracking token is {age:.1f} days old; the organisation keeps "
+                       f"changes {self.expiry_days} days (expirechangetrackingindays), after which a full resync "
+                       "is needed")
+                log.warning("delta token near expiry", tenant_id=self.conn.tenant_id,
+                            connection_id=self.conn.connection_id, entity=spec.logical, age_days=round(age, 2),
+                            expiry_days=self.expiry_days)
+                out.append(msg)
+        self.warnings.extend(out)
+        return out
+
+    # ------------------------------------------------------------------------------------------ entity
+
+    async def sync_entity(self, spec: EntitySpec) -> EntityResult:
+        tenant, cid = self.conn.tenant_id, self.conn.connection_id
+        res = EntityResult(spec.logical)
+        cur = await self.cursors.load(tenant, cid, spec.logical) or {"phase": "initial", "generation": 1}
+        while True:
+            phase = cur["phase"]
+            res.phase = phase
+            gen = int(cur.get("generation", 1))
+            if phase == "initial":
+                if not cur.get("next"):
+                    cur["started_at"] = _iso(self.now() - REREAD_MARGIN)
+                url = cur.get("next") or f"{spec.entity_set}?$select={','.join(spec.select)}"
+                prefer = f"odata.track-changes,odata.maxpagesize={self.conn.page_size},{self._ann()}"
+                delta_link: str | None = None
+                async for page in self._pages(url, prefer, spec.logical):
+                    await self._publish_page(spec, page, gen, res)
+                    if page.next_link:
+                        cur = {**cur, "next": page.next_link}
+                        await self.cursors.save(tenant, cid, spec.logical, cur)
+                    else:
+                        delta_link = page.delta_link
+                if delta_link is None:
+                    raise Poison(f"{spec.entity_set}: the last page carried no @odata.deltaLink; is change tracking "
+                                 "enabled on the table (Advanced options > Track changes)?")
+                if cur.get("resync"):
+                    res.deletes += await self._infer_deletes(spec, gen)
+                cur = {"phase": "reread", "next": None, "started_at": cur["started_at"], "delta_link": delta_link,
+                       "generation": gen}
+                await self.cursors.save(tenant, cid, spec.logical, cur)
+            elif phase == "reread":
+                url = cur.get("next") or (
+                    f"{spec.entity_set}?$select={','.join(spec.select)}&$filter=modifiedon ge {cur['started_at']}"
+                )
+                prefer = f"odata.maxpagesize={self.conn.page_size},{self._ann()}"
+                async for page in self._pages(url, prefer, spec.logical):
+                    await self._publish_page(spec, page, gen, res)
+                    if page.next_link:
+                        cur = {**cur, "next": page.next_link}
+                        await self.cursors.save(tenant, cid, spec.logical, cur)
+                cur = {"phase": "delta", "delta_link": cur["delta_link"], "delta_at": _iso(self.now()),
+                       "generation": gen}
+                await self.cursors.save(tenant, cid, spec.logical, cur)
+                return res
+            else:
+                try:
+                    new_link = await self._delta(spec, cur["delta_link"], gen, res)
+                except DeltaTokenExpired as exc:
+                    log.warning("delta token expired, resyncing", tenant_id=tenant, connection_id=cid,
+                                entity=spec.logical, error=str(exc))
+                    RESYNCS.labels(tenant, cid, spec.logical).inc()
+                    res.resynced = True
+                    cur = {"phase": "initial", "generation": gen + 1, "resync": True, "next": None}
+                    await self.cursors.save(tenant, cid, spec.logical, cur)
+                    continue
+                await self.cursors.save(tenant, cid, spec.logical, {
+                    "phase": "delta", "delta_link": new_link, "delta_at": _iso(self.now()), "generation": gen})
+                return res
+
+    async def _delta(self, spec: EntitySpec, link: str, gen: int, res: EntityResult) -> str:
+        prefer = f"odata.track-changes,odata.maxpagesize={self.conn.page_size},{self._ann()}"
+        new_link: str | None = None
+        async for page in self._pages(link, prefer, spec.logical):
+            await self._publish_page(spec, page, gen, res)
+            if not page.next_link:
+                new_link = page.delta_link
+        if new_link is None:
+            raise Poison(f"{spec.entity_set}: the delta response carried no new @odata.deltaLink")
+        return new_link
+
+    def _ann(self) -> str:
+        return f'odata.include-annotations="{self.conn.annotations}"'
+
+    async def _pages(self, url: str, prefer: str, what: str) -> AsyncIterator[Page]:
+        """Pages following nextLink, fetching the next page while the caller publishes the current one."""
+        task: asyncio.Task[Page] | None = asyncio.ensure_future(self.client.get(url, prefer=prefer, what=what))
+        try:
+            while task is not None:
+                page = await task
+                task = None
+                if page.next_link:
+                    task = asyncio.ensure_future(self.client.get(page.next_link, prefer=prefer, what=what))
+                yield page
+        finally:
+            if task is not None:
+                task.cancel()
+
+    # ----------------------------------------------------------------------------------------- publish
+
+    def _annotate(self, text: str, obj: dict[str, Any]) -> str:
+        cur = obj.get("_transactioncurrencyid_value")
+        if not cur:
+            return text
+        iso = self.currencies.get(str(cur).lower())
+        if iso is None:
+            return text
+        return '{"' + CURRENCY_ANNOTATION + '":"' + iso + '",' + text[1:].lstrip()
+
+    def _message(self, entity: str, source_id: str, version: str, payload: str, url: str,
+                 op: Literal["upsert", "delete"],
+                 order_source_id: str | None, topic_entity: str | None = None) -> OutMessage:
+        tenant, cid = self.conn.tenant_id, self.conn.connection_id
+        eid = make_event_id("raw.record", tenant, cid, SOURCE, entity, source_id, version)
+        rec = RawRecord.model_construct(
+            event_type="raw.record", version=1, tenant_id=tenant, connection_id=cid, source=SOURCE, entity=entity,
+            source_id=source_id, source_version=version, event_id=eid, correlation_id=eid,
+            observed_at=self.now(), op=op, payload=payload, request_url=url, order_source_id=order_source_id,
+        )
+        return OutMessage(self.settings.topic(raw(SOURCE, topic_entity or entity)),
+                          rec.model_dump_json().encode(), rec.key, message_headers(rec))
+
+    async def _publish_page(self, spec: EntitySpec, page: Page, gen: int, res: EntityResult) -> None:
+        tenant, cid = self.conn.tenant_id, self.conn.connection_id
+        msgs: list[OutMessage] = []
+        known: list[KnownKey] = []
+        deleted: list[tuple[str, str]] = []
+        rows: list[tuple[str, dict[str, Any]]] = []
+        dead: list[tuple[object, ...]] = []
+        is_custom = self._is_custom_return(spec)
+        for text, obj in iter_values(page.text):
+            if obj.get("reason") == "deleted" and "id" in obj and spec.key not in obj:
+                deleted.append((str(obj["id"]).lower(), text))
+                continue
+            sid = obj.get(spec.key)
+            if not sid:
+                msg, row = source_dead_letter(
+                    self.settings, tenant_id=tenant, connection_id=cid, entity=spec.logical, source_id="?",
+                    url=page.url, error=Poison(f"{spec.entity_set} row without its key {spec.key}"), body=text)
+                msgs.append(msg)
+                dead.append(row)
+                continue
+            sid = str(sid).lower()
+            version = _version(obj)
+            parent = obj.get(spec.parent_column) if spec.parent_column else None
+            if spec.logical == "salesorder":
+                parent = obj.get("ordernumber")  # orders: parent_id holds the number RMAs refer to
+            known.append(KnownKey(sid, None if parent is None else str(parent).lower()
+                                  if spec.logical != "salesorder" else str(parent), version))
+            rows.append((text, obj))
+            if spec.publish and spec.logical != "msdyn_rma":
+                order_id = str(parent).lower() if spec.logical == "salesorderdetail" and parent else None
+                if is_custom:
+                    order_id = str(parent).lower() if parent else None
+                msgs.append(self._message(spec.logical, sid, version, self._annotate(text, obj), page.url, "upsert",
+                                          order_id, RETURNS_TOPIC_ENTITY if is_custom else None))
+        prior = await self.keys.lookup(tenant, cid, spec.logical, [d for d, _ in deleted]) if deleted else {}
+        if spec.logical == "msdyn_rma":
+            built, rma_known = await self._assemble_rmas({str(o[spec.key]).lower(): (t, o) for t, o in rows}, set())
+            msgs += built
+            known = rma_known
+        elif spec.logical == "msdyn_rmaproduct":
+            touched = {k.parent_id for k in known if k.parent_id}
+            bumped = {p.parent_id for p in prior.values() if p.parent_id}
+            built, rma_known = await self._assemble_rmas(None, touched | bumped, bump=bumped)
+            msgs += built
+            await self.keys.record(tenant, cid, "msdyn_rma", rma_known, gen)
+        for did, text in deleted:
+            p = prior.get(did)
+            if not spec.publish:
+                continue
+            version = str(_int_version(p.version) + 1) if p else "0"
+            order_id = p.parent_id if p and spec.logical in ("salesorderdetail", "msdyn_rma") else None
+            msgs.append(self._message(spec.logical, did, version, text, page.url, "delete", order_id,
+                                      RETURNS_TOPIC_ENTITY if is_custom else None))
+        await self.publisher.send_all(msgs)
+        if dead and self.dead_letter_sink is not None:
+            await self.dead_letter_sink(dead)
+        await self.keys.record(tenant, cid, spec.logical, known, gen)
+        if deleted:
+            await self.keys.forget(tenant, cid, spec.logical, [d for d, _ in deleted])
+        n_up = len(rows)
+        res.upserts += n_up
+        res.deletes += len(deleted)
+        res.pages += 1
+        res.dead_letters += len(dead)
+        metrics.RECORDS_FETCHED.labels(SOURCE, spec.logical).inc(n_up + len(deleted))
+
+    async def _infer_deletes(self, spec: EntitySpec, gen: int) -> int:
+        """After a full resync: keys not seen in it were deleted while the token was expired."""
+        tenant, cid = self.conn.tenant_id, self.conn.connection_id
+        total = 0
+        while True:
+            stale = await self.keys.stale(tenant, cid, spec.logical, gen, 5000)
+            if not stale:
+                return total
+            if spec.publish:
+                msgs = []
+                for k in stale:
+                    body = json.dumps({"id": k.source_id, "reason": "deleted", "@flash.inferred": "resync"})
+                    order_id = k.parent_id if spec.logical in ("salesorderdetail", "msdyn_rma") else None
+                    msgs.append(self._message(spec.logical, k.source_id, str(_int_version(k.version) + 1), body,
+                                              "", "delete", order_id,
+                                              RETURNS_TOPIC_ENTITY if self._is_custom_return(spec) else None))
+                await self.publisher.send_all(msgs)
+            await self.keys.forget(tenant, cid, spec.logical, [k.source_id for k in stale])
+            total += len(stale)
+            log.info("inferred deletes after resync", entity=spec.logical, count=len(stale))
+
+    # -------------------------------------------------------------------------------------------- RMAs
+
+    async def _filter_all(self, entity_set: str, select: Sequence[str], column: str, values: Sequence[str],
+                          quote: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        out: list[tuple[str, dict[str, Any]]] = []
+        vals = sorted(set(values))
+        for i in range(0, len(vals), CHUNK):
+            chunk = vals[i:i + CHUNK]
+            lit = [("'" + v.replace("'", "''") + "'") if quote else v for v in chunk]
+            flt = " or ".join(f"{column} eq {x}" for x in lit)
+            url: str | None = f"{entity_set}?$select={','.join(select)}&$filter={urllib.parse.quote(flt, safe=' ')}"
+            prefer = f"odata.maxpagesize=5000,{self._ann()}"
+            while url:
+                page = await self.client.get(url, prefer=prefer, what=entity_set)
+                out.extend(iter_values(page.text))
+                url = page.next_link
+        return out
+
+    async def _assemble_rmas(
+        self, headers: dict[str, tuple[str, dict[str, Any]]] | None, ids: set[str], *, bump: set[str] | None = None
+    ) -> tuple[list[OutMessage], list[KnownKey]]:
+        """One raw ``msdyn_rma`` record per RMA: the RMA row with its products, keyed by the original order."""
+        tenant, cid = self.conn.tenant_id, self.conn.connection_id
+        rma_spec = self.conn.spec("msdyn_rma")
+        prod_spec = self.conn.spec("msdyn_rmaproduct")
+        order_field = str(self.conn.return_source.get("order_number_field", "msdyn_referencenumber"))
+        if headers is None:
+            headers = {}
+            if ids:
+                for text, obj in await self._filter_all("msdyn_rmas", rma_spec.select, "msdyn_rmaid", list(ids)):
+                    headers[str(obj["msdyn_rmaid"]).lower()] = (text, obj)
+        if not headers:
+            return [], []
+        products: dict[str, list[tuple[str, dict[str, Any]]]] = {k: [] for k in headers}
+        for text, obj in await self._filter_all("msdyn_rmaproducts", prod_spec.select, "_msdyn_rma_value",
+                                                list(headers)):
+            products.setdefault(str(obj.get("_msdyn_rma_value") or "").lower(), []).append((text, obj))
+        numbers = [str(o.get(order_field)) for _, o in headers.values() if o.get(order_field)]
+        orders = await self.keys.orders_by_number(tenant, cid, numbers) if numbers else {}
+        missing = [n for n in numbers if n not in orders]
+        if missing:
+            for _, obj in await self._filter_all("salesorders", ("salesorderid", "ordernumber"), "ordernumber",
+                                                 missing, quote=True):
+                orders[str(obj["ordernumber"])] = str(obj["salesorderid"]).lower()
+        prev = await self.keys.lookup(tenant, cid, "msdyn_rma", list(headers)) if bump else {}
+        msgs: list[OutMessage] = []
+        known: list[KnownKey] = []
+        for rid, (text, obj) in sorted(headers.items()):
+            items = sorted(products.get(rid, []), key=lambda x: str(x[1].get("msdyn_rmaproductid")))
+            version = max([_int_version(_version(obj))] + [_int_version(_version(o)) for _, o in items])
+            if bump and rid in bump and rid in prev:
+                version = max(version, _int_version(prev[rid].version) + 1)
+            body = text.rstrip()
+            payload = body[:-1].rstrip() + f',"{RMA_PRODUCTS_PROPERTY}":[' + ",".join(t for t, _ in items) + "]}"
+            order_id = orders.get(str(obj.get(order_field) or ""))
+            msgs.append(self._message("msdyn_rma", rid, str(version), self._annotate(payload, obj), "", "upsert",
+                                      order_id))
+            known.append(KnownKey(rid, order_id, str(version)))
+        return msgs, known
+
+
+async def resolve_record(client: DataverseClient, entity_set: str, key: str) -> str | None:
+    """One record by key (``None`` when it no longer exists)."""
+    try:
+        page = await client.get(f"{entity_set}({key})", what=f"{entity_set}({key})")
+    except RecordNotFound:
+        return None
+    return page.text
