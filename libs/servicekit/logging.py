@@ -26,7 +26,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", *, service: str | 
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
@@ -34,6 +34,16 @@ def configure_logging(level: str = "INFO", fmt: str = "json", *, service: str | 
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     if service:
         structlog.contextvars.bind_contextvars(service=service)
+
+
+class _Stderr:
+    """Resolves ``sys.stderr`` on every write, so redirecting it (tests, daemons) is honoured."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def bind(**values: Any) -> None:

@@ -33,7 +33,7 @@ def docker_available() -> bool:
         client = docker.from_env(timeout=2)
         client.ping()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means "no engine here"
         return False
 
 
