@@ -20,15 +20,18 @@ import httpx
 from ce_poller.client import DataverseClient, MsalTokenSource
 from ce_poller.config import CeConnection, parse_connection
 from ce_poller.limiter import budget_for
-from ce_poller.stores import PgKnownKeys, index_dead_letters
-from ce_poller.sync import ConnectionSync
-from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
+from ce_poller.stores import KnownKeys, PgKnownKeys, index_dead_letters
+from ce_poller.sync import ConnectionSync, DeadLetterSink, Publisher
+from servicekit.connections import Connection, CredentialCipher, CursorStore, PgConnectionStore, PgCursorStore
 from servicekit.db import Migrations
 from servicekit.errors import ConfigError, Transient
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
+from servicekit.settings import FlashSettings
 
-__all__ = ["MIGRATIONS", "RELIST_S", "SERVICE", "build_sync", "run_connection", "supervise"]
+__all__ = [
+    "MIGRATIONS", "RELIST_S", "SERVICE", "build_sync", "http_client", "run_connection", "supervise", "sync_for_infra",
+]
 
 log = get_logger(__name__)
 
@@ -46,17 +49,24 @@ def http_client(cc: CeConnection) -> httpx.AsyncClient:
     )
 
 
-def build_sync(cc: CeConnection, http: httpx.AsyncClient, infra: Infra) -> ConnectionSync:
+def build_sync(
+    cc: CeConnection, http: httpx.AsyncClient, *, publisher: Publisher, cursors: CursorStore, keys: KnownKeys,
+    settings: FlashSettings, dead_letter_sink: DeadLetterSink | None = None,
+) -> ConnectionSync:
+    """A connection's sync with a real MSAL token source and its user's shared budget."""
     tokens = MsalTokenSource(authority=cc.authority, client_id=cc.client_id, client_secret=cc.client_secret,
                              scope=cc.scope, ca_bundle=cc.ca_bundle)
     client = DataverseClient(http, cc.api, tokens, budget_for(cc.authority, cc.client_id, cc.limits),
-                             backoff_base_s=infra.settings.backoff_base_s, backoff_max_s=infra.settings.backoff_max_s)
+                             backoff_base_s=settings.backoff_base_s, backoff_max_s=settings.backoff_max_s)
+    return ConnectionSync(cc, client, publisher, cursors, keys, settings, dead_letter_sink=dead_letter_sink)
 
+
+def sync_for_infra(cc: CeConnection, http: httpx.AsyncClient, infra: Infra) -> ConnectionSync:
     async def sink(rows: Sequence[tuple[object, ...]]) -> None:
         await index_dead_letters(infra.pool, rows)
 
-    return ConnectionSync(cc, client, infra.publisher, PgCursorStore(infra.pool), PgKnownKeys(infra.pool),
-                          infra.settings, dead_letter_sink=sink)
+    return build_sync(cc, http, publisher=infra.publisher, cursors=PgCursorStore(infra.pool),
+                      keys=PgKnownKeys(infra.pool), settings=infra.settings, dead_letter_sink=sink)
 
 
 async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *, once: bool = False) -> None:
@@ -71,7 +81,7 @@ async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *,
         return
     failures = 0
     async with http_client(cc) as http:
-        sync = build_sync(cc, http, infra)
+        sync = sync_for_infra(cc, http, infra)
         while not stop.is_set():
             try:
                 await sync.check_token_ages()
