@@ -23,20 +23,20 @@ from pathlib import Path
 # This file is named like the points package: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from canonical.events import OrderData, OrderLineData, OrderUpserted, encode
-from canonical.topics import CANONICAL_ORDER
-from points.app import MIGRATIONS as POINTS_MIGRATIONS
-from points.app import build_service
-from points.cli import set_program
-from points.rules import Program
-from resolver.adapters import PgResolverStore
-from resolver.app import MIGRATIONS as RESOLVER_MIGRATIONS
-from resolver.app import SERVICE as RESOLVER
-from servicekit import metrics
-from servicekit.kafka import OutMessage
-from servicekit.logging import configure_logging
-from servicekit.runtime import Infra, open_infra, run_services
-from servicekit.settings import FlashSettings
+from canonical.events import OrderData, OrderLineData, OrderUpserted, encode  # noqa: E402
+from canonical.topics import CANONICAL_ORDER  # noqa: E402
+from points.app import MIGRATIONS as POINTS_MIGRATIONS  # noqa: E402
+from points.app import build_service  # noqa: E402
+from points.cli import set_program  # noqa: E402
+from points.rules import Program  # noqa: E402
+from resolver.adapters import PgResolverStore  # noqa: E402
+from resolver.app import MIGRATIONS as RESOLVER_MIGRATIONS  # noqa: E402
+from resolver.app import SERVICE as RESOLVER  # noqa: E402
+from servicekit import metrics  # noqa: E402
+from servicekit.kafka import OutMessage  # noqa: E402
+from servicekit.logging import configure_logging  # noqa: E402
+from servicekit.runtime import Infra, open_infra, run_services  # noqa: E402
+from servicekit.settings import FlashSettings  # noqa: E402
 
 TENANT = "bench"
 
