@@ -373,7 +373,8 @@ class ConnectionSync:
             order_id = p.parent_id if p and spec.logical in ("salesorderdetail", "msdyn_rma") else None
             msgs.append(self._message(spec.logical, did, version, text, page.url, "delete", order_id,
                                       RETURNS_TOPIC_ENTITY if is_custom else None))
-        await self.publisher.send_all(msgs)
+        if msgs:
+            await self.publisher.send_all(msgs)
         if dead and self.dead_letter_sink is not None:
             await self.dead_letter_sink(dead)
         await self.keys.record(tenant, cid, spec.logical, known, gen)

@@ -1,0 +1,299 @@
+"""CE poller on httpx.MockTransport (no sockets): checkpoints after acks, resume, errors, resync, budget."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ce_poller.client import DataverseClient, StaticTokenSource, iter_values
+from ce_poller.config import parse_connection
+from ce_poller.limiter import UserBudget
+from ce_poller.stores import FakeKnownKeys, KnownKey
+from ce_poller.sync import ConnectionSync
+from servicekit.connections import Connection, FakeCursorStore
+from servicekit.errors import ConfigError, Transient
+from servicekit.kafka import OutMessage
+from servicekit.settings import FlashSettings
+
+FIX = Path(__file__).parents[1] / "fixtures" / "dataverse"
+ORG = "https://contoso.example/orgs/contoso"
+API = f"{ORG}/api/data/v9.2/"
+DELTA = f"{API}accounts?$deltatoken=900%2111%2f01%2f2026%2000%3a00%3a00"
+NEXT_DELTA = f"{API}accounts?$deltatoken=901%2111%2f02%2f2026%2000%3a00%3a00"
+USD = "db5b5fab-8f4d-4e27-9da1-494c73cf256d"
+
+
+def _acc(i: int, v: int = 1) -> dict[str, Any]:
+    return {"@odata.etag": f'W/"{v}"', "accountid": f"00000000-0000-0000-0000-{i:012d}", "name": f"A{i}",
+            "accountnumber": f"C{i}", "_transactioncurrencyid_value": USD, "versionnumber": v}
+
+
+def _page(rows: list[dict[str, Any]], *, next_link: str | None = None, delta: str | None = None) -> str:
+    body: dict[str, Any] = {"@odata.context": f"{API}$metadata#accounts", "value": rows}
+    if next_link:
+        body["@odata.nextLink"] = next_link
+    if delta:
+        body["@odata.deltaLink"] = delta
+    return json.dumps(body)
+
+
+class FakeDataverse:
+    """Two pages of accounts with change tracking; scripted failures by URL fragment."""
+
+    def __init__(self) -> None:
+        self.rows = [_acc(i) for i in range(1, 6)]
+        self.requests: list[httpx.Request] = []
+        self.failures: list[tuple[str, httpx.Response]] = []
+        self.delta_body = _page([], delta=NEXT_DELTA)
+
+    def fail(self, fragment: str, resp: httpx.Response) -> None:
+        self.failures.append((fragment, resp))
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        url = str(request.url)
+        for i, (frag, resp) in enumerate(self.failures):
+            if frag in url:
+                del self.failures[i]
+                return resp
+        if "transactioncurrencies" in url:
+            return httpx.Response(200, text=json.dumps({"value": [{"transactioncurrencyid": USD,
+                                                                   "isocurrencycode": "USD"}]}))
+        if "organizations" in url:
+            return httpx.Response(200, text=json.dumps({"value": [{"expirechangetrackingindays": 7}]}))
+        if "$deltatoken" in url:
+            return httpx.Response(200, text=self.delta_body)
+        if "$filter=modifiedon" in url or "%24filter=modifiedon" in url:
+            return httpx.Response(200, text=_page([]))
+        assert "odata.track-changes" in request.headers.get("Prefer", "")
+        if "skiptoken=2" in url:
+            return httpx.Response(200, text=_page(self.rows[3:], delta=DELTA))
+        return httpx.Response(200, text=_page(self.rows[:3], next_link=f"{API}accounts?$select=name&$skiptoken=2"))
+
+
+class Log:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+
+class RecordingPublisher:
+    def __init__(self, log: Log) -> None:
+        self.log = log
+        self.messages: list[OutMessage] = []
+
+    async def send_all(self, messages: list[OutMessage]) -> None:
+        self.messages += messages
+        self.log.events.append(("published", [json.loads(m.value)["source_id"] for m in messages]))
+
+
+class RecordingCursors(FakeCursorStore):
+    def __init__(self, log: Log) -> None:
+        super().__init__()
+        self.log = log
+
+    async def save(self, tenant_id: str, connection_id: str, entity: str, cursor: dict[str, Any]) -> None:
+        await super().save(tenant_id, connection_id, entity, cursor)
+        self.log.events.append(("saved", dict(cursor)))
+
+
+def _sync(server: FakeDataverse, *, tokens: StaticTokenSource | None = None, sleeps: list[float] | None = None,
+          now: Callable[[], dt.datetime] | None = None) -> tuple[ConnectionSync, Log, RecordingPublisher]:
+    conn = Connection("acme", "ce-1", "dynamics-ce", ORG, {"tenant_id": "t", "client_id": "c", "client_secret": "s"},
+                      {"entities": ["account"], "return_source": {"kind": "none"}, "page_size": 3})
+    cc = parse_connection(conn)
+    log = Log()
+
+    t = [0.0]
+
+    async def fake_sleep(s: float) -> None:
+        (sleeps if sleeps is not None else []).append(s)
+        t[0] += s
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(server))
+    client = DataverseClient(http, cc.api, tokens or StaticTokenSource("t1", "t2"), UserBudget(sleep=fake_sleep, clock=lambda: t[0]),
+                             sleep=fake_sleep, max_attempts=3)
+    pub = RecordingPublisher(log)
+    sync = ConnectionSync(cc, client, pub, RecordingCursors(log), FakeKnownKeys(), FlashSettings(),
+                          **({"now": now} if now else {}))
+    return sync, log, pub
+
+
+async def test_pages_are_published_before_their_checkpoint_then_delta_link() -> None:
+    server = FakeDataverse()
+    sync, log, pub = _sync(server)
+    await sync.load_currencies()
+    res = await sync.sync_entity(sync.conn.spec("account"))
+    assert res.upserts == 5 and res.phase == "reread"
+    kinds = [k for k, _ in log.events]
+    assert kinds == ["published", "saved", "published", "saved", "saved"]
+    assert log.events[1][1]["next"].endswith("skiptoken=2")          # page position checkpointed after page 1
+    assert log.events[3][1]["phase"] == "reread" and log.events[3][1]["delta_link"] == DELTA
+    assert log.events[4][1] == {"phase": "delta", "delta_link": DELTA, "delta_at": log.events[4][1]["delta_at"],
+                                "generation": 1}
+    first = json.loads(pub.messages[0].value)
+    assert first["payload"].startswith('{"_transactioncurrencyid_value@flash.isocurrencycode":"USD",')
+    assert json.loads(first["payload"])["accountid"] == first["source_id"]
+    assert first["source_version"] == "1" and pub.messages[0].topic == "raw.dynamics-ce.account.v1"
+    listing = next(r for r in server.requests if "/accounts" in str(r.url))
+    prefer = listing.headers["Prefer"]
+    assert "odata.track-changes" in prefer and "odata.maxpagesize=3" in prefer and "lookuplogicalname" in prefer
+    assert listing.headers["OData-Version"] == "4.0"
+
+
+async def test_resume_from_checkpointed_page_not_from_zero() -> None:
+    server = FakeDataverse()
+    sync, _, pub = _sync(server)
+    await sync.cursors.save("acme", "ce-1", "account", {"phase": "initial", "generation": 1,
+                                                       "next": f"{API}accounts?$select=name&$skiptoken=2",
+                                                       "started_at": "2026-01-01T00:00:00Z"})
+    await sync.sync_entity(sync.conn.spec("account"))
+    listed = [str(r.url) for r in server.requests if "accounts" in str(r.url)]
+    assert "skiptoken=2" in listed[0]
+    assert [json.loads(m.value)["source_id"][-1] for m in pub.messages] == ["4", "5"]
+
+
+async def test_retry_after_401_renewal_and_config_errors() -> None:
+    server = FakeDataverse()
+    sleeps: list[float] = []
+    tokens = StaticTokenSource("old", "new")
+    sync, _, _ = _sync(server, tokens=tokens, sleeps=sleeps)
+    server.fail("accounts", httpx.Response(429, headers={"Retry-After": "7"},
+                                           json={"error": {"code": "0x80072322", "message": "Number of requests"}}))
+    server.fail("skiptoken=2", httpx.Response(401, text=(FIX / "error_unauthorized.json").read_text()))
+    res = await sync.sync_entity(sync.conn.spec("account"))
+    assert res.upserts == 5
+    assert 7.0 in sleeps and sync.client.budget.throttled == 1
+    assert tokens.renewals == 1
+    assert [r.headers["Authorization"] for r in server.requests if "skiptoken=2" in str(r.url)] == [
+        "Bearer old", "Bearer new"]
+
+    server2 = FakeDataverse()
+    sync2, _, _ = _sync(server2)
+    server2.fail("accounts", httpx.Response(403, text=(FIX / "error_forbidden.json").read_text()))
+    with pytest.raises(ConfigError, match="organisation-level prvReadSalesOrder"):
+        await sync2.sync_entity(sync2.conn.spec("account"))
+
+    server3 = FakeDataverse()
+    sync3, _, _ = _sync(server3)
+    for _ in range(2):
+        server3.fail("accounts", httpx.Response(401, text=(FIX / "error_unauthorized.json").read_text()))
+    with pytest.raises(ConfigError, match="refused the access token"):
+        await sync3.sync_entity(sync3.conn.spec("account"))
+
+    server4 = FakeDataverse()
+    sync4, _, _ = _sync(server4)
+    for _ in range(3):
+        server4.fail("accounts", httpx.Response(503, json={"error": {"code": "", "message": "busy"}}))
+    with pytest.raises(Transient, match="503"):
+        await sync4.sync_entity(sync4.conn.spec("account"))
+
+
+async def test_delta_upserts_and_tombstones_keyed_by_known_parent() -> None:
+    server = FakeDataverse()
+    sync, _, pub = _sync(server)
+    await sync.sync_entity(sync.conn.spec("account"))
+    pub.messages.clear()
+    gone = _acc(2)["accountid"]
+    server.delta_body = _page([_acc(1, v=9), {"@odata.context": f"{API}$metadata#accounts/$deletedEntity",
+                                               "id": gone, "reason": "deleted"}], delta=NEXT_DELTA)
+    res = await sync.sync_entity(sync.conn.spec("account"))
+    assert (res.upserts, res.deletes) == (1, 1)
+    msgs = [json.loads(m.value) for m in pub.messages]
+    assert [(m["op"], m["source_id"][-1], m["source_version"]) for m in msgs] == [("upsert", "1", "9"),
+                                                                                  ("delete", "2", "2")]
+    cur = await sync.cursors.load("acme", "ce-1", "account")
+    assert cur is not None and cur["delta_link"] == NEXT_DELTA
+    assert gone not in await sync.keys.lookup("acme", "ce-1", "account", [gone])
+
+
+async def test_expired_delta_token_resyncs_and_infers_missed_deletes() -> None:
+    server = FakeDataverse()
+    sync, _, pub = _sync(server)
+    await sync.sync_entity(sync.conn.spec("account"))
+    ghost = "00000000-0000-0000-0000-000000000099"
+    await sync.keys.record("acme", "ce-1", "account", [KnownKey(ghost, None, "4")], 1)  # deleted during the gap
+    pub.messages.clear()
+    server.fail("$deltatoken", httpx.Response(400, text=(FIX / "error_expired_token.json").read_text()))
+    res = await sync.sync_entity(sync.conn.spec("account"))
+    assert res.resynced and res.upserts == 5 and res.deletes == 1
+    msgs = [json.loads(m.value) for m in pub.messages]
+    deletes = [m for m in msgs if m["op"] == "delete"]
+    assert [(d["source_id"], d["source_version"]) for d in deletes] == [(ghost, "5")]
+    first_ids = {m["event_id"] for m in msgs if m["op"] == "upsert"}
+    sync_again, _, pub_again = _sync(FakeDataverse())
+    await sync_again.sync_entity(sync_again.conn.spec("account"))
+    assert first_ids == {json.loads(m.value)["event_id"] for m in pub_again.messages}   # same ids: no doubles
+    cur = await sync.cursors.load("acme", "ce-1", "account")
+    assert cur is not None and cur["generation"] == 2 and cur["phase"] == "delta"
+
+
+async def test_token_age_warning_before_the_expiry_window() -> None:
+    server = FakeDataverse()
+    clock = [dt.datetime(2026, 11, 2, tzinfo=dt.UTC)]
+    sync, _, _ = _sync(server, now=lambda: clock[0])
+    await sync.sync_entity(sync.conn.spec("account"))   # stored token issued 11/01/2026
+    assert await sync.check_token_ages() == []
+    clock[0] = dt.datetime(2026, 11, 6, 12, tzinfo=dt.UTC)  # 5.5 days of 7: inside the 2-day warning window
+    [warning] = await sync.check_token_ages()
+    assert "5.5 days old" in warning and "expirechangetrackingindays" in warning
+
+
+async def test_budget_window_and_concurrency_are_shared() -> None:
+    t = [0.0]
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        t[0] += s
+
+    budget = UserBudget(requests_per_window=3, window_seconds=10, concurrent=2, clock=lambda: t[0], sleep=sleep)
+    for _ in range(3):
+        async with budget:
+            pass
+    async with budget:           # 4th request in the window waits for the oldest to leave it
+        pass
+    assert sum(slept) == pytest.approx(10)
+    gate = asyncio.Event()
+    budget2 = UserBudget(concurrent=2)
+
+    async def hold() -> None:
+        async with budget2:
+            await gate.wait()
+
+    tasks = [asyncio.ensure_future(hold()) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    assert budget2.inflight == 2
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert budget2.peak_inflight == 2
+    budget2.observe({"x-ms-ratelimit-burst-remaining-xrm-requests": "3"})
+    assert budget2._paused_until > 0
+
+
+def test_iter_values_keeps_record_texts_exactly() -> None:
+    text = (FIX / "salesorders_page.json").read_text()
+    rows = list(iter_values(text))
+    assert rows and all(t in text for t, _ in rows)
+    assert all(json.loads(t) == o for t, o in rows)
+    assert '"totalamount":' in rows[0][0] and rows[0][0].split('"totalamount":')[1].split(",")[0].count(".") == 1
+
+
+def test_connection_settings_validation() -> None:
+    base = {"tenant_id": "t", "client_id": "c", "client_secret": "s"}
+    with pytest.raises(ConfigError, match="credentials lack client_secret"):
+        parse_connection(Connection("a", "b", "dynamics-ce", ORG, {"tenant_id": "t", "client_id": "c"}, {}))
+    with pytest.raises(ConfigError, match="unknown entity"):
+        parse_connection(Connection("a", "b", "dynamics-ce", ORG, base, {"entities": ["nope"]}))
+    with pytest.raises(ConfigError, match="page_size"):
+        parse_connection(Connection("a", "b", "dynamics-ce", ORG, base, {"page_size": 9000}))
+    cc = parse_connection(Connection("a", "b", "dynamics-ce", ORG + "/", base, {}))
+    assert cc.scope == f"{ORG}/.default" and cc.authority == "https://login.microsoftonline.com/t"
+    assert [s.logical for s in cc.entities][-2:] == ["msdyn_rma", "msdyn_rmaproduct"]
+    assert "accountnumber" in cc.spec("account").select and "new_category" in cc.spec("product").select
