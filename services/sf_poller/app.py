@@ -1,0 +1,145 @@
+"""Composition root of the Salesforce poller: one background task per live ``salesforce`` connection.
+
+The supervisor re-lists ``connections`` every ``RELIST_S`` seconds, starts a task per live connection,
+restarts it when its endpoint, settings or credentials change and stops it when it leaves ``live``. A
+connection whose configuration is wrong is marked ``failed`` with the message saying what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+
+import httpx
+
+from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
+from servicekit.errors import ConfigError, Transient
+from servicekit.logging import bind, get_logger
+from servicekit.runtime import Infra, Service
+from sf_poller.client import QuotaGovernor, SalesforceClient
+from sf_poller.config import SfConnection, parse_connection
+from sf_poller.sync import ConnectionSync
+
+__all__ = ["CDC_SUBSCRIBED", "RELIST_S", "SERVICE", "build_client", "build_sync", "http_client",
+           "run_connection", "supervise"]
+
+log = get_logger(__name__)
+
+RELIST_S = 5.0
+SOURCE = "salesforce"
+CDC_SUBSCRIBED = "cdc:subscribed"
+"""Cursor entity the CDC listener writes once its first subscription succeeded."""
+
+Runner = Callable[[Connection, Infra, asyncio.Event], Awaitable[None]]
+
+
+def http_client(cc: SfConnection) -> httpx.AsyncClient:
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cc.ca_bundle) if cc.ca_bundle else True
+    return httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(130.0, connect=15.0), trust_env=False,
+                             limits=httpx.Limits(max_connections=10, max_keepalive_connections=10))
+
+
+def build_client(cc: SfConnection, http: httpx.AsyncClient, infra: Infra | None = None) -> SalesforceClient:
+    base = infra.settings.backoff_base_s if infra else 0.5
+    top = infra.settings.backoff_max_s if infra else 30.0
+    return SalesforceClient(http, cc.my_domain, cc.client_id, cc.client_secret, cc.api_version,
+                            QuotaGovernor(cc.quota), backoff_base_s=base, backoff_max_s=top)
+
+
+def build_sync(cc: SfConnection, client: SalesforceClient, infra: Infra) -> ConnectionSync:
+    cursors = PgCursorStore(infra.pool)
+
+    async def cdc_ready() -> bool:
+        return await cursors.load(cc.tenant_id, cc.connection_id, CDC_SUBSCRIBED) is not None
+
+    return ConnectionSync(cc, client, infra.publisher, cursors, infra.settings,
+                          ready_for_backfill=cdc_ready if cc.cdc else None)
+
+
+async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *, once: bool = False) -> None:
+    """Poll one connection until ``stop`` (or one full cycle with ``once``)."""
+    bind(tenant_id=conn.tenant_id, connection_id=conn.connection_id)
+    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
+    try:
+        cc = parse_connection(conn)
+    except ConfigError as exc:
+        await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+        log.warning("connection misconfigured", error=str(exc))
+        return
+    failures = 0
+    async with http_client(cc) as http:
+        sync = build_sync(cc, build_client(cc, http, infra), infra)
+        while not stop.is_set():
+            try:
+                results = await sync.run_cycle()
+                failures = 0
+                log.debug("cycle done", results={k: (v.upserts, v.deletes, v.skipped) for k, v in results.items()})
+                if once:
+                    return
+                waiting = any(r.skipped for r in results.values())
+                delay = (cc.reconcile_interval_s if cc.cdc and not waiting and await sync.backfilled()
+                         else cc.poll_interval_s)
+                if waiting:
+                    delay = min(delay, 1.0)
+            except ConfigError as exc:
+                log.warning("connection stopped: configuration error", error=str(exc))
+                await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+                return
+            except Transient as exc:  # vendor trouble, quota pause, our broker/database down: retry later
+                failures += 1
+                delay = exc.retry_after or min(infra.settings.backoff_max_s * 4,
+                                               infra.settings.backoff_base_s * 2 ** min(failures, 8))
+                log.warning("cycle failed, retrying", error=str(exc)[:500], retry_in_s=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+
+def _fingerprint(c: Connection) -> str:
+    blob = json.dumps([c.endpoint, c.settings, c.credentials], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+async def supervise(infra: Infra, stop: asyncio.Event, runner: Runner = run_connection, *,
+                    relist_s: float = RELIST_S) -> None:
+    """Keep one ``runner`` task per live salesforce connection."""
+    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
+    running: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
+    try:
+        while not stop.is_set():
+            try:
+                live = {(c.tenant_id, c.connection_id): c for c in await store.list(source=SOURCE, states=("live",))}
+            except Transient as exc:
+                log.warning("listing connections failed", error=str(exc))
+                live = None
+            if live is not None:
+                for key, (fp, task) in list(running.items()):
+                    c = live.get(key)
+                    if c is not None and _fingerprint(c) == fp:
+                        if not task.done() or task.cancelled() or task.exception() is None:
+                            continue  # running, or finished on purpose (a config error marked it failed)
+                        log.warning("connection task crashed; restarting", error=str(task.exception())[:300])
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                    del running[key]
+                for key, c in live.items():
+                    if key not in running:
+                        running[key] = (_fingerprint(c), asyncio.ensure_future(runner(c, infra, stop)))
+                        log.info("connection started", tenant_id=c.tenant_id, connection_id=c.connection_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), relist_s)
+    finally:
+        for _, task in running.values():
+            task.cancel()
+        await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
+
+
+def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
+    return [supervise(infra, stop)]
+
+
+SERVICE = Service("sf-poller", tasks=_tasks)
