@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ class RecordingPublisher:
         self.log = log
         self.messages: list[OutMessage] = []
 
-    async def send_all(self, messages: list[OutMessage]) -> None:
+    async def send_all(self, messages: Sequence[OutMessage]) -> None:
         self.messages += messages
         self.log.events.append(("published", [json.loads(m.value)["source_id"] for m in messages]))
 
@@ -117,11 +117,13 @@ def _sync(server: FakeDataverse, *, tokens: StaticTokenSource | None = None, sle
         t[0] += s
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(server))
-    client = DataverseClient(http, cc.api, tokens or StaticTokenSource("t1", "t2"), UserBudget(sleep=fake_sleep, clock=lambda: t[0]),
+    budget = UserBudget(sleep=fake_sleep, clock=lambda: t[0])
+    client = DataverseClient(http, cc.api, tokens or StaticTokenSource("t1", "t2"), budget,
                              sleep=fake_sleep, max_attempts=3)
     pub = RecordingPublisher(log)
-    sync = ConnectionSync(cc, client, pub, RecordingCursors(log), FakeKnownKeys(), FlashSettings(),
-                          **({"now": now} if now else {}))
+    sync = ConnectionSync(cc, client, pub, RecordingCursors(log), FakeKnownKeys(), FlashSettings())
+    if now is not None:
+        sync.now = now
     return sync, log, pub
 
 

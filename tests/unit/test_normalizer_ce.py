@@ -26,7 +26,10 @@ from normalizer.mappers import mapper_for, sources_with_mappers
 from normalizer.mappers.dynamics_ce import CURRENCY_ANNOTATION, lifecycle, map_record
 
 FIX = Path(__file__).parents[1] / "fixtures" / "dataverse"
-CUR = {r["transactioncurrencyid"]: r["isocurrencycode"] for r in json.loads((FIX / "transactioncurrencies.json").read_text())["value"]}
+CUR = {
+    r["transactioncurrencyid"]: r["isocurrencycode"]
+    for r in json.loads((FIX / "transactioncurrencies.json").read_text())["value"]
+}
 
 
 def _rows(name: str) -> list[str]:
@@ -34,7 +37,7 @@ def _rows(name: str) -> list[str]:
     text = (FIX / name).read_text()
     dec = json.JSONDecoder()
     i = text.index("[", text.index('"value"')) + 1
-    out = []
+    out: list[str] = []
     while True:
         while text[i] in " ,\n":
             i += 1
@@ -50,7 +53,9 @@ def _annotate(text: str) -> str:
     return text if not cur else '{"' + CURRENCY_ANNOTATION + f'":"{CUR[cur]}",' + text[1:]
 
 
-def _raw(entity: str, payload: str, *, op: str = "upsert", order: str | None = None, sid: str | None = None) -> RawRecord:
+def _raw(
+    entity: str, payload: str, *, op: str = "upsert", order: str | None = None, sid: str | None = None
+) -> RawRecord:
     rec = json.loads(payload) if sid is None else {}
     return RawRecord(tenant_id="acme", connection_id="ce-1", source="dynamics-ce", entity=entity,
                      source_id=sid or rec.get(f"{entity}id") or rec.get("id"),
@@ -105,8 +110,8 @@ def test_order_money_customer_and_currency_exact() -> None:
         assert o.customer_source_id == rec["_customerid_value"]
         assert o.status_label == rec["statuscode@OData.Community.Display.V1.FormattedValue"]
         assert ev.key == f"acme:{rec['salesorderid']}".encode()
-    assert {e.order.currency for t in ORDERS.values() for _, e in map_record(_raw("salesorder", _annotate(t)), {}).events
-            if isinstance(e, OrderUpserted)} >= {"USD", "EUR"}
+    events = [e for t in ORDERS.values() for _, e in map_record(_raw("salesorder", _annotate(t)), {}).events]
+    assert {e.order.currency for e in events if isinstance(e, OrderUpserted)} >= {"USD", "EUR"}
 
 
 def test_lines_are_keyed_by_their_order_and_net_of_discount() -> None:
@@ -140,7 +145,7 @@ def test_rma_with_products_becomes_a_return_on_the_original_order() -> None:
 
 
 def test_customers_products_with_settings() -> None:
-    [acc] = [t for t in _rows("accounts_page.json")][:1]
+    [acc] = list(_rows("accounts_page.json"))[:1]
     ev = map_record(_raw("account", acc), {}).events[0][1]
     assert isinstance(ev, CustomerUpserted)
     assert ev.customer.kind == "account" and ev.customer.external_id == json.loads(acc)["accountnumber"]
@@ -200,8 +205,9 @@ def test_currency_fallback_from_settings_and_bad_json() -> None:
 
 def test_custom_return_source_by_field_mapping() -> None:
     settings = {"return_source": {"kind": "custom", "entity_set": "new_returns", "entity": "new_return",
-                                  "fields": {"id": "new_returnid", "number": "new_name", "order_number": "new_ordernumber",
-                                             "amount": "new_amount", "status": "statuscode"},
+                                  "fields": {"id": "new_returnid", "number": "new_name",
+                                             "order_number": "new_ordernumber", "amount": "new_amount",
+                                             "status": "statuscode"},
                                   "effective_statuses": [2], "cancelled_statuses": [3]}}
     payload = json.dumps({"new_returnid": "r1", "new_name": "RET-1", "new_ordernumber": "ORD-1", "statuscode": 2,
                           CURRENCY_ANNOTATION: "EUR", "_transactioncurrencyid_value": "c"}).replace(
