@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -105,6 +106,9 @@ async def _kafka_answers(bootstrap: str) -> bool:
     from aiokafka.errors import KafkaError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # "connection refused" while the broker boots is expected, not an error
     try:
         await admin.start()
         await admin.list_topics()
@@ -112,6 +116,7 @@ async def _kafka_answers(bootstrap: str) -> bool:
     except (KafkaError, OSError):
         return False
     finally:
+        quiet.setLevel(level)
         with contextlib.suppress(Exception):
             await admin.close()
 

@@ -30,7 +30,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", *, service: str | 
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    for noisy in ("aiokafka", "faststream", "kafka", "asyncio"):
+    for noisy in ("aiokafka", "faststream", "kafka", "asyncio", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     if service:
         structlog.contextvars.bind_contextvars(service=service)

@@ -151,8 +151,12 @@ async def run_services(
     *,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[Infra], Awaitable[None]] | None = None,
+    infra: Infra | None = None,
 ) -> int:
-    """Run services in this process until SIGINT/SIGTERM or ``stop``; returns an exit code."""
+    """Run services in this process until SIGINT/SIGTERM or ``stop``; returns an exit code.
+
+    With ``infra`` the services share connections the caller opened (and must have migrated).
+    """
     stop = stop or asyncio.Event()
     fatal: list[BaseException] = []
     # Batches allocate many short-lived objects; the default GC thresholds make collections run every
@@ -169,7 +173,9 @@ async def run_services(
             loop.add_signal_handler(sig, stop.set)
     bind(service="+".join(s.name for s in services))
     migrations = [m for s in services for m in s.migrations]
-    async with open_infra(settings, migrations=migrations) as infra:
+    async with contextlib.AsyncExitStack() as stack:
+        if infra is None:
+            infra = await stack.enter_async_context(open_infra(settings, migrations=migrations))
         if any(s.extra_topics for s in services):
             await ensure_topics(infra.bootstrap, settings, (), extra=[t for s in services for t in s.extra_topics])
         _, broker = build_app(services, infra, on_fatal=on_fatal)

@@ -234,10 +234,10 @@ def cmd_status(args: argparse.Namespace, settings: FlashSettings) -> int:
                    FROM cursors ORDER BY tenant_id, connection_id, entity""")]
             depth = await dlq_ops.depth(pool)
             ledger: list[dict[str, Any]] = []
-            if await pool.fetchval("SELECT to_regclass('points_ledger') IS NOT NULL"):
+            if await pool.fetchval("SELECT to_regclass('ledger') IS NOT NULL"):
                 ledger = [dict(r) for r in await pool.fetch(
                     """SELECT tenant_id, kind, count(*) AS entries, sum(points) AS points
-                       FROM points_ledger GROUP BY tenant_id, kind ORDER BY tenant_id, kind""")]
+                       FROM ledger GROUP BY tenant_id, kind ORDER BY tenant_id, kind""")]
             if args.json:
                 print_json({"connections": conns, "cursors": cursors, "dead_letters": depth, "ledger": ledger})
                 return 0
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orders", type=int, default=500, help="orders to seed per tenant (default 500)")
     p.add_argument("--mutate-every", type=float, default=2.0, help="seconds between live mutations (0: none)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
+    p.add_argument("--until-landed", action="store_true",
+                   help="exit after the initial load has landed (exit code 1 if it did not within --duration)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run one or more services in this process",

@@ -1,0 +1,324 @@
+"""`flash demo`: the whole pipe on embedded defaults against the vendor sandboxes, in one process.
+
+What it does, in order (each step printed as it happens):
+1. starts the Dataverse (and, when the Salesforce connector is installed, Salesforce) simulators over
+   HTTPS on loopback and seeds them with customers, products, orders, cancellations and returns;
+2. opens the broker (embedded Tansu unless FLASH_KAFKA_BOOTSTRAP is set) and PostgreSQL (schema
+   ``flash_demo``, recreated on every run unless FLASH_DB_SCHEMA is set);
+3. imports the tenants' members as the loyalty core would (a few customers are left out on purpose, so
+   their orders park), and sets each tenant's points program;
+4. configures each connection with encrypted credentials, verifies it, and takes it live;
+5. runs every service and shows progress until the initial load has landed, then prints what landed;
+6. keeps applying live mutations in the sandboxes (status changes, cancellations, amendments, returns,
+   new orders) and prints each with the ledger movement it caused, until Ctrl-C (or ``--duration``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import random
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from canonical.events import MemberData
+from servicekit import dlq as dlq_ops
+from servicekit.connections import CredentialCipher, PgConnectionStore
+from servicekit.embedded import resolve_database_url
+from servicekit.errors import ConfigError, FlashError
+from servicekit.runtime import Infra, Service, open_infra, run_services
+from servicekit.settings import FlashSettings
+
+__all__ = ["run_demo"]
+
+DEMO_SCHEMA = "flash_demo"
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+@dataclass
+class Tenant:
+    tenant_id: str
+    connection_id: str
+    source: str
+    label: str
+    expected_orders: int
+    members: list[MemberData] = field(default_factory=list)
+    mutate: Any = None  # () -> str describing the change
+
+
+def _load_services() -> list[Service]:
+    from controlplane.cli import SERVICES, load_service
+
+    out: list[Service] = []
+    for name in SERVICES:
+        try:
+            out.append(load_service(name))
+        except ConfigError as exc:
+            say(f"  (service {name} not available in this build: {exc})")
+    return out
+
+
+async def _fresh_schema(settings: FlashSettings) -> None:
+    dsn = await resolve_database_url(settings.database_url, settings.state_dir)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{DEMO_SCHEMA}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def _dataverse_members(org: Any) -> tuple[list[MemberData], int, int]:
+    """Members for the org's customers, leaving every 12th out (their orders park until they join).
+
+    Returns the members, how many customers were left out, and how many orders belong to members.
+    """
+    from sandbox.dataverse import ground_truth
+
+    truths = list(ground_truth(org))
+    seen: dict[str, MemberData] = {}
+    for truth in truths:
+        if truth.customer_id in seen or not (truth.customer_email or truth.accountnumber):
+            continue
+        seen[truth.customer_id] = MemberData(
+            member_id=f"M-{len(seen) + 1:05d}", external_id=truth.accountnumber or None, email=truth.customer_email,
+        )
+    kept = {cid: m for i, (cid, m) in enumerate(seen.items()) if i % 12 != 11}
+    member_orders = sum(1 for t in truths if t.customer_id in kept)
+    return list(kept.values()), len(seen) - len(kept), member_orders
+
+
+async def _stats(pool: asyncpg.Pool, tenant: str) -> dict[str, Any]:
+    row = await pool.fetchrow(
+        """SELECT (SELECT count(*) FROM orders WHERE tenant_id = $1 AND known) AS orders,
+                  (SELECT count(*) FROM orders WHERE tenant_id = $1 AND member_id <> '') AS matched_orders,
+                  (SELECT count(DISTINCT order_source_id) FROM parked WHERE tenant_id = $1) AS parked,
+                  (SELECT count(*) FROM customer_links WHERE tenant_id = $1 AND member_id IS NOT NULL) AS linked,
+                  (SELECT coalesce(sum(points) FILTER (WHERE kind IN ('earn', 'adjust')), 0) FROM ledger
+                       WHERE tenant_id = $1) AS earned,
+                  (SELECT coalesce(sum(points) FILTER (WHERE kind IN ('void', 'clawback')), 0) FROM ledger
+                       WHERE tenant_id = $1) AS reversed,
+                  (SELECT count(*) FROM ledger WHERE tenant_id = $1) AS entries,
+                  (SELECT count(*) FROM dead_letters WHERE tenant_id = $1 AND replayed_at IS NULL) AS dead""",
+        tenant,
+    )
+    return dict(row) if row else {}
+
+
+def _line(t: Tenant, s: dict[str, Any]) -> str:
+    return (f"{t.label:<22} orders {s.get('orders', 0):>6,}/{t.expected_orders:<6,}"
+            f" matched {s.get('matched_orders', 0):>6,}  parked {s.get('parked', 0):>4,}"
+            f"  points +{s.get('earned', 0):,} / {s.get('reversed', 0):,}  dead letters {s.get('dead', 0)}")
+
+
+async def _setup_dataverse(stack: contextlib.AsyncExitStack, n_orders: int) -> tuple[Tenant, dict[str, Any]]:
+    from sandbox.dataverse import DataverseState, build_app, seed_org
+    from sandbox.dataverse.mutations import random_mutation
+    from sandbox.server import serve
+
+    state = DataverseState()
+    summary = seed_org(state, "contoso", customers=max(20, n_orders // 5), products=40, orders=n_orders, seed=7)
+    running = await stack.enter_async_context(serve(build_app(state)))
+    org = state.orgs["contoso"]
+    app = state.credentials("contoso")[0]
+    members, left_out, member_orders = _dataverse_members(org)
+    say(f"  Dataverse sandbox  {running.base_url}/orgs/contoso  ({summary})")
+    say(f"    {len(members)} members to import for tenant acme ({left_out} customers are not members yet: "
+        f"{n_orders - member_orders} of their orders will park)")
+    rng = random.Random(11)
+
+    def mutate() -> str:
+        change = random_mutation(org, rng)
+        return f"Dataverse: {change.get('op', 'change')} {change.get('ordernumber') or change.get('id') or ''}".strip()
+
+    tenant = Tenant("acme", "contoso-ce", "dynamics-ce", "acme (Dynamics 365 CE)", member_orders, members, mutate)
+    conn = {
+        "endpoint": f"{running.base_url}/orgs/contoso",
+        "credentials": {"tenant_id": app.tenant_id, "client_id": app.client_id, "client_secret": app.client_secret},
+        "settings": {"authority": f"{running.base_url}/{app.tenant_id}", "ca_bundle": str(running.tls.ca_path),
+                     "page_size": 500, "poll_interval_s": 2, "external_id_field": "accountnumber"},
+    }
+    return tenant, conn
+
+
+async def _setup_salesforce(stack: contextlib.AsyncExitStack, n_orders: int) -> tuple[Tenant, dict[str, Any]] | None:
+    try:
+        importlib.import_module("sf_poller.app")
+        importlib.import_module("normalizer.mappers.salesforce")
+        from sandbox.salesforce import SalesforceState, build_app, ground_truth, random_mutations, seed_org
+        from sandbox.server import serve
+    except ImportError:
+        return None
+    state = SalesforceState()
+    seed_org(state, "globex", accounts=max(20, n_orders // 5), person_accounts=10, contacts=20, products=40,
+             orders=n_orders, seed=9)
+    running = await stack.enter_async_context(serve(build_app(state)))
+    org = state.orgs["globex"]
+    members: dict[str, MemberData] = {}
+    for truth in ground_truth(org).values():
+        email = getattr(truth, "email", None)
+        if email and email not in members:
+            members[email] = MemberData(member_id=f"G-{len(members) + 1:05d}", email=email)
+    kept = [m for i, m in enumerate(members.values()) if i % 12 != 11]
+    say(f"  Salesforce sandbox {running.base_url}  (org globex, {n_orders} orders)")
+    say(f"    {len(kept)} members to import for tenant globex")
+    rng = random.Random(13)
+
+    def mutate() -> str:
+        random_mutations(org, 1, rng)
+        return "Salesforce: random change"
+
+    tenant = Tenant("globex", "globex-sf", "salesforce", "globex (Salesforce)", n_orders, kept, mutate)
+    conn = {
+        "endpoint": running.base_url,
+        "credentials": {"client_id": org.client_id, "client_secret": org.client_secret},
+        "settings": {"ca_bundle": str(running.tls.ca_path), "poll_interval_s": 2},
+    }
+    return tenant, conn
+
+
+async def _configure(infra: Infra, settings: FlashSettings, tenant: Tenant, conn: dict[str, Any]) -> None:
+    resolver_cli = importlib.import_module("resolver.cli")
+    points_cli = importlib.import_module("points.cli")
+    rules = importlib.import_module("points.rules")
+    await resolver_cli.import_members(infra.pool, tenant.tenant_id, tenant.members)
+    program = rules.Program(
+        tenant_id=tenant.tenant_id, base_currency="USD", points_per_unit=Decimal(1),
+        basis="total_ex_tax_shipping", rounding="floor", category_multipliers={"Electronics": Decimal(2)},
+        per_order_cap=50_000,
+    )
+    await points_cli.set_program(infra.pool, program)
+    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(settings))
+    connection = await store.upsert(tenant.tenant_id, tenant.connection_id, tenant.source, conn["endpoint"],
+                                    conn["credentials"], conn["settings"])
+    module = {"dynamics-ce": "ce_poller", "salesforce": "sf_poller"}[tenant.source]
+    try:
+        control = importlib.import_module(f"{module}.control")
+        report = await control.verify(connection, settings)
+        say(f"    verified {tenant.connection_id}: {_short(report)}")
+    except ModuleNotFoundError:
+        say(f"    ({module}.control not available: skipping verify)")
+    except FlashError as exc:
+        raise ConfigError(f"connection {tenant.connection_id} failed verification: {exc}") from exc
+    await store.set_state(tenant.tenant_id, tenant.connection_id, "verified")
+    await store.set_state(tenant.tenant_id, tenant.connection_id, "live")
+    say(f"    {tenant.connection_id} is live")
+
+
+def _short(report: Any) -> str:
+    text = str(report)
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+async def run_demo(settings: FlashSettings, args: argparse.Namespace) -> int:
+    run = uuid.uuid4().hex[:6]
+    if not settings.db_schema:
+        settings = settings.model_copy(update={"db_schema": DEMO_SCHEMA})
+        await _fresh_schema(settings)
+    settings = settings.model_copy(update={"topic_prefix": settings.topic_prefix or f"demo-{run}."})
+    say("Flash Connect demo: Dynamics 365 / Salesforce -> loyalty ledger, on embedded defaults")
+    say(f"  database schema {settings.db_schema}, topic prefix {settings.topic_prefix!r}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    services = _load_services()
+    async with contextlib.AsyncExitStack() as stack:
+        say("\n1. Vendor sandboxes")
+        pairs = [await _setup_dataverse(stack, args.orders)]
+        sf = await _setup_salesforce(stack, args.orders)
+        if sf:
+            pairs.append(sf)
+        say("\n2. Broker and database")
+        infra = await stack.enter_async_context(
+            open_infra(settings, migrations=[m for s in services for m in s.migrations])
+        )
+        say(f"  Kafka {infra.bootstrap}   PostgreSQL {infra.database_url.rsplit('@', 1)[-1]}")
+        say("\n3. Members, programs and connections")
+        for tenant, conn in pairs:
+            await _configure(infra, settings, tenant, conn)
+        say("\n4. Ingesting (services: " + ", ".join(s.name for s in services) + ")")
+        runner = asyncio.create_task(run_services(services, settings, stop=stop, infra=infra))
+        code = await _watch(infra, [t for t, _ in pairs], stop, args)
+        stop.set()
+        code = max(code, await runner)
+    return code
+
+
+async def _watch(infra: Infra, tenants: list[Tenant], stop: asyncio.Event, args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    deadline = started + args.duration if args.duration else None
+    landed = False
+    stable_since: float | None = None
+    last: list[dict[str, Any]] = []
+    next_mutation = 0.0
+    while not stop.is_set():
+        now = time.monotonic()
+        if deadline and now >= deadline:
+            break
+        stats = [await _stats(infra.pool, t.tenant_id) for t in tenants]
+        if not landed:
+            lines = [_line(t, s) for t, s in zip(tenants, stats, strict=True)]
+            say(f"  [{now - started:5.0f}s] " + "\n          ".join(lines))
+            done = all(s.get("orders", 0) >= t.expected_orders for t, s in zip(tenants, stats, strict=True))
+            stable_since = (stable_since or now) if stats == last else None
+            if done or (stable_since and now - stable_since > 20 and any(s.get("orders") for s in stats)):
+                landed = True
+                await _summary(infra, tenants, stats, now - started)
+                if getattr(args, "until_landed", False):
+                    return 0 if all(s.get("orders", 0) >= t.expected_orders
+                                    for t, s in zip(tenants, stats, strict=True)) else 1
+                if args.mutate_every > 0:
+                    say("\n6. Live changes in the sandboxes (Ctrl-C to stop)")
+                next_mutation = now
+        elif args.mutate_every > 0 and now >= next_mutation:
+            for tenant in tenants:
+                if tenant.mutate:
+                    what = tenant.mutate()
+                    say(f"  {what}")
+            next_mutation = now + args.mutate_every
+        if landed and last and stats != last:
+            for tenant, before, after in zip(tenants, last, stats, strict=True):
+                if before != after:
+                    say(f"    ledger {tenant.tenant_id}: +{after['earned'] - before['earned']:,} earned, "
+                        f"{after['reversed'] - before['reversed']:,} reversed, parked {after['parked']}")
+        last = stats
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 2.0)
+    if not landed:
+        await _summary(infra, tenants, last, time.monotonic() - started)
+        return 1 if getattr(args, "until_landed", False) else 0
+    return 0
+
+
+async def _summary(infra: Infra, tenants: list[Tenant], stats: list[dict[str, Any]], elapsed: float) -> None:
+    say(f"\n5. What landed after {elapsed:.0f}s")
+    for tenant, s in zip(tenants, stats, strict=True):
+        say(f"  {tenant.label}")
+        say(f"    orders landed       {s.get('orders', 0):,} of {tenant.expected_orders:,} placed by members")
+        say(f"    customers linked    {s.get('linked', 0):,} to members; orders matched {s.get('matched_orders', 0):,}")
+        say(f"    parked (no member)  {s.get('parked', 0):,} orders (they flow on when the customer joins)")
+        say(f"    points earned       {s.get('earned', 0):,}  (ledger entries {s.get('entries', 0):,})")
+        say(f"    voided/clawed back  {s.get('reversed', 0):,}")
+        say(f"    dead letters        {s.get('dead', 0)}")
+    depth = await dlq_ops.depth(infra.pool)
+    if depth:
+        say("  dead letters per consumer: " + ", ".join(f"{d['consumer']}/{d['tenant_id']}={d['depth']}" for d in depth)
+            + "   (inspect: flash dlq list)")
+
+
+if __name__ == "__main__":  # pragma: no cover - `flash demo` is the entry point
+    sys.exit("run `flash demo`")
+
