@@ -15,12 +15,12 @@ Mode = Literal["order", "order_management"]
 DEFAULT_OBJECTS: dict[str, tuple[str, ...]] = {
     "order": ("Account", "Contact", "Product2", "PricebookEntry", "Order", "OrderItem", "ReturnOrderLineItem"),
     "order_management": (
-        "Account", "Contact", "Product2", "PricebookEntry", "Order", "OrderItem", "OrderSummary",
-        "OrderItemSummary", "CreditMemo",
+        "Account", "Contact", "Product2", "PricebookEntry", "Order", "OrderItem", "OrderItemSummary", "CreditMemo",
     ),
 }
 """Objects synced by mode. ``ReturnOrder`` headers carry no amounts: their lines are read with
-``ReturnOrder.*`` parent fields instead."""
+``ReturnOrder.*`` parent fields instead. ``OrderSummary`` can be added but maps to nothing (its totals are net
+of cancels and returns; see ``normalizer.mappers.salesforce``)."""
 
 DEFAULT_STATUS_MAP: dict[str, str] = {
     "Draft": "pending", "Activated": "pending", "Fulfilled": "awardable", "Cancelled": "cancelled",
