@@ -36,7 +36,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from canonical.envelope import Envelope
-from canonical.events import EVENT_TYPES, decode_event, encode
+from canonical.events import EVENT_TYPES, decode_event
 from canonical.topics import dlq
 from servicekit import metrics
 from servicekit.db import DbConnection, db_errors
@@ -55,6 +55,7 @@ from servicekit.errors import (
 )
 from servicekit.kafka import Headers, KafkaPublisher, OutMessage
 from servicekit.logging import get_logger
+from servicekit.outbox import UnitOfWork, headers_json, message_headers, relay_outbox, write_outbox
 from servicekit.settings import FlashSettings
 
 __all__ = [
@@ -87,32 +88,6 @@ class ConsumerRecordLike(Protocol):
 class Delivery(Generic[E]):
     event: E
     record: ConsumerRecordLike
-
-
-def message_headers(event: Envelope) -> Headers:
-    """Headers repeating tenant and correlation ids for tooling (DESIGN.md, Contracts)."""
-    return [
-        ("tenant_id", event.tenant_id.encode()),
-        ("correlation_id", event.correlation_id.encode()),
-        ("event_type", event.event_type.encode()),
-        ("event_id", event.event_id.encode()),
-    ]
-
-
-class UnitOfWork:
-    """What a handler gets: the open transaction and a way to emit messages with the effect."""
-
-    def __init__(self, conn: DbConnection, consumer: str, settings: FlashSettings) -> None:
-        self.conn = conn
-        self.consumer = consumer
-        self.settings = settings
-        self.outbox: list[OutMessage] = []
-
-    def emit(self, topic: str, event: Envelope, *, key: bytes | None = None) -> None:
-        """Queue ``event`` on the logical ``topic``; it is published only if the transaction commits."""
-        self.outbox.append(
-            OutMessage(self.settings.topic(topic), encode(event), key or event.key, message_headers(event))
-        )
 
 
 Handler = Callable[[Sequence[Delivery[E]], UnitOfWork], Awaitable[None]]
@@ -346,7 +321,7 @@ class PipeConsumer(Generic[E]):
                             OutMessage(self.dlq_topic, letter.record.value or b"", letter.record.key,
                                        letter.headers())
                         )
-                ids = await self._write_outbox(conn, uow.outbox)
+                ids = await write_outbox(conn, self.name, uow.outbox)
         self._published_ids = []
         # Committed: these rows must reach the broker before the offsets move. Retrying the transaction
         # would find the batch done, so the publish is retried on its own until the broker takes it.
@@ -391,22 +366,6 @@ class PipeConsumer(Generic[E]):
             metrics.DUPLICATES.labels(self.name).inc(skipped)
         return fresh
 
-    async def _write_outbox(self, conn: DbConnection, messages: Sequence[OutMessage]) -> list[int]:
-        if not messages:
-            return []
-        rows = await conn.fetch(
-            """INSERT INTO outbox (consumer, topic, key, value, headers)
-               SELECT $1, t, k, v, h::jsonb FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::text[])
-                   AS u(t, k, v, h)
-               RETURNING id""",
-            self.name,
-            [m.topic for m in messages],
-            [m.key for m in messages],
-            [m.value for m in messages],
-            [_headers_json(m.headers) for m in messages],
-        )
-        return [r["id"] for r in rows]
-
     async def _index_dead(self, conn: DbConnection, dead: Sequence[DeadLetter]) -> None:
         await conn.executemany(
             """INSERT INTO dead_letters (consumer, tenant_id, event_id, entity, error_class, error_message,
@@ -422,7 +381,7 @@ class PipeConsumer(Generic[E]):
                     self.name, d.tenant_id, d.event_id, d.entity, d.error_class, d.error_message, d.stage,
                     d.record.topic, d.record.partition, d.record.offset, d.attempts, d.first_failed_at,
                     d.last_failed_at, self.dlq_topic, d.record.key, d.record.value or b"",
-                    _headers_json(d.headers()),
+                    headers_json(d.headers()),
                 )
                 for d in dead
             ],
@@ -432,21 +391,9 @@ class PipeConsumer(Generic[E]):
         """Publish what a previous run committed but may not have published (crash after commit)."""
         while True:
             try:
-                async with db_errors("outbox relay"), self.pool.acquire() as conn:
-                    rows = await conn.fetch(
-                        "SELECT id, topic, key, value, headers FROM outbox WHERE consumer = $1 ORDER BY id",
-                        self.name,
-                    )
-                    msgs = [
-                        OutMessage(r["topic"], r["value"], r["key"], _headers_from_json(r["headers"]))
-                        for r in rows
-                    ]
-                    await self.publisher.send_all(msgs)
-                    if rows:
-                        await conn.execute(
-                            "DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-                        )
-                        log.info("outbox relayed", consumer=self.name, messages=len(rows))
+                relayed = await relay_outbox(self.pool, self.publisher, self.name)
+                if relayed:
+                    log.info("outbox relayed", consumer=self.name, messages=relayed)
                 self._relayed = True
                 return
             except InfrastructureUnavailable as exc:
@@ -485,15 +432,6 @@ class PipeConsumer(Generic[E]):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _headers_json(headers: Headers) -> str:
-    return json.dumps([[k, v.decode("utf-8", "replace")] for k, v in headers])
-
-
-def _headers_from_json(raw: str | list[Any]) -> Headers:
-    items = json.loads(raw) if isinstance(raw, str) else raw
-    return [(str(k), str(v).encode()) for k, v in items]
 
 
 # Transient is re-exported for handlers that want to signal "try again later" explicitly.

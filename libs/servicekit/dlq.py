@@ -17,8 +17,8 @@ from typing import Any
 
 import asyncpg
 
-from servicekit.consumer import _headers_from_json
 from servicekit.kafka import KafkaPublisher, OutMessage
+from servicekit.outbox import headers_from_json as _headers_from_json
 
 __all__ = ["DlqFilter", "depth", "list_letters", "replay", "show_letter"]
 

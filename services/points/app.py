@@ -8,12 +8,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from canonical.topics import CANONICAL_PRODUCT, RESOLVED_ORDER, RESOLVED_RETURN
-from points.adapters import TaskOutbox
 from points.handlers import Clock, make_handler, mature_orders, utcnow
 from servicekit.consumer import PipeConsumer
 from servicekit.db import Migrations, db_errors
 from servicekit.errors import FlashError, InfrastructureUnavailable
 from servicekit.logging import get_logger
+from servicekit.outbox import TaskOutbox
 from servicekit.runtime import Infra, Service
 
 __all__ = ["ACCEPTED", "CONSUMER", "MIGRATIONS", "SERVICE", "build_service", "mature_once"]

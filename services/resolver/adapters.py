@@ -10,12 +10,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from servicekit.consumer import UnitOfWork
-from servicekit.db import db_errors
-from servicekit.kafka import KafkaPublisher, OutMessage
-from servicekit.settings import FlashSettings
-
-__all__ = ["Conn", "CustKey", "MemberIndex", "ParkedRow", "PgResolverStore", "TaskOutbox"]
+__all__ = ["Conn", "CustKey", "MemberIndex", "ParkedRow", "PgResolverStore"]
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 """A connection, pooled or not."""
@@ -346,55 +341,3 @@ class PgResolverStore:
                 t,
                 s,
             )
-
-
-class TaskOutbox:
-    """Exactly-once emits for a background task: outbox rows written in the task's transaction, published
-    after commit, then deleted (the same contract PipeConsumer gives handlers)."""
-
-    def __init__(self, name: str, pool: asyncpg.Pool, publisher: KafkaPublisher, settings: FlashSettings) -> None:
-        self.name = name
-        self.pool = pool
-        self.publisher = publisher
-        self.settings = settings
-
-    def unit_of_work(self, conn: Conn) -> UnitOfWork:
-        return UnitOfWork(conn, self.name, self.settings)
-
-    async def write(self, conn: Conn, uow: UnitOfWork) -> None:
-        if uow.outbox:
-            await conn.executemany(
-                """INSERT INTO outbox (consumer, topic, key, value, headers)
-                   VALUES ($1, $2, $3, $4, $5::jsonb)""",
-                [(self.name, m.topic, m.key, m.value, _headers_json(m)) for m in uow.outbox],
-            )
-
-    async def flush(self) -> int:
-        """Publish whatever this task committed and has not published yet; returns how many."""
-        async with db_errors(f"{self.name} outbox"), self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT id, topic, key, value, headers FROM outbox WHERE consumer = $1 ORDER BY id", self.name
-            )
-            if not rows:
-                return 0
-            import json
-
-            await self.publisher.send_all(
-                [
-                    OutMessage(
-                        r["topic"],
-                        r["value"],
-                        r["key"],
-                        [(str(k), str(v).encode()) for k, v in json.loads(r["headers"])],
-                    )
-                    for r in rows
-                ]
-            )
-            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
-            return len(rows)
-
-
-def _headers_json(m: OutMessage) -> str:
-    import json
-
-    return json.dumps([[k, v.decode("utf-8", "replace")] for k, v in m.headers])

@@ -7,12 +7,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from canonical.topics import CANONICAL_CUSTOMER, CANONICAL_ORDER, CANONICAL_RETURN, MEMBERS
-from resolver.adapters import PgResolverStore, TaskOutbox
+from resolver.adapters import PgResolverStore
 from resolver.handlers import handle, relink_members
 from servicekit.consumer import PipeConsumer
 from servicekit.db import Migrations, db_errors
 from servicekit.errors import InfrastructureUnavailable
 from servicekit.logging import get_logger
+from servicekit.outbox import TaskOutbox
 from servicekit.runtime import Infra, Service
 
 __all__ = ["ACCEPTED", "CONSUMER", "MIGRATIONS", "SERVICE", "relink_once"]

@@ -39,17 +39,16 @@ from canonical.topics import (
     RESOLVED_RETURN,
 )
 from points import app as points_app
-from points.adapters import TaskOutbox as PointsOutbox
 from points.cli import balances, set_program
 from points.handlers import make_handler
 from points.rules import Program
 from resolver import app as resolver_app
-from resolver.adapters import TaskOutbox as ResolverOutbox
 from resolver.cli import import_members, resolver_stats
 from resolver.handlers import handle as resolve
 from servicekit.consumer import PipeConsumer
 from servicekit.db import migrate
 from servicekit.kafka import OutMessage
+from servicekit.outbox import TaskOutbox
 from servicekit.runtime import Infra
 
 NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -332,7 +331,7 @@ async def test_resolution_parking_and_unparking(infra: Infra) -> None:
 
     # The loyalty core's import writes members directly; the relink task lets o4 flow, in order.
     await import_members(infra.pool, t, [MemberData(member_id="m4", email="new@example.com")])
-    assert await resolver_app.relink_once(ResolverOutbox("resolver-relink", infra.pool, pipe.pub, infra.settings)) == 1
+    assert await resolver_app.relink_once(TaskOutbox("resolver-relink", infra.pool, pipe.pub, infra.settings)) == 1
     await pipe.pump()
     flowed = [(e.event_type, e.source_id, e.source_version) for e in pipe.published(RESOLVED_ORDER)][1:]
     assert flowed == [
@@ -503,7 +502,7 @@ async def test_points_rules_end_to_end(infra: Infra) -> None:
     )
     assert await ledger(infra, w) == []
     assert (await balances(infra.pool, w))[0]["pending"] == 100
-    box = PointsOutbox("points-maturity", infra.pool, pipe.pub, infra.settings)
+    box = TaskOutbox("points-maturity", infra.pool, pipe.pub, infra.settings)
     assert await points_app.mature_once(box, NOW) == 0
     clock["now"] = NOW + dt.timedelta(days=14)
     assert await points_app.mature_once(box, clock["now"]) == 1
