@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -16,7 +17,7 @@ from servicekit.db import CORE_MIGRATIONS, Migrations, create_pool, migrate
 from servicekit.embedded import resolve_database_url
 from servicekit.settings import FlashSettings
 
-__all__ = ["open_db", "print_json", "print_table"]
+__all__ = ["open_db", "print_json", "print_table", "run_with_db"]
 
 
 @contextlib.asynccontextmanager
@@ -29,6 +30,16 @@ async def open_db(settings: FlashSettings, migrations: Sequence[Migrations] = ()
         yield pool
     finally:
         await pool.close()
+
+
+def run_with_db(job: Callable[[asyncpg.Pool], Awaitable[int]], migrations: Sequence[Migrations] = ()) -> int:
+    """Run one CLI job against the configured database (migrated first); returns its exit code."""
+
+    async def go() -> int:
+        async with open_db(FlashSettings(), migrations) as pool:
+            return await job(pool)
+
+    return asyncio.run(go())
 
 
 def _default(value: Any) -> Any:

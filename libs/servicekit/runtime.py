@@ -22,12 +22,12 @@ from faststream.middlewares import AckPolicy
 from servicekit.consumer import PipeConsumer
 from servicekit.db import CORE_MIGRATIONS, Migrations, create_pool, migrate
 from servicekit.embedded import EmbeddedKafka, resolve_database_url
-from servicekit.errors import ConfigError
+from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable
 from servicekit.kafka import KafkaPublisher, ensure_topics, make_broker
 from servicekit.logging import bind, get_logger
 from servicekit.settings import FlashSettings
 
-__all__ = ["Infra", "Service", "build_app", "open_infra", "run_services", "subscribe"]
+__all__ = ["Infra", "Service", "build_app", "every", "main", "open_infra", "run_services", "subscribe"]
 
 log = get_logger(__name__)
 
@@ -206,3 +206,30 @@ def _task_done(task: asyncio.Future[None], on_fatal: Callable[[BaseException], N
     if exc is not None:
         log.critical("background task failed", error=str(exc), error_class=type(exc).__name__)
         on_fatal(exc)
+
+
+async def every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[int]], *, what: str) -> None:
+    """Run ``job`` until it returns 0 (nothing left), then wait ``interval`` s; repeat until ``stop``.
+
+    For background tasks (re-linking, maturing): our own outage is waited out; any other FlashError is
+    logged and retried next round, so one bad record never stops the task.
+    """
+    while not stop.is_set():
+        try:
+            while await job():
+                pass
+        except InfrastructureUnavailable as exc:
+            log.warning(f"{what} deferred", error=str(exc))
+        except FlashError as exc:
+            log.error(f"{what} failed", error=str(exc), error_class=type(exc).__name__)  # noqa: TRY400
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+def main(service: Service) -> int:
+    """``python -m <service>``: run one service until SIGINT/SIGTERM, settings from FLASH_ variables."""
+    from servicekit.logging import configure_logging
+
+    settings = FlashSettings()
+    configure_logging(settings.log_level, settings.log_format, service=service.name)
+    return asyncio.run(run_services([service], settings))

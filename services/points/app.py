@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from canonical.topics import CANONICAL_PRODUCT, RESOLVED_ORDER, RESOLVED_RETURN
 from points.handlers import Clock, make_handler, mature_orders, utcnow
 from servicekit.consumer import PipeConsumer
 from servicekit.db import Migrations, db_errors
-from servicekit.errors import FlashError, InfrastructureUnavailable
 from servicekit.logging import get_logger
 from servicekit.outbox import TaskOutbox
-from servicekit.runtime import Infra, Service
+from servicekit.runtime import Infra, Service, every
 
 __all__ = ["ACCEPTED", "CONSUMER", "MIGRATIONS", "SERVICE", "build_service", "mature_once"]
 
@@ -66,24 +65,9 @@ def build_service(clock: Clock = utcnow, mature_interval_s: float = MATURE_INTER
 
     def tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
         box = TaskOutbox(f"{CONSUMER}-maturity", infra.pool, infra.publisher, infra.settings)
-        return [_every(mature_interval_s, stop, lambda: mature_once(box, clock()))]
+        return [every(mature_interval_s, stop, lambda: mature_once(box, clock()), what="points maturity")]
 
     return Service(CONSUMER, migrations=[MIGRATIONS], consumers=consumers, tasks=tasks)
-
-
-async def _every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[int]]) -> None:
-    while not stop.is_set():
-        try:
-            while await job():
-                pass
-        except InfrastructureUnavailable as exc:
-            log.warning("points maturity deferred", error=str(exc))
-        except FlashError as exc:  # a bad program must not stop the engine: say so and try again later
-            log.error("points maturity failed", error=str(exc), error_class=type(exc).__name__)  # noqa: TRY400
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
 
 
 SERVICE = build_service()

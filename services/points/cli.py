@@ -7,7 +7,6 @@ and stores it for its tenant; ``program show`` prints it. ``balance`` and ``hist
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -20,9 +19,7 @@ from pydantic import ValidationError
 
 from points.app import MIGRATIONS
 from points.rules import Program
-from servicekit.db import CORE_MIGRATIONS, create_pool, migrate
-from servicekit.embedded import resolve_database_url
-from servicekit.settings import FlashSettings
+from servicekit.cliutil import run_with_db
 
 __all__ = [
     "balances",
@@ -35,6 +32,10 @@ __all__ = [
     "register",
     "set_program",
 ]
+
+
+def _run_db(job: Callable[[asyncpg.Pool], Awaitable[int]]) -> int:
+    return run_with_db(job, [MIGRATIONS])
 
 
 def register(subparsers: Any) -> None:
@@ -110,20 +111,6 @@ async def history(pool: asyncpg.Pool, tenant: str, member: str, limit: int = 100
     return [dict(r.items()) for r in rows]
 
 
-def _run(job: Callable[[asyncpg.Pool], Awaitable[int]]) -> int:
-    async def main() -> int:
-        settings = FlashSettings()
-        dsn = await resolve_database_url(settings.database_url, settings.state_dir)
-        pool = await create_pool(dsn, schema=settings.db_schema, max_size=2)
-        try:
-            await migrate(pool, [CORE_MIGRATIONS, MIGRATIONS])
-            return await job(pool)
-        finally:
-            await pool.close()
-
-    return asyncio.run(main())
-
-
 def cmd_program_set(args: argparse.Namespace) -> int:
     try:
         program = load_program(args.file)
@@ -136,7 +123,7 @@ def cmd_program_set(args: argparse.Namespace) -> int:
         print(f"program of tenant {program.tenant_id} stored")
         return 0
 
-    return _run(job)
+    return _run_db(job)
 
 
 def cmd_program_show(args: argparse.Namespace) -> int:
@@ -148,7 +135,7 @@ def cmd_program_show(args: argparse.Namespace) -> int:
         print(json.dumps(json.loads(raw), indent=2, sort_keys=True))
         return 0
 
-    return _run(job)
+    return _run_db(job)
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
@@ -159,7 +146,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
             print(f"{r['member_id']:<28} {r['balance']:>10} {r['pending']:>10} {r['shortfall']:>10}")
         return 0
 
-    return _run(job)
+    return _run_db(job)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -171,4 +158,4 @@ def cmd_history(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return _run(job)
+    return _run_db(job)

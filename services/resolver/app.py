@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from canonical.topics import CANONICAL_CUSTOMER, CANONICAL_ORDER, CANONICAL_RETURN, MEMBERS
@@ -11,10 +11,9 @@ from resolver.adapters import PgResolverStore
 from resolver.handlers import handle, relink_members
 from servicekit.consumer import PipeConsumer
 from servicekit.db import Migrations, db_errors
-from servicekit.errors import InfrastructureUnavailable
 from servicekit.logging import get_logger
 from servicekit.outbox import TaskOutbox
-from servicekit.runtime import Infra, Service
+from servicekit.runtime import Infra, Service, every
 
 __all__ = ["ACCEPTED", "CONSUMER", "MIGRATIONS", "SERVICE", "relink_once"]
 
@@ -71,20 +70,7 @@ async def relink_once(box: TaskOutbox, limit: int = 1000) -> int:
 
 def tasks(infra: Infra, stop: asyncio.Event, *, interval: float = RELINK_INTERVAL_S) -> Sequence[Awaitable[None]]:
     box = TaskOutbox(f"{CONSUMER}-relink", infra.pool, infra.publisher, infra.settings)
-    return [_every(interval, stop, lambda: relink_once(box))]
-
-
-async def _every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[int]]) -> None:
-    while not stop.is_set():
-        try:
-            while await job():
-                pass
-        except InfrastructureUnavailable as exc:
-            log.warning("resolver relink deferred", error=str(exc))
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except TimeoutError:
-            pass
+    return [every(interval, stop, lambda: relink_once(box), what="member re-link")]
 
 
 SERVICE = Service(CONSUMER, migrations=[MIGRATIONS], consumers=consumers, tasks=tasks)

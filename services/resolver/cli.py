@@ -9,7 +9,6 @@ way in (the loyalty core publishing ``MemberUpserted``); both end in the same ta
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import datetime as dt
 import json
@@ -26,13 +25,15 @@ from canonical.events import MemberData
 from resolver.adapters import PgResolverStore
 from resolver.app import MIGRATIONS
 from resolver.handlers import member_row
-from servicekit.db import CORE_MIGRATIONS, create_pool, migrate
-from servicekit.embedded import resolve_database_url
-from servicekit.settings import FlashSettings
+from servicekit.cliutil import run_with_db
 
 __all__ = ["cmd_members_import", "cmd_members_list", "cmd_resolver_stats", "read_members", "register"]
 
 _TRUE = {"1", "true", "yes", "y", "on", "t"}
+
+
+def _run_db(job: Callable[[asyncpg.Pool], Awaitable[int]]) -> int:
+    return run_with_db(job, [MIGRATIONS])
 
 
 def register(subparsers: Any) -> None:
@@ -91,20 +92,6 @@ async def import_members(pool: asyncpg.Pool, tenant: str, members: list[MemberDa
     return len(members)
 
 
-def _run(job: Callable[[asyncpg.Pool], Awaitable[int]]) -> int:
-    async def main() -> int:
-        settings = FlashSettings()
-        dsn = await resolve_database_url(settings.database_url, settings.state_dir)
-        pool = await create_pool(dsn, schema=settings.db_schema, max_size=2)
-        try:
-            await migrate(pool, [CORE_MIGRATIONS, MIGRATIONS])
-            return await job(pool)
-        finally:
-            await pool.close()
-
-    return asyncio.run(main())
-
-
 def _check_tenant(tenant: str) -> None:
     import re
 
@@ -119,7 +106,7 @@ def cmd_members_import(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    n = _run(lambda pool: import_members(pool, args.tenant, members))
+    n = _run_db(lambda pool: import_members(pool, args.tenant, members))
     print(f"imported {n} members into tenant {args.tenant}; the resolver re-links them within seconds")
     return 0
 
@@ -141,7 +128,7 @@ def cmd_members_list(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return _run(job)
+    return _run_db(job)
 
 
 async def resolver_stats(pool: asyncpg.Pool, tenant: str | None) -> dict[str, Any]:
@@ -181,4 +168,4 @@ def cmd_resolver_stats(args: argparse.Namespace) -> int:
         print(json.dumps(await resolver_stats(pool, args.tenant), indent=2, sort_keys=True))
         return 0
 
-    return _run(job)
+    return _run_db(job)
