@@ -157,8 +157,10 @@ class ConnectionSync:
             if (not ts and not cur.get("bulk_failed") and body["totalSize"] > self.conn.bulk_threshold
                     and self.conn.bulk_threshold > 0):
                 res.phase = "bulk"
-                await start_bulk(self, obj, res)
-                return
+                cur = await start_bulk(self, obj, res)
+                if cur.get("phase") == "bulk" or cur.get("ts"):
+                    return  # still running (resumes next cycle), or finished: incremental from the next cycle
+                continue  # the job was abandoned: REST from the start
             seen = 0
             total = int(body["totalSize"])
             while True:

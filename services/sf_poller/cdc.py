@@ -1,0 +1,356 @@
+"""Change Data Capture listener: an aiohttp CometD (Bayeux long-polling) client per live connection.
+
+Defined in the poller's package because it shares the client, governor and SOQL code (services must not
+import each other); ``python -m cdc_listener`` runs :data:`SERVICE`.
+
+* ``/meta/handshake`` -> ``/meta/subscribe`` to ``/data/<Object>ChangeEvent`` of every synced object with
+  ``ext.replay`` = the stored replay id of that channel -> ``/meta/connect`` long polls, following the
+  server's ``advice``. ``403::Unknown client`` (or ``advice.reconnect = handshake``), a dropped connection or
+  a 401 re-handshakes (re-authenticating when the session expired) and resubscribes from the stored replay
+  ids, so a drop loses nothing.
+* First start: the channels are subscribed at ``-1`` and ``cdc:subscribed`` is saved; the poller starts its
+  backfill only after that row exists, so nothing between snapshot and stream is lost. A later start
+  without a replay id for a channel uses ``-2`` (everything retained).
+* Events are handled per ``/meta/connect`` batch, transactions in arrival (commit) order and the changes of
+  one transaction in ``sequenceNumber`` order. CREATE/UPDATE/UNDELETE/DELETE and ``GAP_*`` events become a
+  fetch of the full records (``queryAll ... WHERE Id IN (..)``, 200 ids a call): CometD updates carry only
+  changed fields, gap events none. A record deleted for good is published as a tombstone. ``GAP_OVERFLOW``
+  (record id ``000000000000000AAA``) or a wildcard id runs a SOQL reconcile of that object since the last
+  commit time seen. The records go out as the same RawRecords the poller publishes.
+* After the broker acknowledged a batch, the replay id of each channel (and the last commit time) is saved
+  in ``cursors`` (entity ``cdc:/data/OrderChangeEvent``). A crash before that replays the batch: the same
+  record versions, the same event ids, nothing counted twice downstream.
+* A stored replay id past the 72 h retention is rejected by the server: the listener says so (log
+  ``replay id past retention``), subscribes that channel at ``-1`` and reconciles the object by SOQL since
+  the stored commit time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ssl
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from canonical.events import RawRecord
+from servicekit.connections import Connection, CredentialCipher, CursorStore, PgConnectionStore, PgCursorStore
+from servicekit.errors import ConfigError, Transient
+from servicekit.logging import bind, get_logger
+from servicekit.runtime import Infra, Service
+from sf_poller.app import CDC_SUBSCRIBED, build_client, http_client, supervise
+from sf_poller.client import QuotaGovernor, SalesforceClient
+from sf_poller.config import Quota, SfConnection, parse_connection
+from sf_poller.records import SOURCE, out_message, raw_record, ts_of_ms
+from sf_poller.sync import ConnectionSync
+
+__all__ = ["EMPTY_ID", "SERVICE", "CdcListener", "StreamDropped", "run_listener"]
+
+log = get_logger(__name__)
+
+EMPTY_ID = "000000000000000AAA"
+_RECONCILE_MARGIN_MS = 1000
+
+
+class StreamDropped(Transient):
+    """The server forgot this client (or the connection broke): handshake again."""
+
+
+class ReplayPastRetention(Exception):
+    pass
+
+
+@dataclass
+class BatchStats:
+    events: int = 0
+    fetched: int = 0
+    reconciled: int = 0
+    tombstones: int = 0
+
+
+@dataclass
+class CdcListener:
+    """One connection's streaming client. :meth:`run` until ``stop``; :meth:`connect_once` for tests."""
+
+    conn: SfConnection
+    client: SalesforceClient
+    sync: ConnectionSync
+    cursors: CursorStore
+    session: aiohttp.ClientSession
+    replay: dict[str, int | None] = field(default_factory=dict)
+    commit_ms: dict[str, int] = field(default_factory=dict)
+    client_id: str | None = None
+    seq: int = 0
+    handshakes: int = 0
+    reconciles: list[tuple[str, str]] = field(default_factory=list)
+    stats: BatchStats = field(default_factory=BatchStats)
+    advice_timeout_s: float = 110.0
+    on_batch: Any = None
+    """Test hook: ``async (events) -> None`` called after a batch was published, before the save."""
+
+    @property
+    def channels(self) -> list[str]:
+        return [f"/data/{obj}ChangeEvent" for obj in self.conn.objects]
+
+    @property
+    def url(self) -> str:
+        assert self.client.token is not None
+        return f"{self.client.token.instance_url}/cometd/{self.conn.api_version}"
+
+    def _key(self, channel: str) -> str:
+        return f"cdc:{channel}"
+
+    async def load(self) -> None:
+        t, c = self.conn.tenant_id, self.conn.connection_id
+        for ch in self.channels:
+            cur = await self.cursors.load(t, c, self._key(ch)) or {}
+            self.replay[ch] = cur.get("replay_id")
+            if cur.get("commit_ms"):
+                self.commit_ms[ch] = int(cur["commit_ms"])
+
+    # -------------------------------------------------------------------------------------------- Bayeux
+    async def _send(self, *messages: dict[str, Any]) -> list[dict[str, Any]]:
+        await self.client.ensure_token()
+        assert self.client.token is not None
+        out = []
+        for m in messages:
+            self.seq += 1
+            out.append({"id": str(self.seq), **({"clientId": self.client_id} if self.client_id else {}), **m})
+        try:
+            async with self.session.post(
+                self.url, json=out, headers={"Authorization": f"Bearer {self.client.token.access_token}"},
+                timeout=aiohttp.ClientTimeout(total=self.advice_timeout_s + 30, sock_connect=15),
+            ) as resp:
+                if resp.status == 401:
+                    await self.client.authenticate()
+                    raise StreamDropped("streaming session rejected (401); re-authenticated")
+                if resp.status >= 500:
+                    raise StreamDropped(f"CometD answered {resp.status}")
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise StreamDropped(f"CometD request failed: {type(exc).__name__}: {exc}") from exc
+        return list(body) if isinstance(body, list) else [body]
+
+    async def handshake(self) -> None:
+        self.client_id = None
+        for attempt in range(2):
+            reply = (await self._send({"channel": "/meta/handshake", "version": "1.0", "minimumVersion": "1.0",
+                                       "supportedConnectionTypes": ["long-polling"]}))[0]
+            if reply.get("successful"):
+                self.client_id = str(reply["clientId"])
+                self.handshakes += 1
+                timeout = (reply.get("advice") or {}).get("timeout")
+                if timeout:
+                    self.advice_timeout_s = float(timeout) / 1000
+                return
+            reason = str((reply.get("ext") or {}).get("sfdc", {}).get("failureReason") or reply.get("error"))
+            if "401" in reason and attempt == 0:
+                await self.client.authenticate()
+                continue
+            if "403" in reason and "Handshake denied" not in reason:
+                raise ConfigError(f"CometD handshake refused ({reason}): the Run As user needs the API and "
+                                  "streaming permissions and View All on the change event objects")
+            raise StreamDropped(f"CometD handshake failed: {reason}")
+
+    async def subscribe_all(self) -> None:
+        t, c = self.conn.tenant_id, self.conn.connection_id
+        first_time = await self.cursors.load(t, c, CDC_SUBSCRIBED) is None
+        for ch in self.channels:
+            stored = self.replay.get(ch)
+            replay = stored if stored is not None else (-1 if first_time else -2)
+            reply = await self._subscribe(ch, replay)
+            if reply.get("successful"):
+                continue
+            error = str(reply.get("error") or "")
+            if "replayId" in error and stored is not None:
+                since = self.commit_ms.get(ch)
+                log.warning("replay id past retention; subscribing to new events and reconciling by SOQL",
+                            channel=ch, replay_id=stored, since=ts_of_ms(since) if since else None)
+                reply = await self._subscribe(ch, -1)
+                if not reply.get("successful"):
+                    raise StreamDropped(f"subscribe {ch} failed: {reply.get('error')}")
+                obj = ch[len("/data/"):-len("ChangeEvent")]
+                await self._reconcile(obj, since)
+                continue
+            if "403::Unknown client" in error or (reply.get("advice") or {}).get("reconnect") == "handshake":
+                raise StreamDropped(f"subscribe {ch}: {error}")
+            raise ConfigError(f"cannot subscribe to {ch} ({error}): select the object for Change Data Capture "
+                              "in Setup and give the Run As user View All on it")
+        if first_time:
+            await self.cursors.save(t, c, CDC_SUBSCRIBED, {"at": dt.datetime.now(dt.UTC).isoformat(),
+                                                           "channels": self.channels})
+
+    async def _subscribe(self, channel: str, replay: int) -> dict[str, Any]:
+        replies = await self._send({"channel": "/meta/subscribe", "subscription": channel,
+                                    "ext": {"replay": {channel: replay}}})
+        return next((r for r in replies if r.get("channel") == "/meta/subscribe"), replies[0])
+
+    async def connect_once(self) -> int:
+        """One ``/meta/connect``: handle the events it returns; returns how many."""
+        replies = await self._send({"channel": "/meta/connect", "connectionType": "long-polling"})
+        meta = next((r for r in replies if r.get("channel") == "/meta/connect"), None)
+        events = [r for r in replies if str(r.get("channel", "")).startswith("/data/")]
+        if events:
+            await self.handle(events)
+        if meta is not None and not meta.get("successful"):
+            raise StreamDropped(f"connect: {meta.get('error')} (advice {meta.get('advice')})")
+        if meta is not None:
+            interval = (meta.get("advice") or {}).get("interval") or 0
+            if interval:
+                await asyncio.sleep(float(interval) / 1000)
+        return len(events)
+
+    # -------------------------------------------------------------------------------------------- events
+    async def handle(self, events: Sequence[dict[str, Any]]) -> None:
+        """Publish what a batch of change events says, then (after the acks) save the replay ids."""
+        first_seen: dict[str, int] = {}
+        keyed = []
+        for i, ev in enumerate(events):
+            header = ev["data"]["payload"].get("ChangeEventHeader", {})
+            tx = str(header.get("transactionKey") or f"#{i}")
+            first_seen.setdefault(tx, i)
+            keyed.append(((first_seen[tx], int(header.get("sequenceNumber") or 0), i), ev))
+        ordered = [ev for _, ev in sorted(keyed, key=lambda p: p[0])]
+        segment: list[tuple[str, str, dict[str, Any]]] = []  # (object, record id, header)
+        for ev in ordered:
+            header = ev["data"]["payload"].get("ChangeEventHeader", {})
+            obj = str(header.get("entityName") or "")
+            if obj not in self.conn.objects:
+                continue
+            self.stats.events += 1
+            ids = [str(x) for x in header.get("recordIds") or []]
+            if header.get("changeType") == "GAP_OVERFLOW" or any(x == EMPTY_ID or "*" in x for x in ids) or not ids:
+                await self._flush(segment)
+                segment = []
+                ch = f"/data/{obj}ChangeEvent"
+                stamps = [int(x) for x in (self.commit_ms.get(ch), header.get("commitTimestamp")) if x]
+                await self._reconcile(obj, min(stamps) if stamps else None)
+                continue
+            segment.extend((obj, rid, header) for rid in ids)
+        await self._flush(segment)
+        if self.on_batch is not None:
+            await self.on_batch(events)
+        latest: dict[str, tuple[int, int]] = {}
+        for ev in events:
+            ch = str(ev["channel"])
+            rid = int(ev["data"]["event"]["replayId"])
+            commit = int(ev["data"]["payload"].get("ChangeEventHeader", {}).get("commitTimestamp") or 0)
+            prev = latest.get(ch)
+            latest[ch] = (max(rid, prev[0]) if prev else rid, max(commit, prev[1]) if prev else commit)
+        t, c = self.conn.tenant_id, self.conn.connection_id
+        for ch, (rid, commit) in latest.items():
+            self.replay[ch] = rid
+            if commit:
+                self.commit_ms[ch] = commit
+            await self.cursors.save(t, c, self._key(ch), {"replay_id": rid, "commit_ms": self.commit_ms.get(ch)})
+
+    async def _flush(self, segment: list[tuple[str, str, dict[str, Any]]]) -> None:
+        if not segment:
+            return
+        last_pos: dict[tuple[str, str], int] = {}
+        headers: dict[tuple[str, str], dict[str, Any]] = {}
+        for pos, (obj, rid, header) in enumerate(segment):
+            last_pos[(obj, rid)] = pos
+            headers[(obj, rid)] = header
+        by_obj: dict[str, list[str]] = {}
+        for obj, rid in last_pos:
+            by_obj.setdefault(obj, []).append(rid)
+        found: dict[tuple[str, str], RawRecord] = {}
+        for obj, ids in by_obj.items():
+            records, url = await self.sync.fetch_by_ids(obj, ids)
+            raws = await self.sync.to_raw(obj, records, url)
+            for raw in raws:
+                found[(obj, raw.source_id)] = raw
+            self.stats.fetched += len(records)
+        out = []
+        for key in sorted(last_pos, key=lambda k: last_pos[k]):
+            got = found.get(key)
+            if got is None:
+                header = headers[key]
+                if not str(header.get("changeType", "")).endswith("DELETE"):
+                    log.info("changed record no longer readable; skipped", entity=key[0], id=key[1])
+                    continue
+                commit = int(header.get("commitTimestamp") or 0)
+                got = raw_record(self.conn.tenant_id, self.conn.connection_id, key[0],
+                                 {"Id": key[1], "IsDeleted": True, "SystemModstamp": ts_of_ms(commit)})
+                self.stats.tombstones += 1
+            out.append(out_message(self.sync.settings, got))
+        await self.sync.publisher.send_all(out)
+
+    async def _reconcile(self, obj: str, since_ms: int | None) -> None:
+        since = ts_of_ms(max(0, since_ms - _RECONCILE_MARGIN_MS)) if since_ms else "1970-01-01T00:00:00.000Z"
+        self.reconciles.append((obj, since))
+        self.stats.reconciled += await self.sync.reconcile(obj, since)
+
+    # -------------------------------------------------------------------------------------------- loop
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.load()
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.handshake()
+                await self.subscribe_all()
+                failures = 0
+                while not stop.is_set():
+                    await self.connect_once()
+            except (StreamDropped, Transient) as exc:
+                failures += 1
+                delay = 0.0 if isinstance(exc, StreamDropped) and failures == 1 else min(30.0, 0.2 * 2 ** failures)
+                if exc.retry_after:
+                    delay = exc.retry_after
+                log.warning("stream interrupted; reconnecting with replay", error=str(exc)[:300],
+                            retry_in_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+
+def listener_for(cc: SfConnection, client: SalesforceClient, infra: Infra,
+                 session: aiohttp.ClientSession) -> CdcListener:
+    cursors = PgCursorStore(infra.pool)
+    sync = ConnectionSync(cc, client, infra.publisher, cursors, infra.settings)
+    return CdcListener(cc, client, sync, cursors, session)
+
+
+def aiohttp_session(cc: SfConnection) -> aiohttp.ClientSession:
+    ctx = ssl.create_default_context(cafile=cc.ca_bundle) if cc.ca_bundle else ssl.create_default_context()
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=4))
+
+
+async def run_listener(conn: Connection, infra: Infra, stop: asyncio.Event) -> None:
+    """Stream one connection's change events until ``stop``."""
+    bind(tenant_id=conn.tenant_id, connection_id=conn.connection_id, source=SOURCE)
+    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
+    try:
+        cc = parse_connection(conn)
+    except ConfigError as exc:
+        log.warning("connection misconfigured", error=str(exc))
+        return
+    if not cc.cdc:
+        return
+    # the stream only reads (fetch-backs) at the org share; the poller's per-run share does not apply
+    quota = Quota(run_share=1.0, org_share=cc.quota.org_share, pause_s=cc.quota.pause_s,
+                  limit_backoff_s=cc.quota.limit_backoff_s)
+    async with http_client(cc) as http, aiohttp_session(cc) as session:
+        client = build_client(cc, http, infra)
+        client.governor = QuotaGovernor(quota)
+        listener = listener_for(cc, client, infra, session)
+        started = time.monotonic()
+        try:
+            await listener.run(stop)
+        except ConfigError as exc:
+            log.warning("listener stopped: configuration error", error=str(exc))
+            await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+        finally:
+            log.info("listener stopped", seconds=round(time.monotonic() - started, 1), events=listener.stats.events)
+
+
+def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
+    return [supervise(infra, stop, run_listener)]
+
+
+SERVICE = Service("cdc-listener", tasks=_tasks)
