@@ -132,6 +132,11 @@ class CdcListener:
                 if resp.status >= 500:
                     raise StreamDropped(f"CometD answered {resp.status}")
                 body = await resp.json(content_type=None)
+                if isinstance(body, list) and body and isinstance(body[0], dict) and "errorCode" in body[0]:
+                    code = str(body[0]["errorCode"])  # a REST-style error (limits, server trouble), not Bayeux
+                    wait = self.conn.quota.limit_backoff_s if code == "REQUEST_LIMIT_EXCEEDED" else None
+                    raise StreamDropped(f"CometD answered {resp.status} {code}: {body[0].get('message')}",
+                                        retry_after=wait)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise StreamDropped(f"CometD request failed: {type(exc).__name__}: {exc}") from exc
         return list(body) if isinstance(body, list) else [body]
