@@ -165,12 +165,17 @@ async def _setup_salesforce(stack: contextlib.AsyncExitStack, n_orders: int) -> 
              orders=n_orders, seed=9)
     running = await stack.enter_async_context(serve(build_app(state)))
     org = state.orgs["globex"]
-    members: dict[str, MemberData] = {}
-    for truth in ground_truth(org).values():
-        email = getattr(truth, "email", None)
-        if email and email not in members:
-            members[email] = MemberData(member_id=f"G-{len(members) + 1:05d}", email=email)
-    kept = [m for i, m in enumerate(members.values()) if i % 12 != 11]
+    truths = [t for t in ground_truth(org).values() if not t.is_deleted]
+    # The loyalty core knows globex's customers by their account number (the connection's external ID).
+    by_account: dict[str, MemberData] = {}
+    for account in org.records("Account"):
+        by_account[account["Id"]] = MemberData(
+            member_id=f"G-{len(by_account) + 1:05d}", external_id=account.get("AccountNumber"),
+            email=account.get("PersonEmail"),
+        )
+    kept_accounts = {a: m for i, (a, m) in enumerate(by_account.items()) if i % 12 != 11}
+    kept = list(kept_accounts.values())
+    member_orders = sum(1 for t in truths if t.account_id in kept_accounts)
     say(f"  Salesforce sandbox {running.base_url}  (org globex, {n_orders} orders)")
     say(f"    {len(kept)} members to import for tenant globex")
     rng = random.Random(13)
@@ -179,7 +184,7 @@ async def _setup_salesforce(stack: contextlib.AsyncExitStack, n_orders: int) -> 
         random_mutations(org, 1, rng)
         return "Salesforce: random change"
 
-    tenant = Tenant("globex", "globex-sf", "salesforce", "globex (Salesforce)", n_orders, kept, mutate)
+    tenant = Tenant("globex", "globex-sf", "salesforce", "globex (Salesforce)", member_orders, kept, mutate)
     conn = {
         "endpoint": running.base_url,
         "credentials": {"client_id": org.client_id, "client_secret": org.client_secret},
@@ -197,6 +202,8 @@ async def _configure(infra: Infra, settings: FlashSettings, tenant: Tenant, conn
         tenant_id=tenant.tenant_id, base_currency="USD", points_per_unit=Decimal(1),
         basis="total_ex_tax_shipping", rounding="floor", category_multipliers={"Electronics": Decimal(2)},
         per_order_cap=50_000,
+        # Salesforce orders carry a currency but no rate: the program's fallback rates convert them.
+        exchange_rates={"EUR": Decimal("0.92"), "GBP": Decimal("0.79"), "USD": Decimal(1)},
     )
     await points_cli.set_program(infra.pool, program)
     store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(settings))
