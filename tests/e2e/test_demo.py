@@ -29,7 +29,10 @@ async def test_demo_lands_every_member_order(infra: Infra, capsys: pytest.Captur
         assert earned > 0, f"{tenant} earned nothing"
         landed = await pool.fetchval("SELECT count(*) FROM orders WHERE tenant_id = $1 AND known", tenant)
         assert landed > 0
-    members = {r["member_id"] for r in await pool.fetch("SELECT member_id FROM members WHERE tenant_id = 'acme'")}
-    ledger_members = {r["member_id"] for r in await pool.fetch("SELECT DISTINCT member_id FROM ledger")}
-    assert ledger_members <= members, "points only ever land on existing members"
+    for tenant in ("acme", "globex"):
+        members = {r["member_id"] for r in await pool.fetch(
+            "SELECT member_id FROM members WHERE tenant_id = $1", tenant)}
+        ledger_members = {r["member_id"] for r in await pool.fetch(
+            "SELECT DISTINCT member_id FROM ledger WHERE tenant_id = $1", tenant)}
+        assert ledger_members <= members, "points only ever land on existing members of the same tenant"
     assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
