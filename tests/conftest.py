@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from servicekit.logging import configure_logging
 from servicekit.runtime import Infra, open_infra
 from servicekit.settings import FlashSettings

@@ -1,20 +1,6 @@
 """``python -m ce_poller``: run the Dynamics 365 Sales poller until SIGINT/SIGTERM."""
 
-from __future__ import annotations
-
-import asyncio
-
 from ce_poller.app import SERVICE
-from servicekit.logging import configure_logging
-from servicekit.runtime import run_services
-from servicekit.settings import FlashSettings
+from servicekit.runtime import main
 
-
-def main() -> int:
-    settings = FlashSettings()
-    configure_logging(settings.log_level, settings.log_format, service=SERVICE.name)
-    return asyncio.run(run_services([SERVICE], settings))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+raise SystemExit(main(SERVICE))
