@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import ssl
 from collections.abc import Awaitable, Sequence
 
@@ -23,6 +21,7 @@ from ce_poller.limiter import budget_for
 from ce_poller.stores import KnownKeys, PgKnownKeys, index_dead_letters
 from ce_poller.sync import ConnectionSync, DeadLetterSink, Publisher
 from servicekit.connections import Connection, CredentialCipher, CursorStore, PgConnectionStore, PgCursorStore
+from servicekit.connectors import supervise_connections
 from servicekit.db import Migrations
 from servicekit.errors import ConfigError, Transient
 from servicekit.logging import bind, get_logger
@@ -103,43 +102,9 @@ async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *,
                 await asyncio.wait_for(stop.wait(), delay)
 
 
-def _fingerprint(c: Connection) -> str:
-    blob = json.dumps([c.endpoint, c.settings, c.credentials], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELIST_S) -> None:
     """Keep one :func:`run_connection` task per live dynamics-ce connection."""
-    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
-    running: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
-    try:
-        while not stop.is_set():
-            try:
-                live = {(c.tenant_id, c.connection_id): c for c in await store.list(source=SOURCE, states=("live",))}
-            except Transient as exc:
-                log.warning("listing connections failed", error=str(exc))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), relist_s)
-                continue
-            for key, (fp, task) in list(running.items()):
-                c = live.get(key)
-                if c is None or _fingerprint(c) != fp or task.done():
-                    if c is not None and task.done() and _fingerprint(c) == fp:
-                        continue  # finished (config error marked it failed); the next listing drops it
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-                    del running[key]
-            for key, c in live.items():
-                if key not in running:
-                    running[key] = (_fingerprint(c), asyncio.ensure_future(run_connection(c, infra, stop)))
-                    log.info("connection started", tenant_id=c.tenant_id, connection_id=c.connection_id)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), relist_s)
-    finally:
-        for _, task in running.values():
-            task.cancel()
-        await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
+    await supervise_connections(infra, stop, source=SOURCE, runner=run_connection, relist_s=relist_s)
 
 
 def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:

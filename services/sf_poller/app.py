@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
+from servicekit.connectors import supervise_connections
 from servicekit.errors import ConfigError, Transient
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
@@ -98,44 +97,10 @@ async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *,
                 await asyncio.wait_for(stop.wait(), delay)
 
 
-def _fingerprint(c: Connection) -> str:
-    blob = json.dumps([c.endpoint, c.settings, c.credentials], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 async def supervise(infra: Infra, stop: asyncio.Event, runner: Runner = run_connection, *,
                     relist_s: float = RELIST_S) -> None:
     """Keep one ``runner`` task per live salesforce connection."""
-    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
-    running: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
-    try:
-        while not stop.is_set():
-            try:
-                live = {(c.tenant_id, c.connection_id): c for c in await store.list(source=SOURCE, states=("live",))}
-            except Transient as exc:
-                log.warning("listing connections failed", error=str(exc))
-                live = None
-            if live is not None:
-                for key, (fp, task) in list(running.items()):
-                    c = live.get(key)
-                    if c is not None and _fingerprint(c) == fp:
-                        if not task.done() or task.cancelled() or task.exception() is None:
-                            continue  # running, or finished on purpose (a config error marked it failed)
-                        log.warning("connection task crashed; restarting", error=str(task.exception())[:300])
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-                    del running[key]
-                for key, c in live.items():
-                    if key not in running:
-                        running[key] = (_fingerprint(c), asyncio.ensure_future(runner(c, infra, stop)))
-                        log.info("connection started", tenant_id=c.tenant_id, connection_id=c.connection_id)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), relist_s)
-    finally:
-        for _, task in running.values():
-            task.cancel()
-        await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
+    await supervise_connections(infra, stop, source=SOURCE, runner=runner, relist_s=relist_s)
 
 
 def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
