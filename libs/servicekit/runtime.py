@@ -27,7 +27,10 @@ from servicekit.kafka import KafkaPublisher, ensure_topics, make_broker
 from servicekit.logging import bind, get_logger
 from servicekit.settings import FlashSettings
 
-__all__ = ["Infra", "Service", "build_app", "every", "main", "open_infra", "run_services", "subscribe"]
+__all__ = [
+    "Infra", "Service", "build_app", "every", "install_signal_handlers", "main", "open_infra", "run_services",
+    "subscribe",
+]
 
 log = get_logger(__name__)
 
@@ -167,10 +170,7 @@ async def run_services(
         fatal.append(exc)
         stop.set()
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    install_signal_handlers(stop)
     bind(service="+".join(s.name for s in services))
     migrations = [m for s in services for m in s.migrations]
     async with contextlib.AsyncExitStack() as stack:
@@ -197,6 +197,16 @@ async def run_services(
         log.critical("stopped on error", error=str(fatal[0]))
         return 2
     return 0
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGINT and SIGTERM set ``stop`` (where the platform's event loop supports signal handlers)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows loops, or not the main thread
+            log.debug("signal handlers unavailable here; stop with the stop event")
 
 
 def _task_done(task: asyncio.Future[None], on_fatal: Callable[[BaseException], None]) -> None:

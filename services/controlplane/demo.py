@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import importlib
 import random
-import signal
 import sys
 import time
 import uuid
@@ -35,7 +34,7 @@ from servicekit import dlq as dlq_ops
 from servicekit.connections import CredentialCipher, PgConnectionStore
 from servicekit.embedded import resolve_database_url
 from servicekit.errors import ConfigError, FlashError
-from servicekit.runtime import Infra, Service, open_infra, run_services
+from servicekit.runtime import Infra, Service, install_signal_handlers, open_infra, run_services
 from servicekit.settings import FlashSettings
 
 __all__ = ["run_demo"]
@@ -237,10 +236,7 @@ async def run_demo(settings: FlashSettings, args: argparse.Namespace) -> int:
     say("Flash Connect demo: Dynamics 365 / Salesforce -> loyalty ledger, on embedded defaults")
     say(f"  database schema {settings.db_schema}, topic prefix {settings.topic_prefix!r}")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    install_signal_handlers(stop)
     services = _load_services()
     async with contextlib.AsyncExitStack() as stack:
         say("\n1. Vendor sandboxes")
