@@ -9,11 +9,11 @@ import json
 from collections.abc import Awaitable, Callable
 
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
-from servicekit.errors import Transient
+from servicekit.errors import ConfigError, Transient
 from servicekit.logging import get_logger
 from servicekit.runtime import Infra
 
-__all__ = ["ConnectionRunner", "fingerprint", "supervise_connections"]
+__all__ = ["ConnectionRunner", "fingerprint", "mark_failed", "poll_forever", "supervise_connections"]
 
 log = get_logger(__name__)
 
@@ -67,3 +67,40 @@ async def supervise_connections(
         for _, task in running.values():
             task.cancel()
         await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
+
+
+async def mark_failed(conn: Connection, infra: Infra, exc: ConfigError) -> None:
+    """Stop syncing a misconfigured connection and record the message saying what to fix."""
+    log.warning("connection stopped: configuration error", tenant_id=conn.tenant_id,
+                connection_id=conn.connection_id, error=str(exc))
+    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
+    await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+
+
+async def poll_forever(
+    conn: Connection, infra: Infra, stop: asyncio.Event, cycle: Callable[[], Awaitable[float]], *, once: bool = False
+) -> None:
+    """Run ``cycle`` (one sync pass, returning the seconds until the next) until ``stop``.
+
+    One policy for every connector: a ConfigError marks the connection ``failed`` and ends the loop; a
+    Transient (vendor trouble, a quota pause, our own broker or database down) is retried after its
+    ``retry_after`` or an exponential backoff; ``once`` returns after the first successful pass.
+    """
+    settings = infra.settings
+    failures = 0
+    while not stop.is_set():
+        try:
+            delay = await cycle()
+            failures = 0
+            if once:
+                return
+        except ConfigError as exc:
+            await mark_failed(conn, infra, exc)
+            return
+        except Transient as exc:
+            failures += 1
+            delay = exc.retry_after or min(settings.backoff_max_s * 4, settings.backoff_base_s * 2 ** min(failures, 8))
+            log.warning("cycle failed, retrying", tenant_id=conn.tenant_id, connection_id=conn.connection_id,
+                        error=str(exc)[:500], retry_in_s=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)

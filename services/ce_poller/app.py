@@ -9,7 +9,6 @@ other connections keep running.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import Awaitable, Sequence
 
@@ -20,10 +19,10 @@ from ce_poller.config import CeConnection, parse_connection
 from ce_poller.limiter import budget_for
 from ce_poller.stores import KnownKeys, PgKnownKeys, index_dead_letters
 from ce_poller.sync import ConnectionSync, DeadLetterSink, Publisher
-from servicekit.connections import Connection, CredentialCipher, CursorStore, PgConnectionStore, PgCursorStore
-from servicekit.connectors import supervise_connections
+from servicekit.connections import Connection, CursorStore, PgCursorStore
+from servicekit.connectors import mark_failed, poll_forever, supervise_connections
 from servicekit.db import Migrations
-from servicekit.errors import ConfigError, Transient
+from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
 from servicekit.settings import FlashSettings
@@ -71,35 +70,21 @@ def sync_for_infra(cc: CeConnection, http: httpx.AsyncClient, infra: Infra) -> C
 async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *, once: bool = False) -> None:
     """Poll one connection until ``stop`` (or one full cycle with ``once``)."""
     bind(tenant_id=conn.tenant_id, connection_id=conn.connection_id)
-    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
     try:
         cc = parse_connection(conn)
     except ConfigError as exc:
-        await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-        log.warning("connection misconfigured", error=str(exc))
+        await mark_failed(conn, infra, exc)
         return
-    failures = 0
     async with http_client(cc) as http:
         sync = sync_for_infra(cc, http, infra)
-        while not stop.is_set():
-            try:
-                await sync.check_token_ages()
-                results = await sync.run_cycle()
-                failures = 0
-                log.debug("cycle done", results={k: (v.upserts, v.deletes) for k, v in results.items()})
-                if once:
-                    return
-                delay = cc.poll_interval_s
-            except ConfigError as exc:
-                log.warning("connection stopped: configuration error", error=str(exc))
-                await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-                return
-            except Transient as exc:  # includes our broker/database being down: retry the cycle later
-                failures += 1
-                delay = min(infra.settings.backoff_max_s * 4, infra.settings.backoff_base_s * 2 ** min(failures, 8))
-                log.warning("cycle failed, retrying", error=str(exc)[:500], retry_in_s=delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+
+        async def cycle() -> float:
+            await sync.check_token_ages()
+            results = await sync.run_cycle()
+            log.debug("cycle done", results={k: (v.upserts, v.deletes) for k, v in results.items()})
+            return cc.poll_interval_s
+
+        await poll_forever(conn, infra, stop, cycle, once=once)
 
 
 async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELIST_S) -> None:

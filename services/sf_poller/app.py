@@ -8,15 +8,14 @@ connection whose configuration is wrong is marked ``failed`` with the message sa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
-from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
-from servicekit.connectors import supervise_connections
-from servicekit.errors import ConfigError, Transient
+from servicekit.connections import Connection, PgCursorStore
+from servicekit.connectors import mark_failed, poll_forever, supervise_connections
+from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
 from sf_poller.client import QuotaGovernor, SalesforceClient
@@ -62,39 +61,23 @@ def build_sync(cc: SfConnection, client: SalesforceClient, infra: Infra) -> Conn
 async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *, once: bool = False) -> None:
     """Poll one connection until ``stop`` (or one full cycle with ``once``)."""
     bind(tenant_id=conn.tenant_id, connection_id=conn.connection_id)
-    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
     try:
         cc = parse_connection(conn)
     except ConfigError as exc:
-        await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-        log.warning("connection misconfigured", error=str(exc))
+        await mark_failed(conn, infra, exc)
         return
-    failures = 0
     async with http_client(cc) as http:
         sync = build_sync(cc, build_client(cc, http, infra), infra)
-        while not stop.is_set():
-            try:
-                results = await sync.run_cycle()
-                failures = 0
-                log.debug("cycle done", results={k: (v.upserts, v.deletes, v.skipped) for k, v in results.items()})
-                if once:
-                    return
-                waiting = any(r.skipped for r in results.values())
-                delay = (cc.reconcile_interval_s if cc.cdc and not waiting and await sync.backfilled()
-                         else cc.poll_interval_s)
-                if waiting:
-                    delay = min(delay, 1.0)
-            except ConfigError as exc:
-                log.warning("connection stopped: configuration error", error=str(exc))
-                await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-                return
-            except Transient as exc:  # vendor trouble, quota pause, our broker/database down: retry later
-                failures += 1
-                delay = exc.retry_after or min(infra.settings.backoff_max_s * 4,
-                                               infra.settings.backoff_base_s * 2 ** min(failures, 8))
-                log.warning("cycle failed, retrying", error=str(exc)[:500], retry_in_s=delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+
+        async def cycle() -> float:
+            results = await sync.run_cycle()
+            log.debug("cycle done", results={k: (v.upserts, v.deletes, v.skipped) for k, v in results.items()})
+            waiting = any(r.skipped for r in results.values())
+            if waiting:  # the CDC listener has not subscribed yet: look again soon
+                return min(cc.poll_interval_s, 1.0)
+            return cc.reconcile_interval_s if cc.cdc and await sync.backfilled() else cc.poll_interval_s
+
+        await poll_forever(conn, infra, stop, cycle, once=once)
 
 
 async def supervise(infra: Infra, stop: asyncio.Event, runner: Runner = run_connection, *,
