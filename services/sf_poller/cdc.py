@@ -75,7 +75,7 @@ class BatchStats:
 
 @dataclass
 class CdcListener:
-    """One connection's streaming client. :meth:`run` until ``stop``; :meth:`connect_once` for tests."""
+    """One connection's streaming client. :meth:`run` until ``stop``."""
 
     conn: SfConnection
     client: SalesforceClient
@@ -195,20 +195,35 @@ class CdcListener:
                                     "ext": {"replay": {channel: replay}}})
         return next((r for r in replies if r.get("channel") == "/meta/subscribe"), replies[0])
 
-    async def connect_once(self) -> int:
-        """One ``/meta/connect``: handle the events it returns; returns how many."""
+    async def _connect(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         replies = await self._send({"channel": "/meta/connect", "connectionType": "long-polling"})
         meta = next((r for r in replies if r.get("channel") == "/meta/connect"), None)
-        events = [r for r in replies if str(r.get("channel", "")).startswith("/data/")]
-        if events:
-            await self.handle(events)
-        if meta is not None and not meta.get("successful"):
-            raise StreamDropped(f"connect: {meta.get('error')} (advice {meta.get('advice')})")
-        if meta is not None:
-            interval = (meta.get("advice") or {}).get("interval") or 0
-            if interval:
-                await asyncio.sleep(float(interval) / 1000)
-        return len(events)
+        return [r for r in replies if str(r.get("channel", "")).startswith("/data/")], meta
+
+    async def stream(self, stop: asyncio.Event) -> None:
+        """Connect loop. The next long poll is already waiting while a batch is fetched and published;
+        batches are still handled (and their replay ids saved) strictly one after the other."""
+        pending: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                events, meta = await self._connect()
+                if pending is not None:
+                    await pending  # in order: batch N is saved before batch N+1 is handled
+                    pending = None
+                if events:
+                    pending = asyncio.ensure_future(self.handle(events))
+                if meta is not None and not meta.get("successful"):
+                    raise StreamDropped(f"connect: {meta.get('error')} (advice {meta.get('advice')})")
+                interval = ((meta or {}).get("advice") or {}).get("interval") or 0
+                if interval:
+                    await asyncio.sleep(float(interval) / 1000)
+        except asyncio.CancelledError:
+            if pending is not None:
+                pending.cancel()  # killed: the batch's replay ids are simply not saved
+            raise
+        finally:
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
 
     # -------------------------------------------------------------------------------------------- events
     async def handle(self, events: Sequence[dict[str, Any]]) -> None:
@@ -266,12 +281,14 @@ class CdcListener:
         for obj, rid in last_pos:
             by_obj.setdefault(obj, []).append(rid)
         found: dict[tuple[str, str], RawRecord] = {}
-        for obj, ids in by_obj.items():
+
+        async def fetch(obj: str, ids: list[str]) -> None:
             records, url = await self.sync.fetch_by_ids(obj, ids)
-            raws = await self.sync.to_raw(obj, records, url)
-            for raw in raws:
+            for raw in await self.sync.to_raw(obj, records, url):
                 found[(obj, raw.source_id)] = raw
             self.stats.fetched += len(records)
+
+        await asyncio.gather(*(fetch(obj, ids) for obj, ids in by_obj.items()))
         out = []
         for key in sorted(last_pos, key=lambda k: last_pos[k]):
             got = found.get(key)
@@ -301,8 +318,7 @@ class CdcListener:
                 await self.handshake()
                 await self.subscribe_all()
                 failures = 0
-                while not stop.is_set():
-                    await self.connect_once()
+                await self.stream(stop)
             except (StreamDropped, Transient) as exc:
                 failures += 1
                 delay = 0.0 if isinstance(exc, StreamDropped) and failures == 1 else min(30.0, 0.2 * 2 ** failures)

@@ -1,0 +1,329 @@
+"""Salesforce connector benchmark: CDC mutation -> ledger latency, and a Bulk API 2.0 backfill.
+
+    .venv/bin/python bench/sf_cdc.py [--rate 200] [--seconds 15] [--orders 100000]
+
+The sandbox runs in a child process (its own CPU and memory); the connectors (CDC listener, poller) and the
+pipe (normalizer, resolver, points) run in this process (``--processes``: one process each) on the embedded
+broker and PostgreSQL (``FLASH_DATABASE_URL`` or the local server).
+
+1. Latency: ``--rate`` changes/s for ``--seconds``; each change is one Salesforce transaction that places and
+   fulfils an order (Order + lines + status). Latency = the ledger's earn row ``created_at`` minus the moment
+   the mutation was sent to the sandbox. Prints p50 / p99 / max (target p99 < 1 s).
+2. Backfill: ``--orders`` Order rows read by the poller through Bulk API 2.0 (results streamed as CSV,
+   ``maxRecords`` chunks, published to ``raw.salesforce.Order`` with broker acks and cursor saves). Prints
+   records/s and this process's peak RSS growth during the backfill (bounded memory: it must not grow with
+   ``--orders``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from canonical.events import MemberData
+from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
+from servicekit.db import migrate
+from servicekit.kafka import ensure_topics
+from servicekit.logging import configure_logging
+from servicekit.runtime import Infra, open_infra, run_services
+from servicekit.settings import FlashSettings
+
+# bench/points.py would shadow the points package (the script's directory comes first on sys.path)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+# ------------------------------------------------------------------------------------------ sandbox child
+def _sandbox_child(conn: Any, orders: int) -> None:
+    asyncio.run(_sandbox_main(conn, orders))
+
+
+async def _sandbox_main(conn: Any, orders: int) -> None:
+    from sandbox.salesforce import SalesforceState, build_app, seed_org
+    from sandbox.server import serve
+
+    state = SalesforceState(cometd_timeout_s=5.0)
+    bench = state.add_org("bench")
+    seed_org(state, bench, orders=20, accounts=40, person_accounts=40, products=30, seed=3)
+    bulk = state.add_org("bulk")
+    seed_org(state, bulk, orders=0, accounts=20, person_accounts=20, products=10, seed=4)
+    accounts = [a["Id"] for a in bulk.records("Account")]
+    now = bulk.clock.now_ms() - 86_400_000
+    for i in range(orders):
+        ts = now + i // 3  # several rows share each millisecond
+        bulk.insert_raw("Order", {
+            "Id": bulk.ids.next("801"), "OrderNumber": f"{i + 1:08d}", "AccountId": accounts[i % len(accounts)],
+            "Status": "Activated", "StatusCode": "Activated", "EffectiveDate": "2026-01-01", "ActivatedDate": ts,
+            "TotalAmount": float(10 + i % 500), "CurrencyIsoCode": "EUR", "IsReductionOrder": False,
+            "CreatedDate": ts, "LastModifiedDate": ts, "SystemModstamp": ts,
+        })
+    bulk.rebuild_indexes()
+    async with serve(build_app(state)) as sb:
+        conn.send({
+            "base_url": sb.base_url, "ca": str(sb.tls.ca_path),
+            "orgs": {o.name: (o.client_id, o.client_secret) for o in (bench, bulk)},
+            "accounts": [(a["Id"], a["AccountNumber"]) for a in bench.records("Account")],
+            "products": [p["Id"] for p in bench.records("Product2") if p["IsActive"]],
+        })
+        while True:
+            await asyncio.sleep(3600)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class RssSampler:
+    def __init__(self) -> None:
+        self.peak = rss_mb()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_mb())
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+async def add_conn(infra: Infra, tenant: str, cid: str, info: dict[str, Any], org: str,
+                   settings: dict[str, Any]) -> Connection:
+    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
+    client_id, secret = info["orgs"][org]
+    await store.upsert(tenant, cid, "salesforce", info["base_url"], {"client_id": client_id, "client_secret": secret},
+                       {"ca_bundle": info["ca"], **settings})
+    await store.set_state(tenant, cid, "live")
+    return await store.get(tenant, cid)
+
+
+async def raw_times(infra: Infra, ids: set[str]) -> dict[str, float]:
+    """When the connector published the last raw Order record of each order (broker CreateTime)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from canonical.topics import raw
+
+    topic = infra.settings.topic(raw("salesforce", "Order"))
+    consumer = AIOKafkaConsumer(bootstrap_servers=infra.bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    out: dict[str, float] = {}
+    try:
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or set()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            for msgs in (await consumer.getmany(*tps, timeout_ms=500, max_records=5000)).values():
+                for m in msgs:
+                    key = (m.key or b"").decode().split(":", 1)[-1]
+                    if key in ids:
+                        out[key] = max(out.get(key, 0.0), m.timestamp / 1000)
+    finally:
+        await consumer.stop()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 1. latency
+SERVICE_MODULES = ("normalizer", "resolver", "points", "sf_poller", "cdc_listener")
+
+
+async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: float, *,
+                  processes: bool = True) -> dict[str, float]:
+    from normalizer.app import SERVICE as NORMALIZER
+    from points.app import MIGRATIONS as POINTS_MIGRATIONS
+    from points.app import build_service
+    from points.cli import set_program
+    from points.rules import Program
+    from resolver.app import MIGRATIONS as RESOLVER_MIGRATIONS
+    from resolver.app import SERVICE as RESOLVER
+    from resolver.cli import import_members
+    from sf_poller.app import supervise
+    from sf_poller.cdc import run_listener
+
+    await migrate(infra.pool, [RESOLVER_MIGRATIONS, POINTS_MIGRATIONS])
+    tenant = "bench"
+    await set_program(infra.pool, Program.model_validate({
+        "tenant_id": tenant, "base_currency": "EUR", "points_per_unit": "1", "basis": "total",
+        "exchange_rates": {"USD": "1.08", "GBP": "0.86", "CHF": "0.95"}}))
+    await import_members(infra.pool, tenant,
+                         [MemberData(member_id=f"m-{n}", external_id=n) for _, n in info["accounts"]])
+    await add_conn(infra, tenant, "sf-bench", info, "bench", {
+        "objects": ["Account", "Order", "OrderItem"], "status_map": {"Fulfilled": "awardable"},
+        "reconcile_interval_s": 3600})
+    stop = asyncio.Event()
+    procs: list[subprocess.Popen[bytes]] = []
+    pipe: asyncio.Task[int] | None = None
+    connectors: list[asyncio.Task[None]] = []
+    if processes:  # one process per service, as deployed
+        s = infra.settings
+        env = {**os.environ, "FLASH_KAFKA_BOOTSTRAP": infra.bootstrap, "FLASH_DATABASE_URL": infra.database_url,
+               "FLASH_DB_SCHEMA": s.db_schema or "", "FLASH_TOPIC_PREFIX": s.topic_prefix,
+               "FLASH_STATE_DIR": str(s.state_dir), "FLASH_LOG_LEVEL": "WARNING"}
+        procs = [subprocess.Popen([sys.executable, "-m", m], env=env) for m in SERVICE_MODULES]
+    else:
+        pipe = asyncio.create_task(run_services([NORMALIZER, RESOLVER, build_service()], infra.settings, stop=stop))
+        connectors = [asyncio.create_task(supervise(infra, stop, relist_s=1.0)),
+                      asyncio.create_task(supervise(infra, stop, run_listener, relist_s=1.0))]
+    ctl = httpx.AsyncClient(base_url=f"{info['base_url']}/_sandbox/orgs/bench", verify=info["ca"], timeout=30,
+                            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+    try:
+        seeded = 0
+        for _ in range(600):  # backfill of the seed (and consumer groups joining) before the clock starts
+            seeded = int(await infra.pool.fetchval("SELECT count(DISTINCT order_source_id) FROM ledger") or 0)
+            if seeded:
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2.0)
+        accounts = [a for a, _ in info["accounts"]]
+        products = info["products"]
+        sent: dict[str, float] = {}
+        n = int(rate * seconds)
+        start = time.perf_counter()
+        wall0 = time.time() - start
+
+        async def one(i: int) -> None:
+            t0 = time.perf_counter()
+            resp = await ctl.post("/orders", json={
+                "accountId": accounts[i % len(accounts)], "status": "Fulfilled",
+                "lines": [{"productId": products[i % len(products)], "quantity": 1 + i % 3}]})
+            sent[resp.json()["id"]] = wall0 + t0
+
+        tasks = []
+        for i in range(n):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        send_elapsed = time.perf_counter() - start
+        deadline = time.monotonic() + 60
+        done: dict[str, dt.datetime] = {}
+        while time.monotonic() < deadline and len(done) < len(sent):
+            rows = await infra.pool.fetch(
+                "SELECT order_source_id, min(created_at) AS t FROM ledger WHERE kind = 'earn' "
+                "AND order_source_id = ANY($1::text[]) GROUP BY 1", list(sent))
+            done = {r["order_source_id"]: r["t"] for r in rows}
+            await asyncio.sleep(0.5)
+        lat = [done[o].timestamp() - sent[o] for o in done]
+        raw_at = await raw_times(infra, set(sent))
+        raw_lat = [raw_at[o] - sent[o] for o in raw_at]
+        return {"changes": n, "rate": n / send_elapsed, "landed": len(done), "p50": pct(lat, 50),
+                "p99": pct(lat, 99), "max": max(lat), "mean": statistics.fmean(lat),
+                "raw_p50": pct(raw_lat, 50), "raw_p99": pct(raw_lat, 99)}
+    finally:
+        for t in connectors:
+            t.cancel()
+        await asyncio.gather(*connectors, return_exceptions=True)
+        stop.set()
+        if pipe is not None:
+            await pipe
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            await asyncio.to_thread(proc.wait, 30)
+        await ctl.aclose()
+
+
+# ------------------------------------------------------------------------------------------ 2. backfill
+async def backfill(infra: Infra, info: dict[str, Any], orders: int) -> dict[str, float]:
+    from sf_poller.app import build_client, http_client
+    from sf_poller.config import parse_connection
+    from sf_poller.sync import ConnectionSync
+
+    conn = await add_conn(infra, "bulk", "sf-bulk", info, "bulk", {
+        "objects": ["Order"], "bulk_threshold": 2000, "bulk_poll_s": 0.2, "cdc": False})
+    conn_cc = parse_connection(conn)
+    async with http_client(conn_cc) as http:
+        sync = ConnectionSync(conn_cc, build_client(conn_cc, http, infra), infra.publisher,
+                              PgCursorStore(infra.pool), infra.settings)
+        base = rss_mb()
+        with RssSampler() as sampler:
+            t0 = time.perf_counter()
+            res = await sync.sync_entity("Order")
+            elapsed = time.perf_counter() - t0
+        cur = await PgCursorStore(infra.pool).load("bulk", "sf-bulk", "Order")
+    assert cur, "no cursor saved"
+    assert cur["phase"] == "incremental", cur
+    return {"records": sync.published, "phase": res.phase == "bulk", "seconds": elapsed,
+            "rps": sync.published / elapsed, "rss_base_mb": base, "rss_peak_mb": sampler.peak,
+            "rss_growth_mb": sampler.peak - base, "expected": orders}
+
+
+async def main(args: argparse.Namespace) -> int:
+    configure_logging("WARNING", "console")
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_sandbox_child, args=(child, args.orders), daemon=True)
+    t0 = time.perf_counter()
+    proc.start()
+    info = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
+    print(f"sandbox ready in {time.perf_counter() - t0:.1f}s ({args.orders} orders for the backfill)", flush=True)
+    run = uuid.uuid4().hex[:8]
+    settings = FlashSettings(db_schema=f"bench_sf_{run}", topic_prefix=f"bench-sf-{run}.",
+                             state_dir=Path(tempfile.mkdtemp(prefix="flash-bench-")))
+    try:
+        async with open_infra(settings, create_topics=False) as infra:
+            # the services below must use this broker and database, not start embedded ones of their own
+            infra.settings = settings = settings.model_copy(
+                update={"kafka_bootstrap": infra.bootstrap, "database_url": infra.database_url})
+            await ensure_topics(infra.bootstrap, settings)
+            try:
+                if not args.skip_latency:
+                    lat = await latency(infra, info, args.rate, args.seconds, processes=args.processes)
+                    print(f"CDC mutation -> ledger: {lat['changes']} changes at {lat['rate']:.0f}/s, "
+                          f"{lat['landed']} landed; p50 {lat['p50'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, "
+                          f"max {lat['max'] * 1000:.0f} ms (target p99 < 1000 ms); of which sandbox -> raw topic: "
+                          f"p50 {lat['raw_p50'] * 1000:.0f} ms, p99 {lat['raw_p99'] * 1000:.0f} ms", flush=True)
+                bf = await backfill(infra, info, args.orders)
+                print(f"Bulk 2.0 backfill: {bf['records']:.0f} orders in {bf['seconds']:.1f}s = "
+                      f"{bf['rps']:.0f} records/s; RSS {bf['rss_base_mb']:.0f} MB -> peak {bf['rss_peak_mb']:.0f} MB "
+                      f"(+{bf['rss_growth_mb']:.0f} MB during the backfill)", flush=True)
+            except Exception:
+                print(f"sandbox process alive: {proc.is_alive()} exit code {proc.exitcode}", flush=True)
+                raise
+            finally:
+                await infra.pool.execute(f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE')
+    finally:
+        proc.terminate()
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=200.0, help="changes per second")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--orders", type=int, default=100_000, help="orders in the Bulk backfill")
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--processes", action="store_true",
+                   help="one process per service, as deployed (default: all services in this process, which is "
+                        "faster on small hosts where the processes would only compete for the same cores)")
+    sys.exit(asyncio.run(main(p.parse_args())))
