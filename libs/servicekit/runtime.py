@@ -75,7 +75,10 @@ async def open_infra(
             await ensure_topics(bootstrap, settings)
         publisher = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash")
         await publisher.start()
-        yield Infra(settings, bootstrap, pool, publisher, dsn)
+        # The settings handed on name what was resolved, so whoever runs services with them reuses this
+        # broker and database instead of starting another embedded one.
+        resolved = settings.model_copy(update={"kafka_bootstrap": bootstrap, "database_url": dsn})
+        yield Infra(resolved, bootstrap, pool, publisher, dsn)
     finally:
         if publisher:
             await publisher.stop()
