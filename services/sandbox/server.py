@@ -43,7 +43,7 @@ async def serve(
     site = web.TCPSite(runner, host, port, ssl_context=tls.server_context(), reuse_address=True)
     await site.start()
     sockets = getattr(site._server, "sockets", None)  # aiohttp exposes no public accessor for the bound port
-    assert sockets  # noqa: S101 - aiohttp started the listener above
+    assert sockets
     bound_port = int(sockets[0].getsockname()[1])
     try:
         yield RunningSandbox(host=host, port=bound_port, tls=tls)

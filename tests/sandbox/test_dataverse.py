@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import msal
 import pytest
+
 from sandbox.dataverse import DataverseState, build_app, ground_truth, seed_org, verify_consistency
 from sandbox.dataverse import mutations as mut
 from sandbox.server import RunningSandbox, serve

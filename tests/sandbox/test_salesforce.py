@@ -13,6 +13,7 @@ import aiohttp
 import httpx
 import pytest
 import pytest_asyncio
+
 from sandbox.salesforce import SalesforceState, build_app, ground_truth, seed_org
 from sandbox.server import RunningSandbox, serve
 
