@@ -38,6 +38,7 @@ registration bound to an application user with organisation-level Read on the ta
                            per application user (shared by every connection of the same
                            authority + client id in the process).
 ``poll_interval_s``        Seconds between change-tracking polls (default 30).
+``entity_concurrency``     Tables synced at the same time (default 4); each holds at most two pages.
 ``expiry_warning_days``    Warn this many days before the delta token reaches the organisation's
                            ``expirechangetrackingindays`` (default 2).
 =========================  ==========================================================================

@@ -84,6 +84,7 @@ class CeConnection:
     limits: dict[str, float]
     poll_interval_s: float
     expiry_warning_days: float
+    entity_concurrency: int = 4
     annotations: str = "Microsoft.Dynamics.CRM.lookuplogicalname"
 
     @property
@@ -168,4 +169,5 @@ def parse_connection(conn: Connection) -> CeConnection:
         client_id=c["client_id"], client_secret=c["client_secret"], ca_bundle=s.get("ca_bundle"),
         page_size=page_size, entities=tuple(specs), return_source=rs, limits=limits,
         poll_interval_s=float(s.get("poll_interval_s", 30)), expiry_warning_days=float(s.get("expiry_warning_days", 2)),
+        entity_concurrency=max(1, int(s.get("entity_concurrency", 4))),
     )

@@ -156,9 +156,17 @@ class ConnectionSync:
                  and not self._is_custom_return(s)]
         second = [s for s in self.conn.entities if s not in first]
         results: dict[str, EntityResult] = {}
+        # At most ``entity_concurrency`` tables at a time: each holds up to two pages (one being published,
+        # one prefetched), which bounds memory whatever the size of the tables.
+        gate = asyncio.Semaphore(self.conn.entity_concurrency)
+
+        async def one(spec: EntitySpec) -> EntityResult:
+            async with gate:
+                return await self.sync_entity(spec)
+
         # Returns after orders: an RMA names its order by number, resolved from the orders already published.
         for group in (first, second):
-            for r in await asyncio.gather(*(self.sync_entity(s) for s in group)):
+            for r in await asyncio.gather(*(one(s) for s in group)):
                 results[r.entity] = r
         return results
 
