@@ -5,9 +5,13 @@ A batch is handled in ONE PostgreSQL transaction that writes, together:
   - the handler's effects,
   - the messages it emits and any dead letters, into ``outbox`` (and ``dead_letters``).
 After the commit the outbox rows are published (all sends issued, then all awaited), and only then
-are the Kafka offsets committed. A crash at any point either redoes the whole batch (nothing was
-committed) or finds it done (processed rows exist) and republishes what the outbox still holds, so
-every effect happens once and every emitted message is delivered at least once with a stable id.
+are the Kafka offsets of the batch committed. A crash at any point either redoes the whole batch
+(nothing was committed) or finds it done (processed rows exist) and republishes what the outbox still
+holds, so every effect happens once and every emitted message is delivered at least once with a stable id.
+
+Pipelining: the publish of batch N (and its offset commit) runs while batch N+1's transaction does, in
+order: N+1's outputs are sent only after N's were acknowledged, and :meth:`PipeConsumer.handle_batch`
+returns only once N's are, so one batch at most is in flight behind the one being handled.
 
 Failure policy (shared by every consumer):
   - undecodable messages (malformed JSON, no tenant, unknown type or version) go straight to
@@ -55,7 +59,14 @@ from servicekit.errors import (
 )
 from servicekit.kafka import Headers, KafkaPublisher, OutMessage
 from servicekit.logging import get_logger
-from servicekit.outbox import UnitOfWork, headers_json, message_headers, relay_outbox, write_outbox
+from servicekit.outbox import (
+    UnitOfWork,
+    delete_published,
+    headers_json,
+    message_headers,
+    relay_outbox,
+    write_outbox,
+)
 from servicekit.settings import FlashSettings
 
 __all__ = [
@@ -195,7 +206,9 @@ class PipeConsumer(Generic[E]):
         self.decoder = decoder
         self.accepted = accepted
         self._sleep = sleep
-        self._published_ids: list[int] = []
+        self._published_ids: list[int] = []  # outbox rows acknowledged by the broker, deleted with the next batch
+        self._unsent: list[tuple[list[OutMessage], list[int], list[DeadLetter]]] = []  # committed, not yet sent
+        self._tail: asyncio.Task[None] | None = None  # publishes the previous batch, then commits its offsets
         self._relayed = False
         self.dlq_topic = settings.topic(dlq(name))
 
@@ -205,6 +218,18 @@ class PipeConsumer(Generic[E]):
         """Handle ``records`` completely (effects committed, outputs acknowledged by the broker).
 
         Returns only when the offsets of these records may be committed; raises ConfigError otherwise.
+        """
+        await self.handle_batch(records)
+        await self.drain()
+
+    async def handle_batch(
+        self, records: Sequence[ConsumerRecordLike], after_publish: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Commit the effects of ``records``; publish their outputs in the background, then ``after_publish``.
+
+        The runtime commits the batch's Kafka offsets in ``after_publish``. Returns once the effects are
+        committed and the PREVIOUS batch's outputs are acknowledged; raises ConfigError (after publishing
+        whatever was committed) when the service must stop.
         """
         if not self._relayed:
             await self._relay_outbox()
@@ -218,9 +243,69 @@ class PipeConsumer(Generic[E]):
             except DecodeError as exc:
                 peek = _peek(rec.value)
                 dead.append(self._dead(rec, exc, attempts=1, first=now, peek=peek))
-        await self._run(deliveries, dead)
+        previous = self._tail
+        try:
+            await self._run(deliveries, dead)
+        except BaseException:
+            self._schedule(previous, None)  # what was committed is still published; the offsets stay
+            raise
+        self._schedule(previous, after_publish)
+        if previous is not None:
+            await previous
         metrics.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         metrics.MESSAGES.labels(self.name).inc(len(records))
+
+    async def drain(self) -> None:
+        """Wait until everything committed so far is published (and its offsets committed)."""
+        if self._tail is not None:
+            await self._tail
+        if self._published_ids:  # forget them now rather than relaying them again at the next start
+            ids, self._published_ids = self._published_ids, []
+            try:
+                async with db_errors(f"{self.name} outbox cleanup"), self.pool.acquire() as conn:
+                    await delete_published(conn, ids)
+            except InfrastructureUnavailable:
+                log.warning("outbox cleanup deferred; the next start republishes (deduplicated downstream)",
+                            consumer=self.name)
+
+    def _schedule(self, previous: asyncio.Task[None] | None, after: Callable[[], Awaitable[None]] | None) -> None:
+        batches, self._unsent = self._unsent, []
+        if batches or after is not None:
+            self._tail = asyncio.create_task(self._publish(previous, batches, after))
+
+    async def _publish(
+        self,
+        previous: asyncio.Task[None] | None,
+        batches: list[tuple[list[OutMessage], list[int], list[DeadLetter]]],
+        after: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        if previous is not None:
+            await previous  # outputs leave in commit order
+        for messages, ids, dead in batches:
+            # Committed: these rows must reach the broker before the offsets move. Retrying the transaction
+            # would find the batch done, so the publish is retried on its own until the broker takes it.
+            while True:
+                try:
+                    await self.publisher.send_all(messages)
+                    break
+                except InfrastructureUnavailable as exc:
+                    await self._backoff(1, exc, unbounded=True)
+            self._published_ids.extend(ids)
+            for letter in dead:
+                metrics.DEAD_LETTERS.labels(self.name, letter.error_class).inc()
+                log.error(
+                    "message dead-lettered",
+                    consumer=self.name, tenant_id=letter.tenant_id, event_id=letter.event_id,
+                    error_class=letter.error_class, error=letter.error_message[:500], stage=letter.stage,
+                    topic=letter.record.topic, partition=letter.record.partition, offset=letter.record.offset,
+                    attempts=letter.attempts,
+                )
+        if after is not None:
+            try:
+                await after()
+            except Exception as exc:  # noqa: BLE001 - a lost commit only means redelivery, which dedupe absorbs
+                log.warning("offset commit failed; the batch will be redelivered and found done",
+                            consumer=self.name, error=str(exc)[:300], error_class=type(exc).__name__)
 
     # ----------------------------------------------------------------------------------------- policy
 
@@ -306,10 +391,11 @@ class PipeConsumer(Generic[E]):
     # ------------------------------------------------------------------------------------ transaction
 
     async def _commit(self, deliveries: Sequence[Delivery[E]], dead: Sequence[DeadLetter]) -> None:
+        """One transaction: dedupe, effect, outbox (and dead letters). Publishing is left to the tail."""
+        published = list(self._published_ids)
         async with db_errors(f"{self.name} batch"), self.pool.acquire() as conn:
             async with conn.transaction():
-                if self._published_ids:
-                    await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", self._published_ids)
+                await delete_published(conn, published)
                 uow = UnitOfWork(conn, self.name, self.settings)
                 fresh = await self._dedupe(conn, deliveries)
                 if fresh:
@@ -322,26 +408,9 @@ class PipeConsumer(Generic[E]):
                                        letter.headers())
                         )
                 ids = await write_outbox(conn, self.name, uow.outbox)
-        self._published_ids = []
-        # Committed: these rows must reach the broker before the offsets move. Retrying the transaction
-        # would find the batch done, so the publish is retried on its own until the broker takes it.
-        while True:
-            try:
-                await self.publisher.send_all(uow.outbox)
-                break
-            except InfrastructureUnavailable as exc:
-                await self._backoff(1, exc, unbounded=True)
-        self._published_ids = ids
-        if dead:
-            for letter in dead:
-                metrics.DEAD_LETTERS.labels(self.name, letter.error_class).inc()
-                log.error(
-                    "message dead-lettered",
-                    consumer=self.name, tenant_id=letter.tenant_id, event_id=letter.event_id,
-                    error_class=letter.error_class, error=letter.error_message[:500], stage=letter.stage,
-                    topic=letter.record.topic, partition=letter.record.partition, offset=letter.record.offset,
-                    attempts=letter.attempts,
-                )
+        del self._published_ids[:len(published)]
+        if uow.outbox or dead:
+            self._unsent.append((uow.outbox, ids, list(dead)))
 
     async def _dedupe(self, conn: DbConnection, deliveries: Sequence[Delivery[E]]) -> list[Delivery[E]]:
         if not deliveries:

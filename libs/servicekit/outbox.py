@@ -1,8 +1,9 @@
 """The transactional outbox shared by consumers and background tasks.
 
-Messages are written to ``outbox`` in the same transaction as the effect that caused them, published after
-the commit, then deleted. Whatever a crash leaves behind is published by :func:`relay_outbox` (at the next
-start or flush); consumers deduplicate by event id, so a message published twice lands once.
+Messages are written to ``outbox_batch`` in the same transaction as the effect that caused them (one row per
+batch, the messages packed with msgpack), published after the commit, then deleted. Whatever a crash leaves
+behind is published by :func:`relay_outbox` (at the next start or flush); consumers deduplicate by event id,
+so a message published twice lands once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import msgpack
 
 from canonical.envelope import Envelope
 from canonical.events import encode
@@ -20,7 +22,8 @@ from servicekit.kafka import Headers, KafkaPublisher, OutMessage
 from servicekit.settings import FlashSettings
 
 __all__ = [
-    "TaskOutbox", "UnitOfWork", "headers_from_json", "headers_json", "message_headers", "relay_outbox", "write_outbox",
+    "TaskOutbox", "UnitOfWork", "delete_published", "headers_from_json", "headers_json", "message_headers",
+    "pack_messages", "relay_outbox", "unpack_messages", "write_outbox",
 ]
 
 
@@ -59,37 +62,61 @@ def headers_from_json(raw: str | list[Any]) -> Headers:
     return [(str(k), str(v).encode()) for k, v in items]
 
 
+def pack_messages(messages: Sequence[OutMessage]) -> bytes:
+    """Pack messages (topic, key, value, headers) into one msgpack document."""
+    return msgpack.packb([(m.topic, m.key, m.value, m.headers) for m in messages], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_messages(payload: bytes) -> list[OutMessage]:
+    """The inverse of :func:`pack_messages`."""
+    return [
+        OutMessage(topic, value, key, [(str(k), bytes(v)) for k, v in headers])
+        for topic, key, value, headers in msgpack.unpackb(payload, raw=False, use_list=False)
+    ]
+
+
 async def write_outbox(conn: DbConnection, owner: str, messages: Sequence[OutMessage]) -> list[int]:
-    """Insert ``messages`` for ``owner`` in the caller's transaction; returns their ids."""
+    """Insert ``messages`` for ``owner`` in the caller's transaction (one row); returns the row ids."""
     if not messages:
         return []
-    rows = await conn.fetch(
-        """INSERT INTO outbox (consumer, topic, key, value, headers)
-           SELECT $1, t, k, v, h::jsonb FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::text[])
-               AS u(t, k, v, h)
-           RETURNING id""",
-        owner,
-        [m.topic for m in messages],
-        [m.key for m in messages],
-        [m.value for m in messages],
-        [headers_json(m.headers) for m in messages],
+    row_id = await conn.fetchval(
+        "INSERT INTO outbox_batch (consumer, messages, payload) VALUES ($1, $2, $3) RETURNING id",
+        owner, len(messages), pack_messages(messages),
     )
-    return [r["id"] for r in rows]
+    return [row_id]
+
+
+async def delete_published(conn: DbConnection, ids: Sequence[int]) -> None:
+    """Forget outbox rows whose messages the broker acknowledged."""
+    if ids:
+        await conn.execute("DELETE FROM outbox_batch WHERE id = ANY($1::bigint[])", list(ids))
 
 
 async def relay_outbox(pool: asyncpg.Pool, publisher: KafkaPublisher, owner: str) -> int:
     """Publish every committed, unpublished message of ``owner`` in order, then delete them."""
+    relayed = 0
     async with db_errors(f"{owner} outbox relay"), pool.acquire() as conn:
-        rows = await conn.fetch(
+        # Rows left in the per-message table by a version before 0002 go first: they are older.
+        legacy = await conn.fetch(
             "SELECT id, topic, key, value, headers FROM outbox WHERE consumer = $1 ORDER BY id", owner
         )
-        if not rows:
-            return 0
-        await publisher.send_all(
-            [OutMessage(r["topic"], r["value"], r["key"], headers_from_json(r["headers"])) for r in rows]
-        )
-        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
-        return len(rows)
+        if legacy:
+            await publisher.send_all(
+                [OutMessage(r["topic"], r["value"], r["key"], headers_from_json(r["headers"])) for r in legacy]
+            )
+            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in legacy])
+            relayed += len(legacy)
+        while True:  # a batch at a time, so a long backlog is never held in memory at once
+            rows = await conn.fetch(
+                "SELECT id, payload FROM outbox_batch WHERE consumer = $1 ORDER BY id LIMIT 20", owner
+            )
+            if not rows:
+                return relayed
+            for r in rows:
+                messages = unpack_messages(r["payload"])
+                await publisher.send_all(messages)
+                relayed += len(messages)
+            await delete_published(conn, [r["id"] for r in rows])
 
 
 class TaskOutbox:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from aiokafka import TopicPartition
 from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
@@ -97,20 +98,30 @@ def subscribe(
     """Register ``consumer`` as a batch subscriber that acknowledges only after the effect.
 
     FastStream's Kafka default acknowledges first and can lose messages; here the ack policy is MANUAL:
-    offsets are committed after :meth:`PipeConsumer.process_batch` returned, and rewound on a
-    configuration error, which also stops the service.
+    a batch's offsets are committed (explicitly, per partition) once its effects are committed and its
+    outputs acknowledged, while the next batch is already being handled (see :class:`PipeConsumer`); they are
+    rewound on a configuration error, which also stops the service.
     """
 
     async def on_batch(msg: KafkaMessage) -> None:
         records = msg.raw_message if isinstance(msg.raw_message, tuple) else (msg.raw_message,)
+        kafka_consumer = msg.consumer
+        offsets: dict[TopicPartition, int] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
+
+        async def commit_offsets() -> None:
+            # Exactly this batch's offsets: by now the consumer may have fetched (and be handling) the next one.
+            await kafka_consumer.commit(offsets)  # type: ignore[call-arg]
+
         try:
-            await consumer.process_batch(records)
+            await consumer.handle_batch(records, after_publish=commit_offsets)
         except ConfigError as exc:
+            await consumer.drain()
             await msg.nack()
             log.critical("consumer stopped: configuration error", consumer=consumer.name, error=str(exc))
             on_fatal(exc)
-            return
-        await msg.ack()
 
     on_batch.__name__ = f"consume_{consumer.name.replace('-', '_')}"
     broker.subscriber(
@@ -140,15 +151,24 @@ def build_app(
     services: Sequence[Service], infra: Infra, *, on_fatal: Callable[[BaseException], None] | None = None
 ) -> tuple[FastStream, KafkaBroker]:
     """Wire the consumers of ``services`` onto one broker; the FastStream app documents them (AsyncAPI)."""
+    app, broker, _ = _wire(services, infra, on_fatal)
+    return app, broker
+
+
+def _wire(
+    services: Sequence[Service], infra: Infra, on_fatal: Callable[[BaseException], None] | None
+) -> tuple[FastStream, KafkaBroker, list[PipeConsumer[Any]]]:
     broker = make_broker(infra.bootstrap)
     fatal = on_fatal or (lambda exc: None)
+    consumers: list[PipeConsumer[Any]] = []
     # Copies of a consumer share its group and split its partitions; in one process they overlap each
     # other's database and broker waits (each copy handles one batch at a time, in order per partition).
     for _ in range(infra.settings.consumer_copies):
         for svc in services:
             for consumer in svc.consumers(infra):
                 subscribe(broker, consumer, infra.settings, fatal)
-    return FastStream(broker), broker
+                consumers.append(consumer)
+    return FastStream(broker), broker, consumers
 
 
 async def run_services(
@@ -181,7 +201,7 @@ async def run_services(
             infra = await stack.enter_async_context(open_infra(settings, migrations=migrations))
         if any(s.extra_topics for s in services):
             await ensure_topics(infra.bootstrap, settings, (), extra=[t for s in services for t in s.extra_topics])
-        _, broker = build_app(services, infra, on_fatal=on_fatal)
+        _, broker, consumers = _wire(services, infra, on_fatal)
         await broker.start()
         tasks = [asyncio.ensure_future(t) for s in services for t in s.tasks(infra, stop)]
         for t in tasks:
@@ -196,6 +216,9 @@ async def run_services(
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await broker.stop()
+            # Publish what the last batches committed before the publisher closes (a kill skips this; the
+            # outbox relay at the next start covers it).
+            await asyncio.gather(*(c.drain() for c in consumers), return_exceptions=True)
     if fatal:
         log.critical("stopped on error", error=str(fatal[0]))
         return 2
