@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -34,6 +35,7 @@ from typing import Any
 import httpx
 
 from canonical.events import MemberData
+from canonical.topics import CANONICAL_ORDER, RESOLVED_ORDER, raw
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
 from servicekit.db import migrate
 from servicekit.kafka import ensure_topics
@@ -81,6 +83,46 @@ async def _sandbox_main(conn: Any, orders: int) -> None:
             await asyncio.sleep(3600)
 
 
+# ------------------------------------------------------------------------------------------ load driver child
+def _driver_child(conn: Any, info: dict[str, Any]) -> None:
+    asyncio.run(_driver_main(conn, info))
+
+
+async def _driver_main(conn: Any, info: dict[str, Any]) -> None:
+    """Plays the Salesforce users: ``n`` order mutations at ``rate``/s, each timed from the moment its
+    request leaves. Its own process, so generating the load never competes with the connectors' event loop
+    (the services' CPU on a small host is what this benchmark measures)."""
+    import ssl
+
+    import aiohttp
+
+    rate, n = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+    accounts = [a for a, _ in info["accounts"]]
+    products = info["products"]
+    url = f"{info['base_url']}/_sandbox/orgs/bench/orders"
+    ctx = ssl.create_default_context(cafile=info["ca"])
+    sent: dict[str, float] = {}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=64)) as http:
+
+        async def one(i: int) -> None:
+            t0 = time.time()
+            async with http.post(url, json={
+                    "accountId": accounts[i % len(accounts)], "status": "Fulfilled",
+                    "lines": [{"productId": products[i % len(products)], "quantity": 1 + i % 3}]}) as resp:
+                sent[(await resp.json())["id"]] = t0
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    conn.send((sent, elapsed))
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -124,16 +166,16 @@ async def add_conn(infra: Infra, tenant: str, cid: str, info: dict[str, Any], or
     return await store.get(tenant, cid)
 
 
-async def raw_times(infra: Infra, ids: set[str]) -> dict[str, float]:
-    """When the connector published the last raw Order record of each order (broker CreateTime)."""
+async def topic_times(infra: Infra, topic: str, ids: set[str], *,
+                      commit_time: bool = False) -> dict[str, list[float]]:
+    """Broker CreateTimes of the messages keyed ``tenant:<order id>`` on ``topic``, per order id (with
+    ``commit_time``: the ``SystemModstamp`` of the raw records instead, when the sandbox committed them)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from canonical.topics import raw
-
-    topic = infra.settings.topic(raw("salesforce", "Order"))
+    topic = infra.settings.topic(topic)
     consumer = AIOKafkaConsumer(bootstrap_servers=infra.bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
-    out: dict[str, float] = {}
+    out: dict[str, list[float]] = {}
     try:
         await consumer.topics()
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or set()]
@@ -144,19 +186,110 @@ async def raw_times(infra: Infra, ids: set[str]) -> dict[str, float]:
             for msgs in (await consumer.getmany(*tps, timeout_ms=500, max_records=5000)).values():
                 for m in msgs:
                     key = (m.key or b"").decode().split(":", 1)[-1]
-                    if key in ids:
-                        out[key] = max(out.get(key, 0.0), m.timestamp / 1000)
+                    if key in ids and not commit_time:
+                        out.setdefault(key, []).append(m.timestamp / 1000)
+                    elif key in ids:
+                        rec = json.loads(json.loads(m.value or b"{}")["payload"])
+                        stamp = dt.datetime.fromisoformat(str(rec["SystemModstamp"]).replace("+0000", "+00:00"))
+                        out.setdefault(key, []).append(stamp.timestamp())
     finally:
         await consumer.stop()
     return out
+
+
+def cdc_stage_snapshot() -> dict[str, list[tuple[float, float]]]:
+    """Cumulative bucket counts of the listener's ``flash_cdc_stage_seconds`` histogram, per stage."""
+    from prometheus_client import REGISTRY
+
+    out: dict[str, list[tuple[float, float]]] = {}
+    for metric in REGISTRY.collect():
+        if metric.name != "flash_cdc_stage_seconds":
+            continue
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                out.setdefault(sample.labels["stage"], []).append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_sum"):
+                out.setdefault("sum:" + sample.labels["stage"], []).append((0.0, sample.value))
+    return out
+
+
+def cdc_stage_report(before: dict[str, list[tuple[float, float]]], after: dict[str, list[tuple[float, float]]]) -> str:
+    """Count, mean and bucket-resolution p50 / p99 of each listener stage between two snapshots."""
+    lines = []
+    for stage in ("delivery", "wait", "fetch", "publish", "save"):
+        now = after.get(stage)
+        if not now:
+            continue
+        then = dict(before.get(stage, []))
+        buckets = [(le, n - then.get(le, 0.0)) for le, n in now]
+        total = buckets[-1][1]
+        if not total:
+            continue
+        spent = after["sum:" + stage][0][1] - (before.get("sum:" + stage) or [(0.0, 0.0)])[0][1]
+
+        def q(p: float, buckets: list[tuple[float, float]] = buckets, total: float = total) -> str:
+            le = next(le for le, n in buckets if n >= p * total)
+            return f"<= {le * 1000:.0f} ms" if le != float("inf") else "> 10 s"
+
+        lines.append(f"  {stage:<8} n {total:6.0f}  mean {spent / total * 1000:6.1f} ms  p50 {q(0.5):>10}  "
+                     f"p99 {q(0.99):>10}")
+    return "\n".join(lines)
+
+
+def stage_report(sent: dict[str, float], stamps: dict[str, dict[str, float]], done: dict[str, float]) -> str:
+    """p50 / p99 of each stage's own share: for every order, the last message of the stage that came no
+    later than the ledger entry, minus the same for the stage before."""
+    names = list(stamps)
+    lines = []
+    for i, name in enumerate([*names, "ledger"]):
+        prev = names[i - 1] if i else "sent"
+        d = []
+        for o, t_ledger in done.items():
+            t = t_ledger if name == "ledger" else stamps[name].get(o)
+            t_prev = sent[o] if prev == "sent" else stamps[prev].get(o)
+            if t is not None and t_prev is not None:
+                d.append(t - t_prev)
+        if d:
+            lines.append(f"  {prev:>9} -> {name:<9} p50 {pct(d, 50) * 1000:6.0f} ms  p99 {pct(d, 99) * 1000:6.0f} ms"
+                         f"  max {max(d) * 1000:6.0f} ms")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ 1. latency
 SERVICE_MODULES = ("normalizer", "resolver", "points", "sf_poller", "cdc_listener")
 
 
+async def drive_inline(info: dict[str, Any], rate: float, n: int) -> tuple[dict[str, float], float]:
+    """The load generated on this process's own event loop (``--inline-driver``; how it was measured
+    before): the POSTs compete with the services for the loop and the httpx pool queues the requests."""
+    ctl = httpx.AsyncClient(base_url=f"{info['base_url']}/_sandbox/orgs/bench", verify=info["ca"], timeout=30,
+                            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
+    accounts = [a for a, _ in info["accounts"]]
+    products = info["products"]
+    sent: dict[str, float] = {}
+    async with ctl:
+        start = time.perf_counter()
+        wall0 = time.time() - start
+
+        async def one(i: int) -> None:
+            t0 = time.perf_counter()
+            resp = await ctl.post("/orders", json={
+                "accountId": accounts[i % len(accounts)], "status": "Fulfilled",
+                "lines": [{"productId": products[i % len(products)], "quantity": 1 + i % 3}]})
+            sent[resp.json()["id"]] = wall0 + t0
+
+        tasks = []
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        return sent, time.perf_counter() - start
+
+
 async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: float, *,
-                  processes: bool = True) -> dict[str, float]:
+                  processes: bool = True, driver: Any = None) -> dict[str, Any]:
     from normalizer.app import SERVICE as NORMALIZER
     from points.app import MIGRATIONS as POINTS_MIGRATIONS
     from points.app import build_service
@@ -192,8 +325,6 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
         pipe = asyncio.create_task(run_services([NORMALIZER, RESOLVER, build_service()], infra.settings, stop=stop))
         connectors = [asyncio.create_task(supervise(infra, stop, relist_s=1.0)),
                       asyncio.create_task(supervise(infra, stop, run_listener, relist_s=1.0))]
-    ctl = httpx.AsyncClient(base_url=f"{info['base_url']}/_sandbox/orgs/bench", verify=info["ca"], timeout=30,
-                            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16))
     try:
         seeded = 0
         for _ in range(600):  # backfill of the seed (and consumer groups joining) before the clock starts
@@ -202,43 +333,40 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(2.0)
-        accounts = [a for a, _ in info["accounts"]]
-        products = info["products"]
-        sent: dict[str, float] = {}
         n = int(rate * seconds)
-        start = time.perf_counter()
-        wall0 = time.time() - start
-
-        async def one(i: int) -> None:
-            t0 = time.perf_counter()
-            resp = await ctl.post("/orders", json={
-                "accountId": accounts[i % len(accounts)], "status": "Fulfilled",
-                "lines": [{"productId": products[i % len(products)], "quantity": 1 + i % 3}]})
-            sent[resp.json()["id"]] = wall0 + t0
-
-        tasks = []
-        for i in range(n):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        send_elapsed = time.perf_counter() - start
+        listener_before = cdc_stage_snapshot()
+        cpu0, wall_start = time.process_time(), time.perf_counter()
+        if driver is not None:
+            driver.send((rate, n))
+            sent, send_elapsed = await asyncio.get_running_loop().run_in_executor(None, driver.recv)
+        else:
+            sent, send_elapsed = await drive_inline(info, rate, n)
+        cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall_start)
         deadline = time.monotonic() + 60
-        done: dict[str, dt.datetime] = {}
+        done: dict[str, float] = {}
         while time.monotonic() < deadline and len(done) < len(sent):
             rows = await infra.pool.fetch(
                 "SELECT order_source_id, min(created_at) AS t FROM ledger WHERE kind = 'earn' "
                 "AND order_source_id = ANY($1::text[]) GROUP BY 1", list(sent))
-            done = {r["order_source_id"]: r["t"] for r in rows}
+            done = {r["order_source_id"]: r["t"].timestamp() for r in rows}
             await asyncio.sleep(0.5)
-        lat = [done[o].timestamp() - sent[o] for o in done]
-        raw_at = await raw_times(infra, set(sent))
-        raw_lat = [raw_at[o] - sent[o] for o in raw_at]
+        lat = [done[o] - sent[o] for o in done]
+        listener = cdc_stage_report(listener_before, cdc_stage_snapshot())
+        stamps: dict[str, dict[str, float]] = {}
+        for name, topic in (("committed", None), ("raw", raw("salesforce", "Order")), ("canonical", CANONICAL_ORDER),
+                            ("resolved", RESOLVED_ORDER)):
+            if topic is None:  # the sandbox's commit time: SystemModstamp of the order's raw records
+                got = await topic_times(infra, raw("salesforce", "Order"), set(sent), commit_time=True)
+            else:
+                got = await topic_times(infra, topic, set(sent))
+            # the last message of the stage that came no later than the ledger entry
+            stamps[name] = {o: max((t for t in ts if t <= done[o] + 0.005), default=min(ts))
+                            for o, ts in got.items() if o in done}
+        raw_lat = [stamps["raw"][o] - sent[o] for o in stamps["raw"]]
         return {"changes": n, "rate": n / send_elapsed, "landed": len(done), "p50": pct(lat, 50),
                 "p99": pct(lat, 99), "max": max(lat), "mean": statistics.fmean(lat),
-                "raw_p50": pct(raw_lat, 50), "raw_p99": pct(raw_lat, 99)}
+                "raw_p50": pct(raw_lat, 50), "raw_p99": pct(raw_lat, 99),
+                "stages": stage_report(sent, stamps, done), "listener": listener, "cpu": cpu}
     finally:
         for t in connectors:
             t.cancel()
@@ -250,7 +378,6 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
             proc.terminate()
         for proc in procs:
             await asyncio.to_thread(proc.wait, 30)
-        await ctl.aclose()
 
 
 # ------------------------------------------------------------------------------------------ 2. backfill
@@ -287,6 +414,12 @@ async def main(args: argparse.Namespace) -> int:
     proc.start()
     info = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
     print(f"sandbox ready in {time.perf_counter() - t0:.1f}s ({args.orders} orders for the backfill)", flush=True)
+    driver_proc = None
+    driver = None
+    if not args.skip_latency and not args.inline_driver:
+        driver, driver_end = ctx.Pipe()
+        driver_proc = ctx.Process(target=_driver_child, args=(driver_end, info), daemon=True)
+        driver_proc.start()
     run = uuid.uuid4().hex[:8]
     settings = FlashSettings(db_schema=f"bench_sf_{run}", topic_prefix=f"bench-sf-{run}.",
                              state_dir=Path(tempfile.mkdtemp(prefix="flash-bench-")))
@@ -298,11 +431,16 @@ async def main(args: argparse.Namespace) -> int:
             await ensure_topics(infra.bootstrap, settings)
             try:
                 if not args.skip_latency:
-                    lat = await latency(infra, info, args.rate, args.seconds, processes=args.processes)
+                    lat = await latency(infra, info, args.rate, args.seconds, processes=args.processes,
+                                        driver=driver)
                     print(f"CDC mutation -> ledger: {lat['changes']} changes at {lat['rate']:.0f}/s, "
                           f"{lat['landed']} landed; p50 {lat['p50'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, "
                           f"max {lat['max'] * 1000:.0f} ms (target p99 < 1000 ms); of which sandbox -> raw topic: "
-                          f"p50 {lat['raw_p50'] * 1000:.0f} ms, p99 {lat['raw_p99'] * 1000:.0f} ms", flush=True)
+                          f"p50 {lat['raw_p50'] * 1000:.0f} ms, p99 {lat['raw_p99'] * 1000:.0f} ms; "
+                          f"this process used {lat['cpu']:.0%} of a core while the changes were sent\n"
+                          f"per stage (each order's own share):\n{lat['stages']}", flush=True)
+                    if lat["listener"]:
+                        print(f"CDC listener stages (flash_cdc_stage_seconds):\n{lat['listener']}", flush=True)
                 bf = await backfill(infra, info, args.orders)
                 print(f"Bulk 2.0 backfill: {bf['records']:.0f} orders in {bf['seconds']:.1f}s = "
                       f"{bf['rps']:.0f} records/s; RSS {bf['rss_base_mb']:.0f} MB -> peak {bf['rss_peak_mb']:.0f} MB "
@@ -314,6 +452,8 @@ async def main(args: argparse.Namespace) -> int:
                 await infra.pool.execute(f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE')
     finally:
         proc.terminate()
+        if driver_proc is not None:
+            driver_proc.terminate()
     return 0
 
 
@@ -326,4 +466,7 @@ if __name__ == "__main__":
     p.add_argument("--processes", action="store_true",
                    help="one process per service, as deployed (default: all services in this process, which is "
                         "faster on small hosts where the processes would only compete for the same cores)")
+    p.add_argument("--inline-driver", action="store_true",
+                   help="generate the load on this process's event loop, next to the services (as measured before "
+                        "the driver had its own process; the load generator then competes with the services)")
     sys.exit(asyncio.run(main(p.parse_args())))

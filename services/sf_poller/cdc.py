@@ -20,6 +20,11 @@ import each other); ``python -m cdc_listener`` runs :data:`SERVICE`.
 * After the broker acknowledged a batch, the replay id of each channel (and the last commit time) is saved
   in ``cursors`` (entity ``cdc:/data/OrderChangeEvent``). A crash before that replays the batch: the same
   record versions, the same event ids, nothing counted twice downstream.
+* Pipelined: while batch N publishes and saves, batch N+1 (the next ``/meta/connect``) already fetches its
+  records back; N+1 publishes only after N's records were acknowledged and saves only after N saved, so
+  records reach the broker and replay ids reach ``cursors`` in batch order. A batch with a SOQL reconcile
+  (and the one after it) runs alone. Per-stage times are in the ``flash_cdc_stage_seconds`` histogram
+  (delivery, wait, fetch, publish, save).
 * A stored replay id past the 72 h retention is rejected by the server: the listener says so (log
   ``replay id past retention``), subscribes that channel at ``-1`` and reconciles the object by SOQL since
   the stored commit time.
@@ -28,6 +33,7 @@ import each other); ``python -m cdc_listener`` runs :data:`SERVICE`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import ssl
@@ -37,10 +43,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from prometheus_client import Histogram
 
 from canonical.events import RawRecord
 from servicekit.connections import Connection, CredentialCipher, CursorStore, PgConnectionStore, PgCursorStore
 from servicekit.errors import ConfigError, Transient
+from servicekit.kafka import OutMessage
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
 from sf_poller.app import CDC_SUBSCRIBED, build_client, http_client, supervise
@@ -57,12 +65,40 @@ EMPTY_ID = "000000000000000AAA"
 _RECONCILE_MARGIN_MS = 1000
 
 
+STAGE_SECONDS = Histogram(
+    "flash_cdc_stage_seconds",
+    "CDC listener time per stage: delivery (commit -> event received, per event), wait (received -> handled, "
+    "behind the previous batch), fetch (fetch-back), publish (until the broker acked), save (replay ids)",
+    ["stage"],
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10),
+)
+
+
 class StreamDropped(Transient):
     """The server forgot this client (or the connection broke): handshake again."""
 
 
 class ReplayPastRetention(Exception):
     pass
+
+
+_IN_FLIGHT = 2
+"""Batches handled at once: one fetching its records back while the one before it publishes and saves."""
+
+
+@dataclass
+class _Flight:
+    """A batch being handled: ``published`` resolves once the broker acknowledged its records, ``task``
+    ends once its replay ids were saved."""
+
+    published: asyncio.Future[None]
+    task: asyncio.Future[None] = field(init=False)
+    serial: bool = False
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # the failure surfaces through the batch's task; don't log it twice
 
 
 @dataclass
@@ -201,33 +237,97 @@ class CdcListener:
         return [r for r in replies if str(r.get("channel", "")).startswith("/data/")], meta
 
     async def stream(self, stop: asyncio.Event) -> None:
-        """Connect loop. The next long poll is already waiting while a batch is fetched and published;
-        batches are still handled (and their replay ids saved) strictly one after the other."""
-        pending: asyncio.Task[None] | None = None
+        """Connect loop, pipelined (module docstring): the next long poll waits while batches are handled,
+        and up to two batches are in flight, the newer one fetching back while the older one publishes and
+        saves. Publishes and replay-id saves still happen strictly in batch order."""
+        inflight: collections.deque[_Flight] = collections.deque()
+        stopped = False
         try:
             while not stop.is_set():
                 events, meta = await self._connect()
-                if pending is not None:
-                    await pending  # in order: batch N is saved before batch N+1 is handled
-                    pending = None
+                received = time.time()
+                while inflight and (inflight[0].task.done() or len(inflight) >= _IN_FLIGHT):
+                    await inflight.popleft().task  # re-raises a failed batch: the stream reconnects
                 if events:
-                    pending = asyncio.ensure_future(self.handle(events))
+                    inflight.append(self._start(events, received, inflight[-1] if inflight else None))
                 if meta is not None and not meta.get("successful"):
                     raise StreamDropped(f"connect: {meta.get('error')} (advice {meta.get('advice')})")
                 interval = ((meta or {}).get("advice") or {}).get("interval") or 0
                 if interval:
                     await asyncio.sleep(float(interval) / 1000)
-        except asyncio.CancelledError:
-            if pending is not None:
-                pending.cancel()  # killed: the batch's replay ids are simply not saved
-            raise
+            stopped = True
         finally:
-            if pending is not None:
-                await asyncio.gather(pending, return_exceptions=True)
+            if not stopped:  # killed or failed: the replay ids of unfinished batches are simply not saved
+                for f in inflight:
+                    f.task.cancel()
+            await asyncio.gather(*(f.task for f in inflight), return_exceptions=True)
+
+    def _start(self, events: Sequence[dict[str, Any]], received_at: float, prev: _Flight | None) -> _Flight:
+        flight = _Flight(asyncio.get_running_loop().create_future())
+        flight.published.add_done_callback(_retrieve)
+        flight.task = asyncio.ensure_future(self.handle(events, received_at=received_at, after=prev, flight=flight))
+        return flight
 
     # -------------------------------------------------------------------------------------------- events
-    async def handle(self, events: Sequence[dict[str, Any]]) -> None:
-        """Publish what a batch of change events says, then (after the acks) save the replay ids."""
+    async def handle(self, events: Sequence[dict[str, Any]], *, received_at: float | None = None,
+                     after: _Flight | None = None, flight: _Flight | None = None) -> None:
+        """Publish what a batch of change events says, then (after the acks) save the replay ids.
+
+        ``after`` is the batch before this one, still in flight: this batch fetches its records back
+        meanwhile, publishes only once that one was acknowledged, and saves only once that one saved. A
+        batch that reconciles by SOQL (or follows one that does) waits for the previous batch to finish
+        first, so a reconcile never runs alongside an older batch's fetch-back."""
+        try:
+            if received_at is not None:
+                STAGE_SECONDS.labels("wait").observe(time.time() - received_at)
+                delivery = STAGE_SECONDS.labels("delivery")
+                for ev in events:
+                    commit = ev["data"]["payload"].get("ChangeEventHeader", {}).get("commitTimestamp")
+                    if commit:
+                        delivery.observe(max(0.0, received_at - int(commit) / 1000))
+            steps = self._plan(events)
+            serial = any(kind == "reconcile" for kind, _ in steps)
+            if flight is not None:
+                flight.serial = serial
+            if after is not None and (serial or after.serial):
+                await after.task
+                after = None
+            prepared: list[tuple[str, Any]] = []
+            for kind, arg in steps:
+                if kind == "reconcile" or serial:
+                    prepared.append((kind, arg))
+                else:
+                    prepared.append(("publish", await self._fetch(arg)))
+            if after is not None:
+                await after.published
+            publishing = time.time()
+            for kind, arg in prepared:
+                if kind == "publish":
+                    await self.sync.publisher.send_all(arg)
+                elif kind == "fetch":  # serial: fetched only now, between the reconciles
+                    await self.sync.publisher.send_all(await self._fetch(arg))
+                else:
+                    await self._reconcile_from(*arg)
+            STAGE_SECONDS.labels("publish").observe(time.time() - publishing)
+            if self.on_batch is not None:
+                await self.on_batch(events)
+            if flight is not None:
+                flight.published.set_result(None)
+            if after is not None:
+                await after.task
+            await self._save(events)
+        except BaseException as exc:
+            if flight is not None and not flight.published.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    flight.published.cancel()
+                else:
+                    flight.published.set_exception(exc)
+            raise
+
+    def _plan(self, events: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
+        """The batch as steps: ``("fetch", [(object, record id, header)..])`` for runs of record changes and
+        ``("reconcile", (object, since_ms))`` for overflow / wildcard events, transactions in arrival order
+        and the changes of one transaction in ``sequenceNumber`` order."""
         first_seen: dict[str, int] = {}
         keyed = []
         for i, ev in enumerate(events):
@@ -236,6 +336,7 @@ class CdcListener:
             first_seen.setdefault(tx, i)
             keyed.append(((first_seen[tx], int(header.get("sequenceNumber") or 0), i), ev))
         ordered = [ev for _, ev in sorted(keyed, key=lambda p: p[0])]
+        steps: list[tuple[str, Any]] = []
         segment: list[tuple[str, str, dict[str, Any]]] = []  # (object, record id, header)
         for ev in ordered:
             header = ev["data"]["payload"].get("ChangeEventHeader", {})
@@ -245,16 +346,18 @@ class CdcListener:
             self.stats.events += 1
             ids = [str(x) for x in header.get("recordIds") or []]
             if header.get("changeType") == "GAP_OVERFLOW" or any(x == EMPTY_ID or "*" in x for x in ids) or not ids:
-                await self._flush(segment)
+                if segment:
+                    steps.append(("fetch", segment))
                 segment = []
-                ch = f"/data/{obj}ChangeEvent"
-                stamps = [int(x) for x in (self.commit_ms.get(ch), header.get("commitTimestamp")) if x]
-                await self._reconcile(obj, min(stamps) if stamps else None)
+                steps.append(("reconcile", (obj, header.get("commitTimestamp"))))
                 continue
             segment.extend((obj, rid, header) for rid in ids)
-        await self._flush(segment)
-        if self.on_batch is not None:
-            await self.on_batch(events)
+        if segment:
+            steps.append(("fetch", segment))
+        return steps
+
+    async def _save(self, events: Sequence[dict[str, Any]]) -> None:
+        """The newest replay id (and commit time) of each channel in the batch, one upsert each, at once."""
         latest: dict[str, tuple[int, int]] = {}
         for ev in events:
             ch = str(ev["channel"])
@@ -263,15 +366,19 @@ class CdcListener:
             prev = latest.get(ch)
             latest[ch] = (max(rid, prev[0]) if prev else rid, max(commit, prev[1]) if prev else commit)
         t, c = self.conn.tenant_id, self.conn.connection_id
+        saving = time.time()
         for ch, (rid, commit) in latest.items():
             self.replay[ch] = rid
             if commit:
                 self.commit_ms[ch] = commit
-            await self.cursors.save(t, c, self._key(ch), {"replay_id": rid, "commit_ms": self.commit_ms.get(ch)})
+        await asyncio.gather(*(
+            self.cursors.save(t, c, self._key(ch), {"replay_id": self.replay[ch], "commit_ms": self.commit_ms.get(ch)})
+            for ch in latest))
+        STAGE_SECONDS.labels("save").observe(time.time() - saving)
 
-    async def _flush(self, segment: list[tuple[str, str, dict[str, Any]]]) -> None:
-        if not segment:
-            return
+    async def _fetch(self, segment: list[tuple[str, str, dict[str, Any]]]) -> list[OutMessage]:
+        """The current records of a run of changes (one query per object per 200 ids, all at once), as
+        messages in the order of each record's last change; a record gone for good becomes a tombstone."""
         last_pos: dict[tuple[str, str], int] = {}
         headers: dict[tuple[str, str], dict[str, Any]] = {}
         for pos, (obj, rid, header) in enumerate(segment):
@@ -288,7 +395,9 @@ class CdcListener:
                 found[(obj, raw.source_id)] = raw
             self.stats.fetched += len(records)
 
+        fetching = time.time()
         await asyncio.gather(*(fetch(obj, ids) for obj, ids in by_obj.items()))
+        STAGE_SECONDS.labels("fetch").observe(time.time() - fetching)
         out = []
         for key in sorted(last_pos, key=lambda k: last_pos[k]):
             got = found.get(key)
@@ -302,7 +411,12 @@ class CdcListener:
                                  {"Id": key[1], "IsDeleted": True, "SystemModstamp": ts_of_ms(commit)})
                 self.stats.tombstones += 1
             out.append(out_message(self.sync.settings, got))
-        await self.sync.publisher.send_all(out)
+        return out
+
+    async def _reconcile_from(self, obj: str, commit_ms: Any) -> None:
+        ch = f"/data/{obj}ChangeEvent"
+        stamps = [int(x) for x in (self.commit_ms.get(ch), commit_ms) if x]
+        await self._reconcile(obj, min(stamps) if stamps else None)
 
     async def _reconcile(self, obj: str, since_ms: int | None) -> None:
         since = ts_of_ms(max(0, since_ms - _RECONCILE_MARGIN_MS)) if since_ms else "1970-01-01T00:00:00.000Z"
