@@ -1,6 +1,7 @@
 """Bulk API 2.0 backfill: job id persisted in the cursor, results streamed as CSV, stuck jobs fall back.
 
-* ``start_bulk`` creates a ``query`` job (``... ORDER BY SystemModstamp, Id``) and saves
+* ``start_bulk`` creates a ``queryAll`` job (``... ORDER BY SystemModstamp, Id``; like the REST reads, it
+  returns deleted and archived rows too, with ``IsDeleted = true``, published as deletes) and saves
   ``{"phase": "bulk", "bulk": {"job_id", "api_version", "created_at", "locator": null}}`` before reading
   anything, so a restart polls the same job instead of creating another one.
 * ``run_bulk`` polls the job until ``JobComplete``, then reads ``results?maxRecords=N&locator=L`` chunk by
@@ -63,7 +64,7 @@ async def iter_csv_rows(resp: httpx.Response) -> AsyncIterator[dict[str, str]]:
 async def start_bulk(sync: ConnectionSync, obj: str, res: EntityResult, *, attempt: int = 1) -> dict[str, Any]:
     soql = f"{select_soql(obj)} ORDER BY SystemModstamp, Id"
     resp = await sync.client.request("POST", f"{sync.client.data_path}/jobs/query", json={
-        "operation": "query", "query": soql, "contentType": "CSV", "columnDelimiter": "COMMA", "lineEnding": "LF"})
+        "operation": "queryAll", "query": soql, "contentType": "CSV", "columnDelimiter": "COMMA", "lineEnding": "LF"})
     job = resp.json()
     cur: dict[str, Any] = {"phase": "bulk", "ts": None, "id": None, "bulk": {
         "job_id": job["id"], "api_version": sync.client.api_version, "created_at": time.time(), "locator": None,

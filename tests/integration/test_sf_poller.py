@@ -105,9 +105,8 @@ async def test_backfill_resume_stuck_fallback_and_faults(infra: Infra) -> None:
         records = await read_raw(infra, ("Account", "Contact", "Order", "OrderItem"))
         for obj in ("Account", "Contact", "Order", "OrderItem"):
             got = {r.source_id for r in records if r.entity == obj}
-            live = {rid for rid, rec in org.tables[obj].items() if not rec["IsDeleted"]}
-            # Bulk backfills read live rows ("query"); REST (queryAll) also returns the deleted ones
-            assert live <= got <= set(org.tables[obj]), f"{obj}: every live row published"
+            # Bulk backfills and REST reads both use queryAll: deleted rows are published too (as deletes)
+            assert got == set(org.tables[obj]), f"{obj}: every row published, deleted ones included"
         assert set(new_orders) <= {r.source_id for r in records if r.entity == "Order"}
         deleted = {r.source_id for r in records if r.op == "delete"}
         assert deleted and all(org.lookup(rid)["IsDeleted"] for rid in deleted)  # type: ignore[index]
@@ -115,6 +114,7 @@ async def test_backfill_resume_stuck_fallback_and_faults(infra: Infra) -> None:
         assert all(r.order_source_id for r in lines)
         bulk_rows = [r for r in records if r.entity == "Order" and r.request_url and "/results" in r.request_url]
         assert bulk_rows and all(r.source_version.endswith("Z") for r in bulk_rows)
+        assert any(r.op == "delete" for r in bulk_rows), "the Bulk backfill (queryAll) carries deleted orders"
 
         # verify and dry-run against the same org; a login.salesforce.com-style host says what to fix
         report = await control.verify(conn, infra.settings)
