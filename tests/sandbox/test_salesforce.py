@@ -534,3 +534,24 @@ async def test_session_expiry_and_replay_past_retention() -> None:
             assert [e["data"]["payload"]["Phone"] for e in events] == ["+1 555 0101"]  # the purged one is gone
         finally:
             await bx.close()
+
+
+async def test_a_long_transaction_commits_rows_stamped_with_its_start_behind_newer_rows(
+    env: Env, acme: httpx.AsyncClient
+) -> None:
+    org = env.state.orgs["acme"]
+    account = next(a["Id"] for a in org.records("Account"))
+    newer = await env.http.post(f"{env.sb.base_url}/_sandbox/orgs/acme/transaction", json={
+        "ops": [{"op": "update", "object": "Account", "id": account, "fields": {"Phone": "+49 30 1"}}]})
+    assert newer.status_code == 200, newer.text
+    resp = await env.http.post(f"{env.sb.base_url}/_sandbox/orgs/acme/transaction", json={
+        "startedSecondsAgo": 5,
+        "ops": [{"op": "create", "object": "Account", "fields": {"Name": "Late GmbH", "AccountNumber": "B-LATE"}}]})
+    assert resp.status_code == 200, resp.text
+    late_id = resp.json()["ids"][0]
+    soql = f"SELECT Id, SystemModstamp FROM Account WHERE Id IN ('{account}', '{late_id}')"
+    body = (await acme.get(f"/services/data/{V}/query", params={"q": soql})).json()
+    rows = {r["Id"]: r["SystemModstamp"] for r in body["records"]}
+    assert rows[late_id] < rows[account]  # visible now, stamped before a row committed earlier
+    event = next(e for e in reversed(org.events) if late_id in e.header["recordIds"])
+    assert event.header["commitTimestamp"] >= org.lookup(account)["SystemModstamp"]  # committed last

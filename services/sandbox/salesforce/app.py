@@ -702,12 +702,14 @@ class _Api:
     async def ctl_transaction(self, request: web.Request) -> web.Response:
         """Several writes in one transaction: one timestamp, one transactionKey, sequenceNumbers in op order.
 
-        Body: ``{"ops": [{"op": "create|update|delete|undelete", "object": "Order", "id"?, "fields"?}]}``.
+        Body: ``{"ops": [{"op": "create|update|delete|undelete", "object": "Order", "id"?, "fields"?}],
+        "startedSecondsAgo"?: 5}``; the latter makes it a long transaction committing now with rows stamped
+        that long ago (``SystemModstamp`` behind what a poller may already have read).
         """
         org = self._ctl_org(request)
         b = await self._ctl_body(request)
         ids: list[str | None] = []
-        with org.transaction(b.get("origin")):
+        with org.transaction(b.get("origin"), started_s_ago=float(b.get("startedSecondsAgo") or 0)):
             for op in b.get("ops", []):
                 obj = SCHEMA[str(op["object"])].name
                 kind = op["op"]
@@ -797,7 +799,8 @@ def _control_routes(r: web.UrlDispatcher, api: _Api) -> None:
                                                        currency?, status?}
     POST /_sandbox/orgs/{org}/orders/{id}/{status|cancel|returns|reduction}
     POST /_sandbox/orgs/{org}/records/{id}/{close-return|quantity|credit-memo|undelete|delete}
-    POST /_sandbox/orgs/{org}/transaction             {ops:[{op, object, id?, fields?}], origin?}
+    POST /_sandbox/orgs/{org}/transaction             {ops:[{op, object, id?, fields?}], origin?,
+                                                       startedSecondsAgo?}  (a long transaction)
     """
     s = "/_sandbox"
     r.add_get(s + "/orgs", api.ctl_orgs)

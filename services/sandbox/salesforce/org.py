@@ -67,6 +67,9 @@ class Transaction:
     ts: int
     origin: str
     changes: list[Change] = field(default_factory=list)
+    long_running: bool = False
+    """Started ``ts`` in the past: its rows carry that SystemModstamp but become visible (and its change
+    events are committed) only now, behind any SystemModstamp cursor that moved on meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -386,12 +389,17 @@ class Org:
         bisect.insort(index, (new, rid))
 
     @contextmanager
-    def transaction(self, origin: str | None = None) -> Iterator[Transaction]:
-        """Group writes: one timestamp, one transactionKey, CDC published when the block exits."""
+    def transaction(self, origin: str | None = None, *, started_s_ago: float = 0.0) -> Iterator[Transaction]:
+        """Group writes: one timestamp, one transactionKey, CDC published when the block exits.
+
+        ``started_s_ago`` simulates a long transaction: the rows are stamped with its start time, that
+        long ago, while they (and the change events) appear only when the block exits."""
         if self._tx is not None:
             yield self._tx
             return
-        tx = Transaction(ts=self.clock.now_ms(), origin=origin or self.default_origin)
+        now = self.clock.now_ms()
+        tx = Transaction(ts=now - int(started_s_ago * 1000), origin=origin or self.default_origin,
+                         long_running=started_s_ago > 0)
         self._tx = tx
         try:
             yield tx
@@ -591,6 +599,7 @@ class Org:
             self.rng.getrandbits(48),
         )
         self._next_commit += self.rng.randrange(1, 5000)
+        commit_ms = self.clock.now_ms() if tx.long_running else tx.ts
         for seq, change in enumerate(changes, start=1):
             od = SCHEMA[change.entity]
             header = {
@@ -600,7 +609,7 @@ class Org:
                 "changeOrigin": tx.origin,
                 "transactionKey": key,
                 "sequenceNumber": seq,
-                "commitTimestamp": tx.ts,
+                "commitTimestamp": commit_ms,
                 "commitNumber": self._next_commit,
                 "commitUser": self.user_id,
                 "changedFields": change.changed,
@@ -608,7 +617,7 @@ class Org:
             payload: dict[str, Any] = {"ChangeEventHeader": header}
             for name, value in change.fields.items():
                 payload[name] = format_cdc(od.fields[name], value)
-            self._append_event(change.entity, tx.ts, payload)
+            self._append_event(change.entity, commit_ms, payload)
         self._notify()
 
     def _append_event(self, entity: str, commit_ms: int, payload: dict[str, Any]) -> CdcEvent:
