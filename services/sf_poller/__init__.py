@@ -30,6 +30,7 @@ of the token response.
      "bulk_max_records": 50000, "bulk_timeout_s": 900, "bulk_poll_s": 2,
      "page_size": 2000,                     # REST batchSize (200..2000)
      "poll_interval_s": 30,                 # incremental polling without CDC
+     "overlap_s": 60,                       # re-read this far behind the cursor (late commits; 0: off)
      "cdc": true,                           # CDC listener on: backfill waits for its subscription, then
      "reconcile_interval_s": 3600,          #   the poller only runs a safety-net poll this often
      "quota": {"run_share": 0.25, "org_share": 0.8, "pause_s": 300, "limit_backoff_s": 60}}

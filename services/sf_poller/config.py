@@ -103,6 +103,9 @@ class SfConnection:
     bulk_poll_s: float = 2.0
     page_size: int = 2000
     poll_interval_s: float = 30.0
+    overlap_s: float = 60.0
+    """How far behind its cursor the incremental query re-reads, for rows of long transactions that
+    commit after the cursor passed their SystemModstamp (0: off)."""
     cdc: bool = True
     cdc_channels: tuple[str, ...] = ()
     reconcile_interval_s: float = 3600.0
@@ -168,7 +171,8 @@ def parse_connection(conn: Connection) -> SfConnection:
         bulk_max_records=int(s.get("bulk_max_records", 50_000)),
         bulk_timeout_s=_float(s, "bulk_timeout_s", 900.0), bulk_poll_s=_float(s, "bulk_poll_s", 2.0),
         page_size=max(200, min(2000, int(s.get("page_size", 2000)))),
-        poll_interval_s=_float(s, "poll_interval_s", 30.0), cdc=bool(s.get("cdc", True)),
+        poll_interval_s=_float(s, "poll_interval_s", 30.0), overlap_s=_float(s, "overlap_s", 60.0),
+        cdc=bool(s.get("cdc", True)),
         reconcile_interval_s=_float(s, "reconcile_interval_s", 3600.0),
         quota=quota, raw_settings=s,
     )

@@ -11,6 +11,12 @@ record it covers)::
   ``op = delete``) of ``WHERE SystemModstamp > :ts OR (SystemModstamp = :ts AND Id > :id) ORDER BY
   SystemModstamp, Id``. Rows sharing the last timestamp are never skipped (a plain ``> :ts`` watermark loses
   the rest of a batch committed in the same millisecond), and the cursor moves after every acknowledged page.
+* Overlap: a transaction stamps its rows with its start time but they become visible at its commit, so a
+  long one can commit rows *behind* a cursor that already moved past that time. With ``overlap_s`` > 0
+  the query starts ``overlap_s`` before the cursor (``WHERE SystemModstamp >= :ts - overlap``); rows at or
+  behind the cursor that this process already published at that ``(Id, SystemModstamp)`` are dropped, the
+  others (late commits) are published, and the cursor never moves back. The dedupe memory is this
+  process's own: after a restart the window is published once more, with the same event ids.
 * A page that is empty while the server says more rows exist (``done`` false, or fewer rows than
   ``totalSize``) is never taken as the end: the cycle fails as Transient without saving.
 * ``QUERY_TIMEOUT``: the object's window narrows (1 day, then halves) and the cycle fails as Transient; the
@@ -61,10 +67,13 @@ class EntityResult:
     skipped: str = ""
 
 
-def compound_where(ts: str | None, last_id: str | None, upper: str | None = None) -> str:
-    """The compound-cursor predicate (module docstring); ``upper`` bounds a narrowed window."""
+def compound_where(ts: str | None, last_id: str | None, upper: str | None = None, *, overlap_s: float = 0.0) -> str:
+    """The compound-cursor predicate (module docstring); ``upper`` bounds a narrowed window, ``overlap_s``
+    re-reads that far behind the cursor instead."""
     parts: list[str] = []
-    if ts:
+    if ts and overlap_s > 0:
+        parts.append(f"SystemModstamp >= {_fmt(_parse_ts(soql_ts(ts)) - dt.timedelta(seconds=overlap_s))}")
+    elif ts:
         t = soql_ts(ts)
         parts.append(f"(SystemModstamp > {t} OR (SystemModstamp = {t} AND Id > '{last_id or ''}'))")
     if upper:
@@ -94,6 +103,11 @@ class ConnectionSync:
     windows: dict[str, float] = field(default_factory=dict)
     force_bulk: set[str] = field(default_factory=set)
     published: int = 0
+    recent: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per object: ``Id -> SystemModstamp`` published within ``overlap_s`` of the cursor (the dedupe of
+    the overlap window)."""
+    late: int = 0
+    """Rows found behind the cursor that this process had not published (late commits)."""
 
     @property
     def tenant(self) -> str:
@@ -152,7 +166,8 @@ class ConnectionSync:
             ts, last_id = cur.get("ts"), cur.get("id")
             window = self.windows.get(obj)
             upper = _fmt(_parse_ts(ts) + dt.timedelta(seconds=window)) if ts and window else None
-            soql = f"{select_soql(obj)}{compound_where(ts, last_id, upper)} ORDER BY SystemModstamp, Id"
+            where = compound_where(ts, last_id, upper, overlap_s=self.conn.overlap_s)
+            soql = f"{select_soql(obj)}{where} ORDER BY SystemModstamp, Id"
             body, url = await self.client.query_page(soql, all_rows=True, batch_size=self.conn.page_size)
             if (not ts and not cur.get("bulk_failed") and body["totalSize"] > self.conn.bulk_threshold
                     and self.conn.bulk_threshold > 0):
@@ -161,18 +176,20 @@ class ConnectionSync:
                 if cur.get("phase") == "bulk" or cur.get("ts"):
                     return  # still running (resumes next cycle), or finished: incremental from the next cycle
                 continue  # the job was abandoned: REST from the start
-            seen = 0
+            seen = advanced = 0
             total = int(body["totalSize"])
             while True:
                 records = body["records"]
                 if not records and (not body["done"] or seen < total):
                     raise Transient(f"{obj}: empty page while {total - seen} of {total} rows are outstanding; "
                                     "not treating it as the end of the query")
-                if records:
-                    cur = await self.publish(obj, records, url, cur)
-                    seen += len(records)
+                fresh = self._unseen(obj, records, cur) if ts and self.conn.overlap_s > 0 else records
+                seen += len(records)
+                if fresh:
+                    cur = await self.publish(obj, fresh, url, cur)
+                    advanced += len(fresh)
                     res.pages += 1
-                    for r in records:
+                    for r in fresh:
                         if field_value(r, "IsDeleted") is True:
                             res.deletes += 1
                         else:
@@ -185,7 +202,7 @@ class ConnectionSync:
             if upper is None:
                 return
             # a narrowed window finished: move past it and widen again
-            if not seen:
+            if not advanced:
                 cur = {**cur, "phase": "incremental", "ts": upper, "id": ""}
                 await self.save(obj, cur)
             self.windows[obj] = window * 2 if window else _DAY
@@ -194,17 +211,52 @@ class ConnectionSync:
 
     async def publish(self, obj: str, records: Sequence[dict[str, Any]], url: str | None,
                       cur: dict[str, Any] | None = None, *, save: bool = True) -> dict[str, Any]:
-        """Publish records, wait for the broker's acks, THEN move the cursor to the last record."""
+        """Publish records, wait for the broker's acks, THEN move the cursor to the last record (never
+        back: rows of the overlap window sort before it)."""
         raws = await self.to_raw(obj, records, url)
         await self.publisher.send_all([out_message(self.settings, r) for r in raws])
         self.published += len(raws)
+        if self.conn.overlap_s > 0:
+            self._remember(obj, records)
         new = dict(cur or {})
         last = records[-1]
-        new.update(phase="incremental", ts=norm_ts(field_value(last, "SystemModstamp")), id=field_value(last, "Id"))
+        key = (norm_ts(field_value(last, "SystemModstamp")) or "", str(field_value(last, "Id") or ""))
+        held = (str(new.get("ts") or ""), str(new.get("id") or ""))
+        if new.get("phase", "incremental") == "incremental" and held > key:
+            key = held
+        new.update(phase="incremental", ts=key[0] or None, id=key[1] or None)
         new.pop("bulk", None)
         if save:
             await self.save(obj, new)
         return new
+
+    def _unseen(self, obj: str, records: Sequence[dict[str, Any]], cur: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows of an overlapping read not yet published: everything past the cursor, and rows at or
+        behind it that this process has not published at that version (late commits)."""
+        mark = (norm_ts(cur.get("ts")) or "", str(cur.get("id") or ""))
+        recent = self.recent.get(obj, {})
+        out = []
+        for r in records:
+            stamp, rid = norm_ts(field_value(r, "SystemModstamp")) or "", str(field_value(r, "Id"))
+            if (stamp, rid) > mark:
+                out.append(r)
+            elif recent.get(rid) != stamp:
+                self.late += 1
+                log.info("row committed behind the cursor; publishing it", entity=obj, id=rid, system_modstamp=stamp)
+                out.append(r)
+        return out
+
+    def _remember(self, obj: str, records: Sequence[dict[str, Any]]) -> None:
+        recent = self.recent.setdefault(obj, {})
+        newest = ""
+        for r in records:
+            stamp = norm_ts(field_value(r, "SystemModstamp")) or ""
+            recent[str(field_value(r, "Id"))] = stamp
+            newest = max(newest, stamp)
+        if len(recent) > 2 * len(records) and newest:  # forget what fell out of the window
+            floor = _fmt(_parse_ts(newest) - dt.timedelta(seconds=self.conn.overlap_s))
+            for rid in [rid for rid, stamp in recent.items() if stamp < floor]:
+                del recent[rid]
 
     async def to_raw(self, obj: str, records: Sequence[dict[str, Any]], url: str | None) -> list[RawRecord]:
         anchors = await self.anchors(obj, records)

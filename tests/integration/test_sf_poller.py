@@ -11,6 +11,7 @@ import pytest
 from test_sf_support import add_connection, read_raw
 
 from sandbox.salesforce import SalesforceState, build_app, create_order, seed_org
+from sandbox.salesforce.clock import rest_datetime
 from sandbox.server import serve
 from servicekit.connections import PgCursorStore
 from servicekit.errors import ConfigError, Transient
@@ -19,6 +20,7 @@ from servicekit.runtime import Infra
 from sf_poller import control
 from sf_poller.app import build_client, http_client
 from sf_poller.config import parse_connection
+from sf_poller.records import norm_ts
 from sf_poller.sync import ConnectionSync
 
 
@@ -102,12 +104,23 @@ async def test_backfill_resume_stuck_fallback_and_faults(infra: Infra) -> None:
             # the window narrowed after the timeout; a later run widens it again and finishes
             await _cycle_until_done(sync2)
 
+            # 5. a long transaction commits an order stamped 20 s back, behind the cursor: the overlap
+            #    window re-reads it once, and the cursor stays where it was
+            passed = await cursors.load(tenant, "sf1", "Order")
+            with org.transaction(started_s_ago=20):
+                late_order = create_order(org, accounts[0], [(products[0], 1.0)])
+            stamp = norm_ts(rest_datetime(org.lookup(late_order)["SystemModstamp"]))  # type: ignore[index]
+            assert passed is not None and stamp is not None and stamp < passed["ts"]
+            await _cycle_until_done(sync2)
+            assert sync2.late >= 1
+            assert await cursors.load(tenant, "sf1", "Order") == passed
+
         records = await read_raw(infra, ("Account", "Contact", "Order", "OrderItem"))
         for obj in ("Account", "Contact", "Order", "OrderItem"):
             got = {r.source_id for r in records if r.entity == obj}
             # Bulk backfills and REST reads both use queryAll: deleted rows are published too (as deletes)
             assert got == set(org.tables[obj]), f"{obj}: every row published, deleted ones included"
-        assert set(new_orders) <= {r.source_id for r in records if r.entity == "Order"}
+        assert set(new_orders) | {late_order} <= {r.source_id for r in records if r.entity == "Order"}
         deleted = {r.source_id for r in records if r.op == "delete"}
         assert deleted and all(org.lookup(rid)["IsDeleted"] for rid in deleted)  # type: ignore[index]
         lines = [r for r in records if r.entity == "OrderItem"]

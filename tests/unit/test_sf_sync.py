@@ -4,6 +4,7 @@ success, Bulk CSV is parsed as a stream."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ ROWS: list[dict[str, Any]] = PAGE["records"]
 INSTANCE = "https://acme.my.salesforce.com"
 _CUR = re.compile(r"SystemModstamp > (\S+) OR \(SystemModstamp = \S+ AND Id > '([^']*)'\)")
 _UPPER = re.compile(r"SystemModstamp <= (\S+)")
+_FROM = re.compile(r"SystemModstamp >= (\S+)")
 
 
 class Log:
@@ -95,6 +97,9 @@ class QueryServer:
         if m:
             ts, last = norm_ts(m.group(1)) or "", m.group(2)
             rows = [r for r in rows if _key(r) > (ts, last) and (_key(r)[0] > ts or r["Id"] > last)]
+        f = _FROM.search(q)
+        if f:
+            rows = [r for r in rows if _key(r)[0] >= (norm_ts(f.group(1)) or "")]
         u = _UPPER.search(q)
         if u:
             rows = [r for r in rows if _key(r)[0] <= (norm_ts(u.group(1)) or "")]
@@ -144,18 +149,42 @@ async def test_compound_cursor_never_skips_rows_sharing_the_last_timestamp() -> 
     i = next(i for i in range(len(ordered) - 1) if _key(ordered[i])[0] == _key(ordered[i + 1])[0])
     log = Log()
     server = QueryServer(ROWS, page=i + 1)  # the first page ends inside a group sharing one timestamp
-    sync, cursors, pub = _sync(server, log, RecordingPublisher(log, fail_on_call=2))
+    # the exact compound cursor (no overlap window: a new process would re-read the window once)
+    sync, cursors, pub = _sync(server, log, RecordingPublisher(log, fail_on_call=2), overlap_s=0)
     with pytest.raises(Transient):
         await sync.run_cycle()
     saved = cursors.cursors[("acme", "sf1", "Order")]
     assert (saved["ts"], saved["id"]) == _key(ordered[i])
     assert _key(ordered[i + 1])[0] == saved["ts"]  # the next row has the same SystemModstamp
-    sync2, _, pub2 = _sync(server, log)
+    sync2, _, pub2 = _sync(server, log, overlap_s=0)
     sync2.cursors = cursors
     await sync2.run_cycle()
     assert ordered[i + 1]["Id"] in pub2.ids  # a plain "> ts" watermark would have skipped it
     assert pub.ids + pub2.ids == [r["Id"] for r in ordered]  # every row exactly once, in order
     assert "SystemModstamp = " in server.queries[-1] and "ORDER BY SystemModstamp, Id" in server.queries[-1]
+
+
+async def test_overlap_window_publishes_rows_committed_behind_the_cursor_once() -> None:
+    rows = sorted(ROWS, key=_key)
+    log = Log()
+    server = QueryServer(rows, page=50)
+    sync, cursors, pub = _sync(server, log, overlap_s=60)
+    await sync.run_cycle()
+    n = len(pub.ids)
+    assert n == len(rows)
+    await sync.run_cycle()  # the window behind the cursor is re-read, nothing in it is published again
+    assert len(pub.ids) == n and "SystemModstamp >= " in server.queries[-1]
+    # a long transaction commits a row stamped 5 s before the cursor, after the cursor passed that time
+    last = _key(rows[-1])
+    stamp = dt.datetime.fromisoformat(last[0].replace("Z", "+00:00")) - dt.timedelta(seconds=5)
+    late = {**rows[-1], "Id": "801f900000000LATE", "SystemModstamp": stamp.strftime("%Y-%m-%dT%H:%M:%S.000+0000")}
+    server.rows = sorted([*rows, late], key=_key)
+    await sync.run_cycle()
+    assert pub.ids[n:] == [late["Id"]] and sync.late == 1
+    saved = cursors.cursors[("acme", "sf1", "Order")]
+    assert (saved["ts"], saved["id"]) == last  # the cursor never moves back
+    await sync.run_cycle()
+    assert pub.ids[n:] == [late["Id"]]  # published once
 
 
 async def test_every_cursor_save_follows_the_ack_of_the_records_it_covers() -> None:
@@ -195,7 +224,7 @@ async def test_suspicious_empty_page_is_not_success() -> None:
 async def test_query_timeout_narrows_the_window_and_never_reports_success() -> None:
     log = Log()
     server = QueryServer(ROWS, page=50)
-    sync, cursors, pub = _sync(server, log)
+    sync, cursors, pub = _sync(server, log, overlap_s=0)
     cursors.cursors[("acme", "sf1", "Order")] = {"phase": "incremental", "ts": norm_ts(ROWS[0]["SystemModstamp"]),
                                                  "id": ROWS[0]["Id"]}
     server.faults.append(httpx.Response(400, json=[{"errorCode": "QUERY_TIMEOUT", "message": "too long"}]))
