@@ -51,6 +51,9 @@ log = get_logger(__name__)
 
 _DAY = 86_400.0
 ID_CHUNK = 200
+RECENT_MAX = 10_000
+"""Most rows per object remembered for the overlap dedupe; a row forgotten early is only published again
+(same event id), never lost."""
 
 
 class Publisher(Protocol):
@@ -257,6 +260,9 @@ class ConnectionSync:
             floor = _fmt(_parse_ts(newest) - dt.timedelta(seconds=self.conn.overlap_s))
             for rid in [rid for rid, stamp in recent.items() if stamp < floor]:
                 del recent[rid]
+        if len(recent) > 2 * RECENT_MAX:  # bounded memory (a dense backfill): forgotten rows are re-sent once
+            keep = sorted(recent.items(), key=lambda kv: kv[1])[-RECENT_MAX:]
+            self.recent[obj] = dict(keep)
 
     async def to_raw(self, obj: str, records: Sequence[dict[str, Any]], url: str | None) -> list[RawRecord]:
         anchors = await self.anchors(obj, records)
