@@ -33,18 +33,95 @@ def _cols(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [list(c) for c in zip(*rows, strict=True)]
 
 
-_ORDER_COLS = (
-    "tenant_id, order_source_id, connection_id, source, member_id, order_number, version, version_key, status, "
-    "lifecycle, currency, exchange_rate, total_amount, tax_amount, shipping_amount, deleted, known, "
-    "awardable_since, awarded, target_points, pending_points, earned, clawed, shortfall"
+_ORDER_SPEC: tuple[tuple[str, str], ...] = (
+    ("tenant_id", "text"),
+    ("order_source_id", "text"),
+    ("connection_id", "text"),
+    ("source", "text"),
+    ("member_id", "text"),
+    ("order_number", "text"),
+    ("version", "text"),
+    ("version_key", "text"),
+    ("status", "text"),
+    ("lifecycle", "text"),
+    ("currency", "text"),
+    ("exchange_rate", "numeric"),
+    ("total_amount", "numeric"),
+    ("tax_amount", "numeric"),
+    ("shipping_amount", "numeric"),
+    ("deleted", "boolean"),
+    ("known", "boolean"),
+    ("awardable_since", "timestamptz"),
+    ("awarded", "boolean"),
+    ("target_points", "bigint"),
+    ("pending_points", "bigint"),
+    ("earned", "bigint"),
+    ("clawed", "bigint"),
+    ("shortfall", "bigint"),
 )
-_ORDER_TYPES = (
-    "text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], text[], numeric[], "
-    "numeric[], numeric[], numeric[], boolean[], boolean[], timestamptz[], boolean[], bigint[], bigint[], "
-    "bigint[], bigint[], bigint[]"
-)
+"""OrderState's persisted fields (besides its lines) and their column types."""
+_ORDER_COLS = ", ".join(c for c, _ in _ORDER_SPEC)
+_ORDER_NAMES = tuple(c for c, _ in _ORDER_SPEC)
+_N_ORDER_COLS = len(_ORDER_SPEC)
+# Batches travel as one JSON document of row arrays rather than one array parameter per column: asyncpg
+# checks every element of an array parameter against collections.abc ABCs, which for 26 columns x 1000
+# rows cost more than building and parsing the JSON (numbers as text, timestamps as ISO strings).
+_WRITE_ORDERS = f"""INSERT INTO orders ({_ORDER_COLS}, lines, line_keys)
+    SELECT {", ".join(f"(e->>{i})::{t}" for i, (_, t) in enumerate(_ORDER_SPEC))},
+           e->{_N_ORDER_COLS}, (e->>{_N_ORDER_COLS + 1})::text[]
+    FROM jsonb_array_elements($1::jsonb) AS e
+    ON CONFLICT (tenant_id, order_source_id) DO UPDATE SET
+        {", ".join(f"{c} = EXCLUDED.{c}" for c, _ in _ORDER_SPEC[2:])}, lines = EXCLUDED.lines,
+        line_keys = EXCLUDED.line_keys, updated_at = now()"""
 
-_ORDER_PARAMS = ", ".join(f"${i + 1}::{t.strip()}" for i, t in enumerate(_ORDER_TYPES.split(",")))
+
+def _num(v: Decimal | None) -> str | None:
+    return None if v is None else str(v)
+
+
+def _order_row(o: OrderState) -> list[Any]:
+    """One order as _WRITE_ORDERS reads it. An order known only from its lines (no header yet) is never
+    stored as deleted: a delete before the header is not remembered (as before lines lived here)."""
+    return [
+        o.tenant_id,
+        o.order_source_id,
+        o.connection_id,
+        o.source,
+        o.member_id,
+        o.order_number,
+        o.version,
+        o.version_key,
+        o.status,
+        o.lifecycle,
+        o.currency,
+        _num(o.exchange_rate),
+        str(o.total_amount),
+        str(o.tax_amount),
+        str(o.shipping_amount),
+        o.deleted and o.known,
+        o.known,
+        None if o.awardable_since is None else o.awardable_since.isoformat(),
+        o.awarded,
+        o.target_points,
+        o.pending_points,
+        o.earned,
+        o.clawed,
+        o.shortfall,
+        [[ln.line_id, ln.product_source_id, str(ln.amount), ln.version_key, ln.deleted] for ln in o.lines.values()],
+        _line_keys(o),
+    ]
+
+
+def _line_keys(o: OrderState) -> str:
+    """orders.line_keys: 'l:<line id>' for every line, 'p:<product>' for the products of live lines."""
+    keys = {"l:" + ln.line_id for ln in o.lines.values()}
+    keys.update("p:" + ln.product_source_id for ln in o.lines.values() if ln.product_source_id and not ln.deleted)
+    return _text_array(sorted(keys))
+
+
+def _text_array(items: Sequence[str]) -> str:
+    """A PostgreSQL text[] literal, for a list inside a JSON row (cast server-side with ::text[])."""
+    return "{" + ",".join('"' + x.replace("\\", "\\\\").replace('"', '\\"') + '"' for x in items) + "}"
 
 
 class PgPointsStore:
@@ -76,37 +153,42 @@ class PgPointsStore:
         return {(r["tenant_id"], r["product_source_id"]): (r["category"], r["version_key"]) for r in rows}
 
     async def orders_with_products(self, keys: Iterable[Key]) -> set[Key]:
+        """Orders with a live line of one of these products (GIN index on line_keys)."""
         t, p = _pairs(keys)
         if not t:
             return set()
         rows = await self.conn.fetch(
-            """SELECT DISTINCT tenant_id, order_source_id FROM order_lines
-               WHERE NOT deleted AND (tenant_id, product_source_id) IN
-                   (SELECT * FROM unnest($1::text[], $2::text[]))""",
+            """SELECT DISTINCT o.tenant_id, o.order_source_id FROM unnest($1::text[], $2::text[]) AS u(t, k)
+               JOIN orders o ON o.tenant_id = u.t AND o.line_keys @> ARRAY[u.k]""",
             t,
-            p,
+            ["p:" + x for x in p],
         )
         return {(r["tenant_id"], r["order_source_id"]) for r in rows}
 
     async def orders_of_lines(self, keys: Iterable[Key]) -> dict[Key, str]:
+        """The order of each (tenant, line id), for tombstones that name no order."""
         t, ln = _pairs(keys)
         if not t:
             return {}
         rows = await self.conn.fetch(
-            """SELECT tenant_id, line_id, order_source_id FROM order_lines
-               WHERE (tenant_id, line_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
+            """SELECT u.t AS tenant_id, u.l AS line_id, o.order_source_id
+               FROM unnest($1::text[], $2::text[], $3::text[]) AS u(t, l, k)
+               JOIN orders o ON o.tenant_id = u.t AND o.line_keys @> ARRAY[u.k]
+               ORDER BY o.order_source_id""",
             t,
             ln,
+            ["l:" + x for x in ln],
         )
         return {(r["tenant_id"], r["line_id"]): r["order_source_id"] for r in rows}
 
     async def orders(self, ids: Iterable[Key], numbers: Iterable[Key], *, lock: bool = True) -> list[OrderState]:
+        """Orders by id or number, with their lines, locked for the rest of the transaction."""
         it, iv = _pairs(ids)
         nt, nv = _pairs(numbers)
         if not it and not nt:
             return []
         rows = await self.conn.fetch(
-            f"""SELECT {_ORDER_COLS} FROM orders o
+            f"""SELECT {_ORDER_COLS}, lines FROM orders o
                 WHERE (o.tenant_id, o.order_source_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
                    OR (o.tenant_id, o.order_number) IN (SELECT * FROM unnest($3::text[], $4::text[]))
                 ORDER BY tenant_id, order_source_id {"FOR UPDATE" if lock else ""}""",
@@ -115,24 +197,12 @@ class PgPointsStore:
             nt,
             nv,
         )
-        return [OrderState(**dict(r.items())) for r in rows]
-
-    async def lines(self, orders: Iterable[Key]) -> dict[Key, list[LineState]]:
-        t, o = _pairs(orders)
-        out: dict[Key, list[LineState]] = {}
-        if not t:
-            return out
-        rows = await self.conn.fetch(
-            """SELECT tenant_id, order_source_id, line_id, product_source_id, amount, version_key, deleted
-               FROM order_lines
-               WHERE (tenant_id, order_source_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
-            t,
-            o,
-        )
+        out = []
         for r in rows:
-            out.setdefault((r["tenant_id"], r["order_source_id"]), []).append(
-                LineState(r["line_id"], r["product_source_id"], r["amount"], r["version_key"], r["deleted"])
-            )
+            o = OrderState(**dict(zip(_ORDER_NAMES, r, strict=False)))
+            for line_id, product, amount, vk, deleted in json.loads(r["lines"]):
+                o.lines[line_id] = LineState(line_id, product, Decimal(amount), vk, deleted)
+            out.append(o)
         return out
 
     async def returns(
@@ -185,31 +255,9 @@ class PgPointsStore:
             )
 
     async def write_orders(self, orders: Sequence[OrderState]) -> None:
-        if not orders:
-            return
-        cols = [c.strip() for c in _ORDER_COLS.split(",")]
-        rows = [tuple(getattr(o, c) for c in cols) for o in orders]
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols[2:])
-        await self.conn.execute(
-            f"""INSERT INTO orders ({_ORDER_COLS})
-                SELECT * FROM unnest({_ORDER_PARAMS})
-                ON CONFLICT (tenant_id, order_source_id) DO UPDATE SET {updates}, updated_at = now()""",
-            *_cols(rows),
-        )
-
-    async def write_lines(self, rows: Sequence[tuple[str, str, str, str | None, Decimal, str, bool]]) -> None:
-        if rows:
-            latest = {(r[0], r[1], r[2]): r for r in rows}
-            await self.conn.execute(
-                """INSERT INTO order_lines AS l (tenant_id, order_source_id, line_id, product_source_id, amount,
-                       version_key, deleted)
-                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
-                       $6::text[], $7::boolean[])
-                   ON CONFLICT (tenant_id, order_source_id, line_id) DO UPDATE SET
-                       product_source_id = EXCLUDED.product_source_id, amount = EXCLUDED.amount,
-                       version_key = EXCLUDED.version_key, deleted = EXCLUDED.deleted""",
-                *_cols(list(latest.values())),
-            )
+        """Upsert orders with their lines (see :func:`_order_row`)."""
+        if orders:
+            await self.conn.execute(_WRITE_ORDERS, json.dumps([_order_row(o) for o in orders]))
 
     async def write_returns(self, returns: Sequence[ReturnState]) -> None:
         if returns:
@@ -245,18 +293,15 @@ class PgPointsStore:
         """Insert entries; an entry whose idempotency key exists is skipped. Returns the event ids written."""
         if not rows:
             return set()
-        cols = _cols(rows)
-        cols[8] = [json.dumps(v) for v in cols[8]]
         written = await self.conn.fetch(
             """INSERT INTO ledger (tenant_id, member_id, order_source_id, source, kind, points, reason,
                    source_version, source_event_ids, event_id)
-               SELECT t, m, o, s, k, p, r, v, ARRAY(SELECT jsonb_array_elements_text(e::jsonb)), i
-               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::text[],
-                   $8::text[], $9::text[], $10::text[]) WITH ORDINALITY AS u(t, m, o, s, k, p, r, v, e, i, n)
+               SELECT e->>0, e->>1, e->>2, e->>3, e->>4, (e->>5)::bigint, e->>6, e->>7, (e->>8)::text[], e->>9
+               FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS u(e, n)
                ORDER BY n
-               ON CONFLICT (tenant_id, source, order_source_id, kind, source_version) DO NOTHING
+               ON CONFLICT (tenant_id, order_source_id, source, kind, source_version) DO NOTHING
                RETURNING event_id""",
-            *cols,
+            json.dumps([(*r[:8], _text_array(r[8]), r[9]) for r in rows]),
         )
         return {r["event_id"] for r in written}
 

@@ -90,7 +90,8 @@ async def balances(pool: asyncpg.Pool, tenant: str, member: str | None = None) -
         """WITH l AS (SELECT member_id, sum(points)::bigint AS balance FROM ledger
                       WHERE tenant_id = $1 AND ($2::text IS NULL OR member_id = $2) GROUP BY member_id),
                 o AS (SELECT member_id, sum(pending_points)::bigint AS pending, sum(shortfall)::bigint AS shortfall
-                      FROM orders WHERE tenant_id = $1 AND ($2::text IS NULL OR member_id = $2) GROUP BY member_id)
+                      FROM orders WHERE tenant_id = $1 AND known AND ($2::text IS NULL OR member_id = $2)
+                      GROUP BY member_id)
            SELECT coalesce(l.member_id, o.member_id) AS member_id, coalesce(l.balance, 0) AS balance,
                   coalesce(o.pending, 0) AS pending, coalesce(o.shortfall, 0) AS shortfall
            FROM l FULL JOIN o ON o.member_id = l.member_id ORDER BY 1""",

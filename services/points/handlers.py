@@ -9,13 +9,14 @@ written back with one statement per table. Nothing on the hot path issues a quer
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import Counter
 
-from canonical.envelope import Envelope
+from canonical.envelope import Envelope, Source, make_event_id
 from canonical.events import (
     OrderDeleted,
     OrderLineDeleted,
@@ -62,7 +63,6 @@ class PointsBatch:
         self.returns_by_anchor: dict[Key, set[str]] = defaultdict(set)
         self.returns_by_number: dict[Key, set[str]] = defaultdict(set)
         self.line_orders: dict[Key, str] = {}
-        self.line_writes: list[tuple[Any, ...]] = []
         self.ledger: list[LedgerRow] = []
         self.entries: dict[str, PointsLedgerEntry] = {}
         self.shortfalls: list[tuple[str, str, str, int, str]] = []
@@ -71,9 +71,38 @@ class PointsBatch:
     # ------------------------------------------------------------------------------------------ load
 
     async def load(self, events: Sequence[Envelope], extra_orders: Iterable[Key] = ()) -> None:
+        # Dispatch on the exact type: isinstance on pydantic models goes through ABCMeta and costs more
+        # than the rest of this loop.
         self.programs = await self.store.programs({e.tenant_id for e in events} | {t for t, _ in extra_orders})
-        products = [e for e in events if isinstance(e, ProductUpserted)]
-        affected: set[Key] = set(extra_orders)
+        products: list[ProductUpserted] = []
+        tombstones: list[OrderLineDeleted] = []
+        resolved: list[OrderResolved] = []
+        line_ups: list[OrderLineUpserted] = []
+        ids: set[Key] = set(extra_orders)
+        numbers: set[Key] = set()
+        return_ids: set[Key] = set()
+        for e in events:
+            if type(e) is OrderResolved:
+                resolved.append(e)
+                ids.add((e.tenant_id, e.source_id))
+            elif type(e) is OrderLineUpserted:
+                line_ups.append(e)
+                ids.add((e.tenant_id, e.order_id))
+            elif type(e) is OrderDeleted:
+                ids.add((e.tenant_id, e.source_id))
+            elif type(e) is OrderLineDeleted:
+                tombstones.append(e)
+            elif type(e) is ReturnResolved:
+                r = e.return_
+                return_ids.add((e.tenant_id, e.source_id))
+                if r.original_order_source_id:
+                    ids.add((e.tenant_id, r.original_order_source_id))
+                if r.original_order_number:
+                    numbers.add((e.tenant_id, r.original_order_number))
+            elif type(e) is ReturnDeleted:
+                return_ids.add((e.tenant_id, e.source_id))
+            elif type(e) is ProductUpserted:
+                products.append(e)
         if products:
             known = await self.store.products((e.tenant_id, e.source_id) for e in products)
             self._remember_products(known)
@@ -82,60 +111,38 @@ class PointsBatch:
                 for e in products
                 if known.get((e.tenant_id, e.source_id), (None, ""))[0] != e.product.category
             }
-            affected |= await self.store.orders_with_products(changed)
-        tombstones = [e for e in events if isinstance(e, OrderLineDeleted) and not e.order_id]
+            ids |= await self.store.orders_with_products(changed)
         if tombstones:
-            self.line_orders = await self.store.orders_of_lines((e.tenant_id, e.source_id) for e in tombstones)
-        ids: set[Key] = set(affected)
-        numbers: set[Key] = set()
-        return_ids: set[Key] = set()
-        for e in events:
-            if isinstance(e, OrderResolved | OrderDeleted | OrderLineUpserted):
-                ids.add((e.tenant_id, e.order_source_id))
-            elif isinstance(e, OrderLineDeleted):
+            orphans = [(e.tenant_id, e.source_id) for e in tombstones if not e.order_id]
+            if orphans:
+                self.line_orders = await self.store.orders_of_lines(orphans)
+            for e in tombstones:
                 ids.add((e.tenant_id, e.order_id or self.line_orders.get((e.tenant_id, e.source_id), e.source_id)))
-            elif isinstance(e, ReturnResolved):
-                r = e.return_
-                return_ids.add((e.tenant_id, e.source_id))
-                if r.original_order_source_id:
-                    ids.add((e.tenant_id, r.original_order_source_id))
-                if r.original_order_number:
-                    numbers.add((e.tenant_id, r.original_order_number))
-            elif isinstance(e, ReturnDeleted):
-                return_ids.add((e.tenant_id, e.source_id))
         for o in await self.store.orders(ids, numbers):
             self._add_order(o)
-        lines = await self.store.lines(set(self.orders) | ids)
-        for key, ls in lines.items():
-            self.order(key).lines = {ln.line_id: ln for ln in ls}
         wanted = {
             (t, ln.product_source_id)
             for (t, _), o in self.orders.items()
             for ln in o.lines.values()
             if ln.product_source_id
         }
-        for e in events:
-            if isinstance(e, OrderResolved) and e.order.lines:
-                wanted |= {(e.tenant_id, ln.product_source_id) for ln in e.order.lines if ln.product_source_id}
-            elif isinstance(e, OrderLineUpserted) and e.line.product_source_id:
+        for e in resolved:
+            if e.order.lines:
+                wanted.update((e.tenant_id, ln.product_source_id) for ln in e.order.lines if ln.product_source_id)
+        for e in line_ups:
+            if e.line.product_source_id:
                 wanted.add((e.tenant_id, e.line.product_source_id))
         missing = {k for k in wanted if k not in self.product_versions}
         if missing:
             self._remember_products(await self.store.products(missing))
         numbers |= {(t, o.order_number) for (t, _), o in self.orders.items() if o.order_number}
-        numbers |= {
-            (e.tenant_id, e.order.order_number) for e in events if isinstance(e, OrderResolved) and e.order.order_number
-        }
+        numbers |= {(e.tenant_id, e.order.order_number) for e in resolved if e.order.order_number}
         for loaded in await self.store.returns(return_ids, ids | set(self.orders), numbers):
             self._index_return(loaded)
         shortfall_tenants = {t for t, p in self.programs.items() if p.negative_balance == "record_shortfall"}
         if shortfall_tenants:
             members = {(o.tenant_id, o.member_id) for o in self.orders.values() if o.tenant_id in shortfall_tenants}
-            members |= {
-                (e.tenant_id, e.member_id)
-                for e in events
-                if isinstance(e, OrderResolved) and e.tenant_id in shortfall_tenants
-            }
+            members |= {(e.tenant_id, e.member_id) for e in resolved if e.tenant_id in shortfall_tenants}
             self.balances = defaultdict(int, await self.store.balances(members))
 
     def _remember_products(self, rows: dict[Key, tuple[str | None, str]]) -> None:
@@ -242,13 +249,22 @@ class PointsBatch:
         at: dt.datetime | None,
         event_ids: Sequence[str],
     ) -> None:
+        source = cast(Source, o.source or "flash")
+        connection = o.connection_id or "points"
+        version = f"{kind}:{trigger}"[:512]
+        event_id = make_event_id(
+            "points.ledger_entry", o.tenant_id, connection, source, "points.ledger", o.order_source_id, version
+        )
+        # The ids are derived here (exactly as Envelope derives them) because the ledger row needs them too.
         entry = PointsLedgerEntry(
             tenant_id=o.tenant_id,
-            connection_id=o.connection_id or "points",
-            source=o.source or "flash",
+            connection_id=connection,
+            source=source,
             entity="points.ledger",
             source_id=o.order_source_id,
-            source_version=f"{kind}:{trigger}"[:512],
+            source_version=version,
+            event_id=event_id,
+            correlation_id=event_id,
             observed_at=at or self.now,
             member_id=o.member_id or "unknown",
             order_source_id=o.order_source_id,
@@ -280,15 +296,17 @@ class PointsBatch:
 
     async def flush(self, uow: UnitOfWork) -> None:
         await self.store.write_products(self.product_writes)
-        await self.store.write_lines(self.line_writes)
-        await self.store.write_orders([o for o in self.orders.values() if o.dirty and o.known])
+        await self.store.write_orders([o for o in self.orders.values() if (o.dirty and o.known) or o.lines_dirty])
         await self.store.write_returns([r for r in self.returns.values() if r.dirty])
         written = await self.store.append_ledger(self.ledger)
         await self.store.record_shortfalls(self.shortfalls)
+        counts: Tally[tuple[str, str]] = Tally()
         for row in self.ledger:
             if row[9] in written:
                 uow.emit(POINTS_LEDGER, self.entries[row[9]])
-                ENTRIES.labels(row[0], row[4]).inc()
+                counts[(row[0], row[4])] += 1
+        for (tenant, kind), n in counts.items():
+            ENTRIES.labels(tenant, kind).inc(n)
 
 
 # ----------------------------------------------------------------------------------------- handlers
@@ -330,18 +348,14 @@ def upsert_order(b: PointsBatch, e: OrderResolved) -> None:
         if d.order_number:
             b.by_number[(e.tenant_id, d.order_number)] = e.order_source_id
     if d.lines is not None:
-        fresh = {ln.line_id for ln in d.lines}
-        for ln in o.lines.values():
-            if ln.line_id not in fresh and not ln.deleted:
-                ln.deleted = True
-                b.line_writes.append(
-                    (e.tenant_id, e.order_source_id, ln.line_id, ln.product_source_id, ln.amount, vk, True)
-                )
+        if o.lines:
+            fresh = {ln.line_id for ln in d.lines}
+            for ln in o.lines.values():
+                if ln.line_id not in fresh and not ln.deleted:
+                    ln.deleted, ln.version_key = True, vk
         for item in d.lines:
             o.lines[item.line_id] = LineState(item.line_id, item.product_source_id, item.amount, vk)
-            b.line_writes.append(
-                (e.tenant_id, e.order_source_id, item.line_id, item.product_source_id, item.amount, vk, False)
-            )
+        o.lines_dirty = True
     b.settle(o, f"order@{e.source_version}", e.observed_at, (e.upstream_event_id, e.event_id))
 
 
@@ -352,7 +366,7 @@ def upsert_line(b: PointsBatch, e: OrderLineUpserted) -> None:
     if cur is not None and vk <= cur.version_key:
         return
     o.lines[e.line.line_id] = LineState(e.line.line_id, e.line.product_source_id, e.line.amount, vk)
-    b.line_writes.append((e.tenant_id, e.order_id, e.line.line_id, e.line.product_source_id, e.line.amount, vk, False))
+    o.lines_dirty = True
     b.settle(o, f"line:{e.line.line_id}@{e.source_version}", e.observed_at, (e.event_id,))
 
 
@@ -366,7 +380,7 @@ def delete_line(b: PointsBatch, e: OrderLineDeleted) -> None:
     if cur is None or cur.deleted or (vk < cur.version_key):
         return
     cur.deleted, cur.version_key = True, max(vk, cur.version_key)
-    b.line_writes.append((e.tenant_id, order_id, cur.line_id, cur.product_source_id, cur.amount, cur.version_key, True))
+    o.lines_dirty = True
     b.settle(o, f"line-deleted:{e.source_id}@{e.source_version}", e.observed_at, (e.event_id,))
 
 
@@ -440,9 +454,14 @@ async def handle_events(events: Sequence[Envelope], uow: UnitOfWork, *, now: dt.
     """Products first (so the batch's orders see current categories), then the rest in arrival order."""
     b = PointsBatch(uow.conn, now)
     await b.load(events)
-    ordered: list[Envelope] = [e for e in events if isinstance(e, ProductUpserted | ProductDeleted)]
-    ordered += [e for e in events if not isinstance(e, ProductUpserted | ProductDeleted)]
-    for e in ordered:
+    later: list[Envelope] = []
+    for e in events:
+        t = type(e)
+        if t is ProductUpserted or t is ProductDeleted:
+            EVENT_HANDLERS[t](b, e)
+        else:
+            later.append(e)
+    for e in later:
         fn = EVENT_HANDLERS.get(type(e))
         if fn is not None:
             fn(b, e)

@@ -165,6 +165,8 @@ class OrderState:
     """True once the order's header has been seen (lines or returns may come first)."""
     lines: dict[str, LineState] = field(default_factory=dict)
     dirty: bool = False
+    lines_dirty: bool = False
+    """Lines changed in this batch: the row is written even while the header is unknown."""
 
 
 # ----------------------------------------------------------------------------------------- money

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -19,6 +20,7 @@ from canonical.events import (
     OrderData,
     OrderDeleted,
     OrderLineData,
+    OrderLineDeleted,
     OrderLineUpserted,
     OrderUpserted,
     ProductData,
@@ -521,3 +523,63 @@ async def test_points_rules_end_to_end(infra: Infra) -> None:
     await pipe.feed([ret(s, "r1", order_id="o1", amount="100")])
     assert [(r["kind"], r["points"]) for r in await ledger(infra, s)][-1] == ("clawback", -20)
     assert (await balances(infra.pool, s))[0] == {"member_id": "m1", "balance": 0, "pending": 0, "shortfall": -80}
+
+
+async def test_lines_before_header_tombstones_and_category_changes(infra: Infra) -> None:
+    """Lines live on the order row: lines may precede their header, a tombstone that names no order finds
+    it by line id, and a category change re-settles exactly the orders of that tenant holding the product."""
+    await prepare(infra)
+    pipe = Pipe(infra)
+    t, other = "lines", "lines-other"
+    for tenant in (t, other):
+        await set_program(infra.pool, program(tenant, category_multipliers={"electronics": "2"}))
+        await pipe.feed([member(tenant, "m1", ext="K1"), customer(tenant, "k1", ext="K1")])
+    # Lines first: the order row exists (unknown) and the header, when it comes, is settled with them.
+    await pipe.feed([line(t, "o1", "o1-a", "60", product="tv"), line(t, "o1", "o1-b", "40", product="sock")])
+    assert await ledger(infra, t) == []
+    assert await infra.pool.fetchval("SELECT known FROM orders WHERE tenant_id = $1 AND order_source_id = 'o1'", t)\
+        is False
+    assert [r["member_id"] for r in await balances(infra.pool, t)] == []
+    await pipe.feed([order(t, "o1", "k1", total="100"), order(other, "o1", "k1", total="100")])
+    await pipe.feed([line(other, "o1", "o1-a", "100", product="tv")])
+    assert (await order_net(infra, t))["o1"] == 100
+    # tv becomes electronics (x2) in one tenant only: its order earns 60 more; the other tenant's does not.
+    await pipe.feed(
+        [
+            ProductUpserted(
+                tenant_id=t,
+                connection_id="crm",
+                source="dynamics-ce",
+                entity="product",
+                source_id="tv",
+                source_version="2",
+                product=ProductData(category="electronics"),
+            )
+        ]
+    )
+    assert (await order_net(infra, t))["o1"] == 160
+    assert (await order_net(infra, other))["o1"] == 100
+    # A tombstone with only the line id: the order is found by line, the tv line goes, back to 100.
+    await pipe.feed(
+        [
+            OrderLineDeleted(
+                tenant_id=t,
+                connection_id="crm",
+                source="dynamics-ce",
+                entity="salesorderdetail",
+                source_id="o1-a",
+                source_version="3",
+            )
+        ]
+    )
+    assert (await order_net(infra, t))["o1"] == 100
+    assert (await order_net(infra, other))["o1"] == 100
+    row = await infra.pool.fetchrow(
+        "SELECT lines, line_keys FROM orders WHERE tenant_id = $1 AND order_source_id = 'o1'", t
+    )
+    assert sorted((ln[0], ln[4]) for ln in json.loads(row["lines"])) == [("o1-a", True), ("o1-b", False)]
+    assert row["line_keys"] == ["l:o1-a", "l:o1-b", "p:sock"]
+    # Replaying everything changes nothing.
+    before = await ledger(infra, t)
+    await pipe.feed([line(t, "o1", "o1-a", "60", product="tv"), order(t, "o1", "k1", total="100")])
+    assert await ledger(infra, t) == before
