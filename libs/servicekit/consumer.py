@@ -206,7 +206,6 @@ class PipeConsumer(Generic[E]):
         self.decoder = decoder
         self.accepted = accepted
         self._sleep = sleep
-        self._published_ids: list[int] = []  # outbox rows acknowledged by the broker, deleted with the next batch
         self._unsent: list[tuple[list[OutMessage], list[int], list[DeadLetter]]] = []  # committed, not yet sent
         self._tail: asyncio.Task[None] | None = None  # publishes the previous batch, then commits its offsets
         self._relayed = False
@@ -259,14 +258,6 @@ class PipeConsumer(Generic[E]):
         """Wait until everything committed so far is published (and its offsets committed)."""
         if self._tail is not None:
             await self._tail
-        if self._published_ids:  # forget them now rather than relaying them again at the next start
-            ids, self._published_ids = self._published_ids, []
-            try:
-                async with db_errors(f"{self.name} outbox cleanup"), self.pool.acquire() as conn:
-                    await delete_published(conn, ids)
-            except InfrastructureUnavailable:
-                log.warning("outbox cleanup deferred; the next start republishes (deduplicated downstream)",
-                            consumer=self.name)
 
     def _schedule(self, previous: asyncio.Task[None] | None, after: Callable[[], Awaitable[None]] | None) -> None:
         batches, self._unsent = self._unsent, []
@@ -290,7 +281,7 @@ class PipeConsumer(Generic[E]):
                     break
                 except InfrastructureUnavailable as exc:
                     await self._backoff(1, exc, unbounded=True)
-            self._published_ids.extend(ids)
+            await self._forget(ids)
             for letter in dead:
                 metrics.DEAD_LETTERS.labels(self.name, letter.error_class).inc()
                 log.error(
@@ -392,10 +383,8 @@ class PipeConsumer(Generic[E]):
 
     async def _commit(self, deliveries: Sequence[Delivery[E]], dead: Sequence[DeadLetter]) -> None:
         """One transaction: dedupe, effect, outbox (and dead letters). Publishing is left to the tail."""
-        published = list(self._published_ids)
         async with db_errors(f"{self.name} batch"), self.pool.acquire() as conn:
             async with conn.transaction():
-                await delete_published(conn, published)
                 uow = UnitOfWork(conn, self.name, self.settings)
                 fresh = await self._dedupe(conn, deliveries)
                 if fresh:
@@ -408,9 +397,22 @@ class PipeConsumer(Generic[E]):
                                        letter.headers())
                         )
                 ids = await write_outbox(conn, self.name, uow.outbox)
-        del self._published_ids[:len(published)]
         if uow.outbox or dead:
             self._unsent.append((uow.outbox, ids, list(dead)))
+
+    async def _forget(self, ids: list[int]) -> None:
+        """Delete outbox rows the broker acknowledged (off the batch's path: the tail does it).
+
+        If this fails or a crash comes first, the next start publishes them again, and consumers
+        downstream find them done."""
+        if not ids:
+            return
+        try:
+            async with db_errors(f"{self.name} outbox cleanup"), self.pool.acquire() as conn:
+                await delete_published(conn, ids)
+        except InfrastructureUnavailable as exc:
+            log.warning("outbox cleanup deferred; the rows are republished at the next start (deduplicated)",
+                        consumer=self.name, error=str(exc)[:300])
 
     async def _dedupe(self, conn: DbConnection, deliveries: Sequence[Delivery[E]]) -> list[Delivery[E]]:
         if not deliveries:
