@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,23 @@ CustKey = tuple[str, str, str, str]
 def _pairs(items: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
     uniq = sorted(set(items))
     return [a for a, _ in uniq], [b for _, b in uniq]
+
+
+def _jcols(rows: Iterable[Sequence[Any]], width: int) -> list[str]:
+    """Distinct ``rows`` as ``width`` JSON arrays of text, one per column, for :func:`_rows_from`."""
+    uniq = sorted(set(map(tuple, rows)))
+    return [json.dumps([r[i] for r in uniq]) for i in range(width)]
+
+
+def _rows_from(first: int, width: int) -> str:
+    """``ROWS FROM`` over parameters $first.. holding JSON arrays of text, zipped into rows.
+
+    The order path's key lists travel as JSON: asyncpg checks every element of an array parameter against
+    collections.abc ABCs, which for thousands of keys costs more than building and parsing the JSON.
+    """
+    return "ROWS FROM (" + ", ".join(
+        f"jsonb_array_elements_text(${first + i}::jsonb)" for i in range(width)
+    ) + ")"
 
 
 @dataclass
@@ -151,14 +169,13 @@ class PgResolverStore:
     # ---------------------------------------------------------------------------------------- links
 
     async def links(self, keys: Iterable[CustKey]) -> dict[CustKey, str | None]:
-        uniq = sorted(set(keys))
-        if not uniq:
+        cols = _jcols(keys, 4)
+        if cols[0] == "[]":
             return {}
         rows = await self.conn.fetch(
-            """SELECT tenant_id, connection_id, source, customer_source_id, member_id FROM customer_links
-               WHERE (tenant_id, connection_id, source, customer_source_id) IN
-                   (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))""",
-            *[list(c) for c in zip(*uniq, strict=True)],
+            f"""SELECT tenant_id, connection_id, source, customer_source_id, member_id FROM customer_links
+                WHERE (tenant_id, connection_id, source, customer_source_id) IN (SELECT * FROM {_rows_from(1, 4)})""",
+            *cols,
         )
         return {
             (r["tenant_id"], r["connection_id"], r["source"], r["customer_source_id"]): r["member_id"] for r in rows
@@ -248,28 +265,27 @@ class PgResolverStore:
             return
         latest = {(r[0], r[1]): r for r in rows}
         await self.conn.execute(
-            """INSERT INTO order_members (tenant_id, order_source_id, order_number, member_id)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-               ON CONFLICT (tenant_id, order_source_id) DO UPDATE SET
-                   order_number = EXCLUDED.order_number, member_id = EXCLUDED.member_id, resolved_at = now()
-               WHERE (order_members.order_number, order_members.member_id)
-                     IS DISTINCT FROM (EXCLUDED.order_number, EXCLUDED.member_id)""",
-            *[list(c) for c in zip(*latest.values(), strict=True)],
+            f"""INSERT INTO order_members (tenant_id, order_source_id, order_number, member_id)
+                SELECT * FROM {_rows_from(1, 4)}
+                ON CONFLICT (tenant_id, order_source_id) DO UPDATE SET
+                    order_number = EXCLUDED.order_number, member_id = EXCLUDED.member_id, resolved_at = now()
+                WHERE (order_members.order_number, order_members.member_id)
+                      IS DISTINCT FROM (EXCLUDED.order_number, EXCLUDED.member_id)""",
+            *[json.dumps([r[i] for r in latest.values()]) for i in range(4)],
         )
 
     # --------------------------------------------------------------------------------------- parked
 
     async def parked_orders(self, orders: Iterable[tuple[str, str]]) -> dict[tuple[str, str], ParkedRow]:
         """The newest parked row of each of ``orders`` that has any."""
-        t, o = _pairs(orders)
-        if not t:
+        cols = _jcols(orders, 2)
+        if cols[0] == "[]":
             return {}
         rows = await self.conn.fetch(
             f"""SELECT DISTINCT ON (tenant_id, order_source_id) {_PARKED_COLS} FROM parked p
-                WHERE (p.tenant_id, p.order_source_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+                WHERE (p.tenant_id, p.order_source_id) IN (SELECT * FROM {_rows_from(1, 2)})
                 ORDER BY tenant_id, order_source_id, seq DESC""",
-            t,
-            o,
+            *cols,
         )
         return {(r["tenant_id"], r["order_source_id"]): ParkedRow.of(r) for r in rows}
 
@@ -294,28 +310,23 @@ class PgResolverStore:
         anchor_numbers: Iterable[tuple[str, str]] = (),
     ) -> set[tuple[str, str]]:
         """Orders with a parked head row waiting on one of these customers, emails or anchored orders."""
-        cust = sorted(set(customers))
-        ct = [[c[i] for c in cust] for i in range(4)] if cust else [[], [], [], []]
-        et, ev = _pairs(emails)
-        at, av = _pairs(anchor_ids)
-        nt, nv = _pairs(anchor_numbers)
-        if not (cust or et or at or nt):
+        cust = _jcols(customers, 4)
+        em = _jcols(emails, 2)
+        anchor = _jcols(anchor_ids, 2)
+        num = _jcols(anchor_numbers, 2)
+        if all(c[0] == "[]" for c in (cust, em, anchor, num)):
             return set()
         rows = await self.conn.fetch(
-            """SELECT DISTINCT tenant_id, order_source_id FROM parked p WHERE p.kind <> 'part' AND (
+            f"""SELECT DISTINCT tenant_id, order_source_id FROM parked p WHERE p.kind <> 'part' AND (
                  (p.tenant_id, p.connection_id, p.source, p.customer_source_id) IN
-                     (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]))
-                 OR (p.tenant_id, p.email_normalized) IN (SELECT * FROM unnest($5::text[], $6::text[]))
-                 OR (p.tenant_id, p.anchor_order_source_id) IN (SELECT * FROM unnest($7::text[], $8::text[]))
-                 OR (p.tenant_id, p.anchor_order_number) IN
-                     (SELECT * FROM unnest($9::text[], $10::text[])))""",
-            *ct,
-            et,
-            ev,
-            at,
-            av,
-            nt,
-            nv,
+                     (SELECT * FROM {_rows_from(1, 4)})
+                 OR (p.tenant_id, p.email_normalized) IN (SELECT * FROM {_rows_from(5, 2)})
+                 OR (p.tenant_id, p.anchor_order_source_id) IN (SELECT * FROM {_rows_from(7, 2)})
+                 OR (p.tenant_id, p.anchor_order_number) IN (SELECT * FROM {_rows_from(9, 2)}))""",
+            *cust,
+            *em,
+            *anchor,
+            *num,
         )
         return {(r["tenant_id"], r["order_source_id"]) for r in rows}
 

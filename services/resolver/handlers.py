@@ -8,6 +8,7 @@ is batched (a handful of statements per batch, whatever its size).
 
 from __future__ import annotations
 
+from collections import Counter as Tally
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -269,10 +270,13 @@ class _OrderRouter:
         self.parked_orders: set[tuple[str, str]] = set(parked)
         self.to_park: list[tuple[Any, ...]] = []
         self.resolved_orders: list[tuple[str, str, str | None, str]] = []
+        self.resolved: Tally[tuple[str, str]] = Tally()
 
     async def route(self, events: Sequence[Scoped]) -> None:
         for e in events:
             await ORDER_ROUTES[type(e)](self, e)
+        for (tenant, kind), n in self.resolved.items():
+            RESOLVED.labels(tenant, kind).inc(n)
         await self.store.park(self.to_park)
         await self.store.upsert_order_members(self.resolved_orders)
         # Returns parked because their order was unknown flow on now that it resolved.
@@ -302,7 +306,7 @@ class _OrderRouter:
         self.look.order_by_id[okey] = member
         if o.order_number:
             self.look.order_by_number[(e.tenant_id, o.order_number)] = member
-        RESOLVED.labels(e.tenant_id, "order").inc()
+        self.resolved[(e.tenant_id, "order")] += 1
 
     async def resolve_return(self, e: ReturnUpserted) -> None:
         r = e.return_
@@ -329,14 +333,14 @@ class _OrderRouter:
         if okey in self.parked_orders:
             await self._release(okey, member)
         self.uow.emit(RESOLVED_RETURN, return_resolved(e, member))
-        RESOLVED.labels(e.tenant_id, "return").inc()
+        self.resolved[(e.tenant_id, "return")] += 1
 
     async def forward_part(self, e: OrderLineUpserted | OrderLineDeleted | OrderDeleted | ReturnDeleted) -> None:
         """Lines and deletes need no member; they queue behind a parked head of the same order."""
         if (e.tenant_id, e.order_source_id) in self.parked_orders:
             self._park(e, "part", None, None, None, None, "queued behind a parked event of the same order")
             return
-        self.uow.emit(RESOLVED_RETURN if isinstance(e, ReturnDeleted) else RESOLVED_ORDER, e)
+        self.uow.emit(RESOLVED_RETURN if type(e) is ReturnDeleted else RESOLVED_ORDER, e)
 
     def _park(
         self,
@@ -396,7 +400,7 @@ ORDER_ROUTES: dict[type[Envelope], Callable[[_OrderRouter, Any], Awaitable[None]
 
 async def route_orders(events: Sequence[Scoped], uow: UnitOfWork) -> None:
     store = PgResolverStore(uow.conn)
-    heads = [e for e in events if isinstance(e, OrderUpserted | ReturnUpserted)]
+    heads = [e for e in events if type(e) is OrderUpserted or type(e) is ReturnUpserted]
     look = await _Lookup.load(store, heads)
     parked = await store.parked_orders({(e.tenant_id, e.order_source_id) for e in events})
     await _OrderRouter(uow, look, parked).route(events)
