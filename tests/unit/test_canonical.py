@@ -68,3 +68,20 @@ def test_tenant_id_is_validated() -> None:
 
 def test_checked_in_schemas_match_the_models() -> None:
     assert schemas.main(["--check", str(ROOT / "schemas")]) == 0, "run `make schemas` and commit the result"
+
+
+def test_murmur2_matches_the_kafka_default_partitioner() -> None:
+    import random
+
+    from aiokafka.partitioner import murmur2 as reference
+
+    from servicekit.kafka import murmur2
+
+    rnd = random.Random(7)
+    keys = [b"", b"a", b"ab", b"abc", b"acme:ORD-1", "ünïcode:ключ".encode()]
+    keys += [rnd.randbytes(rnd.randint(0, 80)) for _ in range(5000)]
+    for key in keys:
+        assert murmur2(key) == reference(key), key
+    # Values the Java client's Utils.murmur2 gives (as used by every Kafka producer's default partitioner).
+    assert murmur2(b"21") == (-973932308 & 0xFFFFFFFF)
+    assert murmur2(b"foobar") == (-790332482 & 0xFFFFFFFF)
