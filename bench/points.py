@@ -1,30 +1,50 @@
-"""Bench: canonical orders through member resolver + points engine into PostgreSQL on the real broker.
+"""Bench: canonical orders through the member resolver and the points engine into PostgreSQL, on the
+real broker.
 
-    .venv/bin/python bench/points.py [--orders 20000] [--members 2000]
+    .venv/bin/python bench/points.py [--orders 20000] [--members 2000] [--rate 2000] [--in-process]
 
 Starts the embedded broker (or FLASH_KAFKA_BOOTSTRAP) and the local PostgreSQL in a fresh schema,
-pre-loads a program, members and linked customers, warms the consumer groups up, then publishes the
-orders (two lines each, one in an x2 category) and waits until every order has its ledger entry.
-Prints orders/s (first publish -> last ledger row) and the handling latency per order (publish ->
-ledger row written), p50/p99.
+pre-loads a program, members and linked customers, starts the two services - one process each, as
+deployed (``python -m resolver``, ``python -m points``), or both in this process with --in-process -
+and warms their consumer groups up. Every order is one ``order.upserted`` event carrying its header and
+two lines (one in an x2 category); the resolver turns it into one ``order.resolved``, the points engine
+into one ledger entry, so each order is three events (one per hop); lines sent as events of their own
+(``order.line_upserted``) would add two messages per order to each hop. The end of an order's journey
+is its entry arriving on points.ledger (written and committed, then published), read here by a plain
+consumer.
+
+Two measurements:
+  flood   all N orders published at once. orders/s = N / (first publish -> last ledger entry): the
+          capacity. Its latency percentiles are mostly time spent queueing behind earlier orders (the
+          last order waits for all the others), so they say little about the pipe itself.
+  steady  (--rate R) N orders published at R orders/s in small chunks, below capacity: publish ->
+          ledger entry latency p50/p99 is then the pipe's own handling latency (two consumer hops,
+          batching waits, two transactions, two publishes).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import json
+import os
+import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
 # This file is named like the points package: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+
 from canonical.events import OrderData, OrderLineData, OrderUpserted, encode  # noqa: E402
-from canonical.topics import CANONICAL_ORDER  # noqa: E402
+from canonical.topics import CANONICAL_ORDER, POINTS_LEDGER  # noqa: E402
 from points.app import MIGRATIONS as POINTS_MIGRATIONS  # noqa: E402
 from points.app import build_service  # noqa: E402
 from points.cli import set_program  # noqa: E402
@@ -32,13 +52,13 @@ from points.rules import Program  # noqa: E402
 from resolver.adapters import PgResolverStore  # noqa: E402
 from resolver.app import MIGRATIONS as RESOLVER_MIGRATIONS  # noqa: E402
 from resolver.app import SERVICE as RESOLVER  # noqa: E402
-from servicekit import metrics  # noqa: E402
 from servicekit.kafka import OutMessage  # noqa: E402
 from servicekit.logging import configure_logging  # noqa: E402
 from servicekit.runtime import Infra, open_infra, run_services  # noqa: E402
 from servicekit.settings import FlashSettings  # noqa: E402
 
 TENANT = "bench"
+CHUNK_S = 0.02  # steady mode publishes every 20 ms
 
 
 def make_order(i: int, members: int, tag: str) -> OrderUpserted:
@@ -53,7 +73,6 @@ def make_order(i: int, members: int, tag: str) -> OrderUpserted:
         entity="salesorder",
         source_id=f"{tag}{i}",
         source_version="1",
-        observed_at=dt.datetime.now(dt.UTC),
         order=OrderData(
             order_number=f"SO-{tag}{i}",
             customer_source_id=f"c{i % members}",
@@ -65,6 +84,15 @@ def make_order(i: int, members: int, tag: str) -> OrderUpserted:
             lines=lines,
         ),
     )
+
+
+def encoded(n: int, members: int, tag: str, topic: str) -> list[OutMessage]:
+    """The orders as the messages to publish, built before the clock starts (and no objects kept)."""
+    out = []
+    for i in range(n):
+        o = make_order(i, members, tag)
+        out.append(OutMessage(topic, encode(o), o.key))
+    return out
 
 
 async def preload(infra: Infra, members: int) -> None:
@@ -89,108 +117,200 @@ async def preload(infra: Infra, members: int) -> None:
         )
         await store.upsert_links(
             [
-                (
-                    TENANT,
-                    "crm",
-                    "dynamics-ce",
-                    f"c{i}",
-                    "account",
-                    None,
-                    f"C-{i}",
-                    None,
-                    f"m{i}",
-                    "external_id",
-                    "",
-                    "1",
-                )
+                (TENANT, "crm", "dynamics-ce", f"c{i}", "account", None, f"C-{i}", None, f"m{i}", "external_id", "",
+                 "1")
                 for i in range(members)
             ]
         )
 
 
-async def publish(infra: Infra, orders: list[OrderUpserted]) -> None:
-    topic = infra.settings.topic(CANONICAL_ORDER)
-    for start in range(0, len(orders), 5000):
-        chunk = orders[start : start + 5000]
-        await infra.publisher.send_all([OutMessage(topic, encode(o), o.key) for o in chunk])
+class LedgerWatch:
+    """Reads points.ledger and notes when each order's entry arrived."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000)
+        self.topic = topic
+        self.arrived: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        parts = self.consumer.partitions_for_topic(self.topic)
+        while not parts:
+            await asyncio.sleep(0.1)
+            parts = self.consumer.partitions_for_topic(self.topic)
+        self.consumer.assign([TopicPartition(self.topic, p) for p in parts])
+        await self.consumer.seek_to_beginning()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=50)
+            now = time.perf_counter()
+            for records in batches.values():
+                for r in records:
+                    self.arrived.setdefault(json.loads(r.value or b"{}")["order_source_id"], now)
+
+    def count(self, tag: str) -> int:
+        return sum(1 for k in self.arrived if k.startswith(tag))
+
+    async def wait(self, tag: str, n: int, timeout: float) -> None:
+        start = time.perf_counter()
+        while self.count(tag) < n:
+            if time.perf_counter() - start > timeout:
+                raise SystemExit(f"only {self.count(tag)}/{n} '{tag}' orders reached points.ledger in {timeout:.0f}s")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()
 
 
-async def ledger_count(infra: Infra, tag: str) -> int:
-    return int(
-        await infra.pool.fetchval(
-            "SELECT count(*) FROM ledger WHERE tenant_id = $1 AND order_source_id LIKE $2", TENANT, f"{tag}%"
-        )
+@contextlib.asynccontextmanager
+async def services(infra: Infra, settings: FlashSettings, *, in_process: bool) -> AsyncIterator[None]:
+    if in_process:
+        stop = asyncio.Event()
+        runner = asyncio.create_task(run_services([RESOLVER, build_service()], settings, stop=stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await runner
+        return
+    env = {
+        **os.environ,
+        "FLASH_KAFKA_BOOTSTRAP": infra.bootstrap,
+        "FLASH_DATABASE_URL": infra.database_url,
+        "FLASH_DB_SCHEMA": settings.db_schema or "",
+        "FLASH_TOPIC_PREFIX": settings.topic_prefix,
+        "FLASH_LOG_LEVEL": "WARNING",
+        "FLASH_BATCH_MAX_RECORDS": str(settings.batch_max_records),
+        "FLASH_BATCH_TIMEOUT_MS": str(settings.batch_timeout_ms),
+    }
+    procs = [subprocess.Popen([sys.executable, "-m", m], env=env) for m in ("resolver", "points")]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def batch_stats(infra: Infra, since: dt.datetime) -> str:
+    rows = await infra.pool.fetch(
+        """SELECT consumer, count(DISTINCT processed_at) AS batches, count(*) AS messages FROM processed
+           WHERE tenant_id = $1 AND processed_at >= $2 GROUP BY consumer ORDER BY consumer""",
+        TENANT,
+        since,
     )
+    return ", ".join(f"{r['consumer']} {r['batches']} batches of {r['messages'] / r['batches']:.0f}" for r in rows)
 
 
-async def main(n: int, members: int, batch: int, timeout_ms: int) -> None:
+async def flood(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str) -> None:
+    n = len(msgs)
+    since = dt.datetime.now(dt.UTC)
+    start = time.perf_counter()
+    await infra.publisher.send_all(msgs)
+    published = time.perf_counter() - start
+    await watch.wait(tag, n, 600)
+    elapsed = max(watch.arrived[k] for k in watch.arrived if k.startswith(tag)) - start
+    lat = [watch.arrived[k] - start for k in watch.arrived if k.startswith(tag)]
+    rate = n / elapsed
+    print(
+        f"flood:  {n} orders published at once (in {published:.2f}s), last ledger entry after {elapsed:.2f}s: "
+        f"{rate:,.0f} orders/s"
+    )
+    print(
+        f"        events/s: {rate:,.0f} order.upserted into the resolver, {rate:,.0f} order.resolved into points, "
+        f"{rate:,.0f} ledger entries out ({3 * rate:,.0f}/s in all)"
+    )
+    print(
+        f"        publish -> ledger entry p50 {pct(lat, 0.5) * 1000:,.0f} ms, p99 {pct(lat, 0.99) * 1000:,.0f} ms "
+        f"(queueing: the last orders wait for all before them)"
+    )
+    print(f"        {await batch_stats(infra, since)}")
+
+
+async def steady(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str, rate: float) -> None:
+    n = len(msgs)
+    per_chunk = max(1, round(rate * CHUNK_S))
+    sent: dict[str, float] = {}
+    since = dt.datetime.now(dt.UTC)
+    start = time.perf_counter()
+    for c, i in enumerate(range(0, n, per_chunk)):
+        delay = start + c * per_chunk / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        chunk = msgs[i : i + per_chunk]
+        t = time.perf_counter()
+        await infra.publisher.send_all(chunk)
+        for j in range(i, i + len(chunk)):
+            sent[f"{tag}{j}"] = t
+    offered = n / (time.perf_counter() - start)
+    await watch.wait(tag, n, 600)
+    elapsed = max(watch.arrived[k] for k in sent) - start
+    lat = [watch.arrived[k] - sent[k] for k in sent]
+    print(
+        f"steady: {n} orders offered at {offered:,.0f}/s (asked {rate:,.0f}/s), {n / elapsed:,.0f} orders/s landed; "
+        f"publish -> ledger entry p50 {pct(lat, 0.5) * 1000:,.0f} ms, p99 {pct(lat, 0.99) * 1000:,.0f} ms, "
+        f"max {max(lat) * 1000:,.0f} ms"
+    )
+    print(f"        {await batch_stats(infra, since)}")
+
+
+async def main(args: argparse.Namespace) -> None:
     run = uuid.uuid4().hex[:8]
     settings = FlashSettings(
         db_schema=f"bench_points_{run}",
         topic_prefix=f"bench{run}.",
         log_level="WARNING",
-        batch_max_records=batch,
-        batch_timeout_ms=timeout_ms,
+        batch_max_records=args.batch,
+        batch_timeout_ms=args.timeout_ms,
     )
     configure_logging("WARNING", "console")
     async with open_infra(settings, migrations=[RESOLVER_MIGRATIONS, POINTS_MIGRATIONS]) as infra:
-        settings = settings.model_copy(update={"kafka_bootstrap": infra.bootstrap, "database_url": infra.database_url})
-        await preload(infra, members)
-        stop = asyncio.Event()
-        runner = asyncio.create_task(run_services([RESOLVER, build_service()], settings, stop=stop))
-        try:
-            warm = [make_order(i, members, "w") for i in range(200)]
-            await publish(infra, warm)
-            t0 = time.monotonic()
-            while await ledger_count(infra, "w") < len(warm):
-                if time.monotonic() - t0 > 120:
-                    raise SystemExit("warm-up did not finish")
-                await asyncio.sleep(0.1)
-            print(f"warm-up: consumer groups ready after {time.monotonic() - t0:.1f}s")
-
-            orders = [make_order(i, members, "o") for i in range(n)]
-            start = time.monotonic()
-            started_at = dt.datetime.now(dt.UTC)
-            orders = [o.model_copy(update={"observed_at": started_at}) for o in orders]
-            publish_task = asyncio.create_task(publish(infra, orders))
-            while (done := await ledger_count(infra, "o")) < n:
-                if time.monotonic() - start > 600:
-                    raise SystemExit(f"only {done}/{n} orders reached the ledger")
-                await asyncio.sleep(0.05)
-            elapsed = time.monotonic() - start
-            await publish_task
-        finally:
-            stop.set()
-            await runner
-        rows = await infra.pool.fetch(
-            """SELECT extract(epoch FROM l.created_at - $2::timestamptz) AS lat FROM ledger l
-               WHERE tenant_id = $1 AND order_source_id LIKE 'o%' ORDER BY 1""",
-            TENANT,
-            started_at,
-        )
-        lat = sorted(float(r["lat"]) for r in rows)
-        p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
-        print(f"orders: {n}, members: {members}, batch_max_records: {batch}")
-        print(f"throughput: {n / elapsed:,.0f} orders/s through resolver + points into PostgreSQL ({elapsed:.2f}s)")
+        settings = infra.settings
+        topic = settings.topic(CANONICAL_ORDER)
+        await preload(infra, args.members)
+        watch = LedgerWatch(infra.bootstrap, settings.topic(POINTS_LEDGER))
+        await watch.start()
+        mode = "both services in this process" if args.in_process else "one process per service"
         print(
-            f"latency publish -> ledger (all published at t0): p50 {p(0.5) * 1000:.0f} ms, p99 {p(0.99) * 1000:.0f} ms"
+            f"{mode}; {args.orders} orders x (header + 2 lines in one order.upserted event), {args.members} members, "
+            f"batch_max_records {args.batch}, batch_timeout_ms {args.timeout_ms}"
         )
-        for name in ("resolver", "points"):
-            hist = metrics.BATCH_SECONDS.labels(name)
-            batches = sum(b.get() for b in hist._buckets)
-            msgs = metrics.MESSAGES.labels(name)._value.get()
-            print(
-                f"{name}: {batches:.0f} batches, {msgs / max(batches, 1):.0f} messages/batch, "
-                f"{hist._sum.get() / max(batches, 1) * 1000:.1f} ms/batch"
-            )
-        await infra.pool.execute(f'DROP SCHEMA "{settings.db_schema}" CASCADE')
+        warm = encoded(200, args.members, "w", topic)
+        orders = encoded(args.orders, args.members, "o", topic)
+        paced = encoded(args.orders, args.members, "s", topic) if args.rate else []
+        try:
+            async with services(infra, settings, in_process=args.in_process):
+                t0 = time.perf_counter()
+                await infra.publisher.send_all(warm)
+                await watch.wait("w", len(warm), 120)
+                print(f"warm-up: consumer groups ready after {time.perf_counter() - t0:.1f}s")
+                await flood(infra, watch, orders, "o")
+                if args.rate:
+                    await steady(infra, watch, paced, "s", args.rate)
+        finally:
+            await watch.stop()
+            await infra.pool.execute(f'DROP SCHEMA "{settings.db_schema}" CASCADE')
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--orders", type=int, default=20000)
     ap.add_argument("--members", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=0, help="also run the steady measurement at this many orders/s")
+    ap.add_argument("--in-process", action="store_true", help="run both services in this process")
+    ap.add_argument("--batch", type=int, default=1000, help="consumer batch_max_records")
     ap.add_argument("--timeout-ms", type=int, default=20, help="consumer batch_timeout_ms")
-    args = ap.parse_args()
-    asyncio.run(main(args.orders, args.members, args.batch, args.timeout_ms))
+    asyncio.run(main(ap.parse_args()))
