@@ -41,6 +41,7 @@ from pathlib import Path
 # This file is named like the points package: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import psutil  # type: ignore[import-untyped]  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 
 from canonical.events import OrderData, OrderLineData, OrderUpserted, encode  # noqa: E402
@@ -170,12 +171,13 @@ class LedgerWatch:
 
 
 @contextlib.asynccontextmanager
-async def services(infra: Infra, settings: FlashSettings, *, in_process: bool) -> AsyncIterator[None]:
+async def services(infra: Infra, settings: FlashSettings, *, in_process: bool) -> AsyncIterator[dict[str, int]]:
+    """Run the two services; yields their process ids by name (for the CPU account)."""
     if in_process:
         stop = asyncio.Event()
         runner = asyncio.create_task(run_services([RESOLVER, build_service()], settings, stop=stop))
         try:
-            yield
+            yield {"bench + resolver + points": os.getpid()}
         finally:
             stop.set()
             await runner
@@ -192,12 +194,44 @@ async def services(infra: Infra, settings: FlashSettings, *, in_process: bool) -
     }
     procs = [subprocess.Popen([sys.executable, "-m", m], env=env) for m in ("resolver", "points")]
     try:
-        yield
+        yield {"resolver": procs[0].pid, "points": procs[1].pid, "bench": os.getpid()}
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(30)
+
+
+class CpuAccount:
+    """CPU seconds used per process over a measurement: our processes, PostgreSQL (every server process
+    on the machine, so other work on it counts too) and the broker. On a 2-core box they all compete."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        out = {name: _cpu(psutil.Process(pid)) for name, pid in self.pids.items()}
+        for proc in psutil.process_iter(["name"]):
+            group = {"postgres": "postgresql"}.get(proc.info["name"]) or (
+                "broker" if (proc.info["name"] or "").startswith("tansu") else None
+            )
+            if group:
+                with contextlib.suppress(psutil.Error):
+                    out[group] = out.get(group, 0.0) + _cpu(proc)
+        return out
+
+    def report(self, orders: int) -> str:
+        end = self._sample()
+        used = {k: end[k] - self.start.get(k, 0.0) for k in end}
+        total = sum(used.values())
+        parts = ", ".join(f"{k} {v / orders * 1e6:,.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
+        return f"CPU us/order: {parts} (total {total / orders * 1e6:,.0f}; {total:.1f} CPU-s)"
+
+
+def _cpu(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -215,8 +249,9 @@ async def batch_stats(infra: Infra, since: dt.datetime) -> str:
     return ", ".join(f"{r['consumer']} {r['batches']} batches of {r['messages'] / r['batches']:.0f}" for r in rows)
 
 
-async def flood(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str) -> None:
+async def flood(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str, pids: dict[str, int]) -> None:
     n = len(msgs)
+    cpu = CpuAccount(pids)
     since = dt.datetime.now(dt.UTC)
     start = time.perf_counter()
     await infra.publisher.send_all(msgs)
@@ -237,6 +272,7 @@ async def flood(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: s
         f"        publish -> ledger entry p50 {pct(lat, 0.5) * 1000:,.0f} ms, p99 {pct(lat, 0.99) * 1000:,.0f} ms "
         f"(queueing: the last orders wait for all before them)"
     )
+    print(f"        {cpu.report(n)}")
     print(f"        {await batch_stats(infra, since)}")
 
 
@@ -292,12 +328,12 @@ async def main(args: argparse.Namespace) -> None:
         orders = encoded(args.orders, args.members, "o", topic)
         paced = encoded(args.orders, args.members, "s", topic) if args.rate else []
         try:
-            async with services(infra, settings, in_process=args.in_process):
+            async with services(infra, settings, in_process=args.in_process) as pids:
                 t0 = time.perf_counter()
                 await infra.publisher.send_all(warm)
                 await watch.wait("w", len(warm), 120)
                 print(f"warm-up: consumer groups ready after {time.perf_counter() - t0:.1f}s")
-                await flood(infra, watch, orders, "o")
+                await flood(infra, watch, orders, "o", pids)
                 if args.rate:
                     await steady(infra, watch, paced, "s", args.rate)
         finally:

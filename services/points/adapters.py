@@ -68,7 +68,7 @@ _N_ORDER_COLS = len(_ORDER_SPEC)
 # rows cost more than building and parsing the JSON (numbers as text, timestamps as ISO strings).
 _WRITE_ORDERS = f"""INSERT INTO orders ({_ORDER_COLS}, lines, line_keys)
     SELECT {", ".join(f"(e->>{i})::{t}" for i, (_, t) in enumerate(_ORDER_SPEC))},
-           e->{_N_ORDER_COLS}, (e->>{_N_ORDER_COLS + 1})::text[]
+           e->{_N_ORDER_COLS}, ARRAY(SELECT jsonb_array_elements_text(e->{_N_ORDER_COLS + 1}))
     FROM jsonb_array_elements($1::jsonb) AS e
     ON CONFLICT (tenant_id, order_source_id) DO UPDATE SET
         {", ".join(f"{c} = EXCLUDED.{c}" for c, _ in _ORDER_SPEC[2:])}, lines = EXCLUDED.lines,
@@ -112,16 +112,11 @@ def _order_row(o: OrderState) -> list[Any]:
     ]
 
 
-def _line_keys(o: OrderState) -> str:
+def _line_keys(o: OrderState) -> list[str]:
     """orders.line_keys: 'l:<line id>' for every line, 'p:<product>' for the products of live lines."""
-    keys = {"l:" + ln.line_id for ln in o.lines.values()}
-    keys.update("p:" + ln.product_source_id for ln in o.lines.values() if ln.product_source_id and not ln.deleted)
-    return _text_array(sorted(keys))
-
-
-def _text_array(items: Sequence[str]) -> str:
-    """A PostgreSQL text[] literal, for a list inside a JSON row (cast server-side with ::text[])."""
-    return "{" + ",".join('"' + x.replace("\\", "\\\\").replace('"', '\\"') + '"' for x in items) + "}"
+    keys = ["l:" + ln.line_id for ln in o.lines.values()]
+    keys += ["p:" + ln.product_source_id for ln in o.lines.values() if ln.product_source_id and not ln.deleted]
+    return list(dict.fromkeys(keys))
 
 
 class PgPointsStore:
@@ -296,12 +291,13 @@ class PgPointsStore:
         written = await self.conn.fetch(
             """INSERT INTO ledger (tenant_id, member_id, order_source_id, source, kind, points, reason,
                    source_version, source_event_ids, event_id)
-               SELECT e->>0, e->>1, e->>2, e->>3, e->>4, (e->>5)::bigint, e->>6, e->>7, (e->>8)::text[], e->>9
+               SELECT e->>0, e->>1, e->>2, e->>3, e->>4, (e->>5)::bigint, e->>6, e->>7,
+                      ARRAY(SELECT jsonb_array_elements_text(e->8)), e->>9
                FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS u(e, n)
                ORDER BY n
                ON CONFLICT (tenant_id, order_source_id, source, kind, source_version) DO NOTHING
                RETURNING event_id""",
-            json.dumps([(*r[:8], _text_array(r[8]), r[9]) for r in rows]),
+            json.dumps(rows),
         )
         return {r["event_id"] for r in written}
 

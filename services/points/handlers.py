@@ -191,6 +191,8 @@ class PointsBatch:
         return None
 
     def returns_of(self, o: OrderState) -> list[ReturnState]:
+        if not self.returns:
+            return []
         ids = set(self.returns_by_anchor.get((o.tenant_id, o.order_source_id), ()))
         if o.order_number:
             for rid in self.returns_by_number.get((o.tenant_id, o.order_number), ()):

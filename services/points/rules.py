@@ -303,10 +303,13 @@ def reconcile(
     if earn_delta:
         kind = "void" if want_earned == 0 else ("earn" if order.earned == 0 else "adjust")
     claw_delta = want_clawed - (order.clawed + order.shortfall)
-    reason = {
-        None: "",
-        "earn": f"order {order.order_number or order.order_source_id} awarded at status {order.status}",
-        "adjust": f"order {order.order_number or order.order_source_id} now worth {target} points",
-        "void": f"order {order.order_number or order.order_source_id} {stage}: points voided",
-    }[kind]
+    name = order.order_number or order.order_source_id
+    if kind is None:
+        reason = ""
+    elif kind == "earn":
+        reason = f"order {name} awarded at status {order.status}"
+    elif kind == "adjust":
+        reason = f"order {name} now worth {target} points"
+    else:
+        reason = f"order {name} {stage}: points voided"
     return Reconciled(kind, earn_delta, claw_delta, stage, reason)
