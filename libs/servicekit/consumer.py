@@ -78,6 +78,7 @@ __all__ = [
     "UnitOfWork",
     "decode_or_raise",
     "message_headers",
+    "prune_processed",
 ]
 
 log = get_logger(__name__)
@@ -499,6 +500,27 @@ class PipeConsumer(Generic[E]):
             event_id=event.event_id if event else (str(info["event_id"]) if info.get("event_id") else None),
             entity=event.entity if event else (str(info["entity"]) if info.get("entity") else None),
         )
+
+
+async def prune_processed(pool: asyncpg.Pool, consumers: Sequence[str], retention_days: int, *,
+                          chunk: int = 20_000) -> int:
+    """Delete up to ``chunk`` dedupe rows of ``consumers`` older than the retention; returns how many.
+
+    Chunked so a long backlog never holds a long transaction or lock; the BRIN index on processed_at
+    finds the expired rows."""
+    if retention_days <= 0 or not consumers:
+        return 0
+    cutoff = _now() - dt.timedelta(days=retention_days)
+    async with db_errors("processed pruning"), pool.acquire() as conn:
+        status = await conn.execute(
+            """DELETE FROM processed WHERE ctid = ANY(ARRAY(
+                   SELECT ctid FROM processed WHERE processed_at < $2 AND consumer = ANY($1::text[]) LIMIT $3))""",
+            list(consumers), cutoff, chunk,
+        )
+    deleted = int(status.split()[-1])
+    if deleted:
+        log.info("pruned processed rows", consumers=list(consumers), rows=deleted, retention_days=retention_days)
+    return deleted
 
 
 def _now() -> dt.datetime:

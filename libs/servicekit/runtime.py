@@ -20,7 +20,7 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 
-from servicekit.consumer import PipeConsumer
+from servicekit.consumer import PipeConsumer, prune_processed
 from servicekit.db import CORE_MIGRATIONS, Migrations, create_pool, migrate
 from servicekit.embedded import EmbeddedKafka, resolve_database_url
 from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable
@@ -204,6 +204,12 @@ async def run_services(
         _, broker, consumers = _wire(services, infra, on_fatal)
         await broker.start()
         tasks = [asyncio.ensure_future(t) for s in services for t in s.tasks(infra, stop)]
+        if consumers and settings.processed_retention_days:
+            names = sorted({c.name for c in consumers})
+            tasks.append(asyncio.ensure_future(every(
+                3600, stop, lambda: prune_processed(infra.pool, names, settings.processed_retention_days),
+                what="processed pruning",
+            )))
         for t in tasks:
             t.add_done_callback(lambda task: _task_done(task, on_fatal))
         log.info("services started", services=[s.name for s in services], bootstrap=infra.bootstrap)

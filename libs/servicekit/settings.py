@@ -51,6 +51,11 @@ class FlashSettings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1, description="Attempts before a failing message is dead-lettered.")
     backoff_base_s: float = Field(default=0.2, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
+    processed_retention_days: int = Field(
+        default=30, ge=0,
+        description="Days a consumer remembers handled event ids (its dedupe horizon); 0 keeps them forever. "
+        "A redelivery or DLQ replay older than this is deduplicated by the effect's own keys only.",
+    )
     metrics_port: int | None = Field(default=None, description="Expose Prometheus metrics on this port.")
     instance_id: str | None = Field(default=None, description="Name of this process in logs and metrics.")
 
