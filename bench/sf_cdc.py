@@ -151,6 +151,14 @@ class RssSampler:
             self._task.cancel()
 
 
+def host_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole host, to tell a run disturbed by other work on the machine."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
@@ -335,13 +343,15 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
         await asyncio.sleep(2.0)
         n = int(rate * seconds)
         listener_before = cdc_stage_snapshot()
-        cpu0, wall_start = time.process_time(), time.perf_counter()
+        cpu0, wall_start, host0 = time.process_time(), time.perf_counter(), host_jiffies()
         if driver is not None:
             driver.send((rate, n))
             sent, send_elapsed = await asyncio.get_running_loop().run_in_executor(None, driver.recv)
         else:
             sent, send_elapsed = await drive_inline(info, rate, n)
         cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall_start)
+        host1 = host_jiffies()
+        host = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
         deadline = time.monotonic() + 60
         done: dict[str, float] = {}
         while time.monotonic() < deadline and len(done) < len(sent):
@@ -366,7 +376,8 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
         return {"changes": n, "rate": n / send_elapsed, "landed": len(done), "p50": pct(lat, 50),
                 "p99": pct(lat, 99), "max": max(lat), "mean": statistics.fmean(lat),
                 "raw_p50": pct(raw_lat, 50), "raw_p99": pct(raw_lat, 99),
-                "stages": stage_report(sent, stamps, done), "listener": listener, "cpu": cpu}
+                "stages": stage_report(sent, stamps, done), "listener": listener, "cpu": cpu, "host": host,
+                "cores": os.cpu_count() or 1}
     finally:
         for t in connectors:
             t.cancel()
@@ -437,7 +448,8 @@ async def main(args: argparse.Namespace) -> int:
                           f"{lat['landed']} landed; p50 {lat['p50'] * 1000:.0f} ms, p99 {lat['p99'] * 1000:.0f} ms, "
                           f"max {lat['max'] * 1000:.0f} ms (target p99 < 1000 ms); of which sandbox -> raw topic: "
                           f"p50 {lat['raw_p50'] * 1000:.0f} ms, p99 {lat['raw_p99'] * 1000:.0f} ms; "
-                          f"this process used {lat['cpu']:.0%} of a core while the changes were sent\n"
+                          f"this process used {lat['cpu']:.0%} of a core while the changes were sent, the host "
+                          f"{lat['host']:.0%} of its {lat['cores']} cores\n"
                           f"per stage (each order's own share):\n{lat['stages']}", flush=True)
                     if lat["listener"]:
                         print(f"CDC listener stages (flash_cdc_stage_seconds):\n{lat['listener']}", flush=True)
