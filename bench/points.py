@@ -202,27 +202,32 @@ async def services(infra: Infra, settings: FlashSettings, *, in_process: bool) -
 
 
 class CpuAccount:
-    """CPU seconds used per process over a measurement: our processes, PostgreSQL (every server process
-    on the machine, so other work on it counts too) and the broker. On a 2-core box they all compete."""
+    """CPU seconds used per process over a measurement: our processes, the embedded broker (when this
+    bench started it) and PostgreSQL (every server process on the machine, so other work on it counts
+    too). On a 2-core box they all compete. Processes that start or exit meanwhile are left out."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.start = self._sample()
 
-    def _sample(self) -> dict[str, float]:
-        out = {name: _cpu(psutil.Process(pid)) for name, pid in self.pids.items()}
+    def _sample(self) -> dict[tuple[str, int], float]:
+        out = {(name, pid): _cpu(psutil.Process(pid)) for name, pid in self.pids.items()}
+        for proc in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if proc.name().startswith("tansu"):
+                    out[("broker", proc.pid)] = _cpu(proc)
         for proc in psutil.process_iter(["name"]):
-            group = {"postgres": "postgresql"}.get(proc.info["name"]) or (
-                "broker" if (proc.info["name"] or "").startswith("tansu") else None
-            )
-            if group:
+            if proc.info["name"] == "postgres":
                 with contextlib.suppress(psutil.Error):
-                    out[group] = out.get(group, 0.0) + _cpu(proc)
+                    out[("postgresql", proc.pid)] = _cpu(proc)
         return out
 
     def report(self, orders: int) -> str:
         end = self._sample()
-        used = {k: end[k] - self.start.get(k, 0.0) for k in end}
+        used: dict[str, float] = {}
+        for key, cpu in end.items():
+            if key in self.start:
+                used[key[0]] = used.get(key[0], 0.0) + cpu - self.start[key]
         total = sum(used.values())
         parts = ", ".join(f"{k} {v / orders * 1e6:,.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
         return f"CPU us/order: {parts} (total {total / orders * 1e6:,.0f}; {total:.1f} CPU-s)"
