@@ -255,10 +255,24 @@ class PipeConsumer(Generic[E]):
         metrics.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         metrics.MESSAGES.labels(self.name).inc(len(records))
 
-    async def drain(self) -> None:
-        """Wait until everything committed so far is published (and its offsets committed)."""
-        if self._tail is not None:
-            await self._tail
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until everything committed so far is published (and its offsets committed).
+
+        With ``timeout`` (shutdown), give up after that long: the publish is cancelled and what it held
+        stays in the outbox, which the next start relays."""
+        tail = self._tail
+        if tail is None:
+            return
+        if timeout is None:
+            await tail
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(tail), timeout)
+        except TimeoutError:
+            tail.cancel()
+            await asyncio.gather(tail, return_exceptions=True)
+            log.warning("publish not finished at shutdown; the outbox relays it at the next start",
+                        consumer=self.name, waited_s=timeout)
 
     def _schedule(self, previous: asyncio.Task[None] | None, after: Callable[[], Awaitable[None]] | None) -> None:
         batches, self._unsent = self._unsent, []

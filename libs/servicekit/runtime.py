@@ -224,7 +224,7 @@ async def run_services(
             await broker.stop()
             # Publish what the last batches committed before the publisher closes (a kill skips this; the
             # outbox relay at the next start covers it).
-            await asyncio.gather(*(c.drain() for c in consumers), return_exceptions=True)
+            await asyncio.gather(*(c.drain(timeout=10) for c in consumers), return_exceptions=True)
     if fatal:
         log.critical("stopped on error", error=str(fatal[0]))
         return 2
