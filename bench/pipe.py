@@ -96,13 +96,16 @@ async def pipe(settings: FlashSettings, n: int, run: str, *, in_process: bool) -
             await asyncio.sleep(0.1)
         events = [event(i, run) for i in range(n)]
         msgs = [OutMessage(topic, encode(e), e.key) for e in events]
-        started = time.perf_counter()
+        started = time.time()
         cpu0 = time.process_time()
         for s in range(0, n, 5000):
             await infra.publisher.send_all(msgs[s:s + 5000])
+        # Polled gently (a count is a scan that competes with the pipe for PostgreSQL); the end time is the
+        # write time of the last effect row, so the poll interval does not add to the measurement.
         while await infra.pool.fetchval("SELECT count(*) FROM relay_effects WHERE hop = 'hop2'") < n + 1:
-            await asyncio.sleep(0.05)
-        elapsed = time.perf_counter() - started
+            await asyncio.sleep(0.25)
+        last = await infra.pool.fetchval("SELECT extract(epoch FROM max(applied_at)) FROM relay_effects")
+        elapsed = float(last) - started
         print(f"pipe phase: {elapsed:.2f}s wall, {time.process_time() - cpu0:.2f}s CPU in this process")
         stop.set()
         if runner:
