@@ -3,7 +3,7 @@
 A batch is handled in ONE PostgreSQL transaction that writes, together:
   - ``processed(consumer, tenant_id, event_id)`` rows (a duplicate key means "already done"),
   - the handler's effects,
-  - the messages it emits and any dead letters, into ``outbox`` (and ``dead_letters``).
+  - the messages it emits and any dead letters, into ``outbox_batch`` (and ``dead_letters``).
 After the commit the outbox rows are published (all sends issued, then all awaited), and only then
 are the Kafka offsets of the batch committed. A crash at any point either redoes the whole batch
 (nothing was committed) or finds it done (processed rows exist) and republishes what the outbox still
@@ -209,6 +209,7 @@ class PipeConsumer(Generic[E]):
         self._sleep = sleep
         self._unsent: list[tuple[list[OutMessage], list[int], list[DeadLetter]]] = []  # committed, not yet sent
         self._tail: asyncio.Task[None] | None = None  # publishes the previous batch, then commits its offsets
+        self._publish_failed: BaseException | None = None  # an unexpected publish error: stop, relay at restart
         self._relayed = False
         self.dlq_topic = settings.topic(dlq(name))
 
@@ -221,6 +222,7 @@ class PipeConsumer(Generic[E]):
         """
         await self.handle_batch(records)
         await self.drain()
+        self._raise_if_publish_failed()
 
     async def handle_batch(
         self, records: Sequence[ConsumerRecordLike], after_publish: Callable[[], Awaitable[None]] | None = None
@@ -233,6 +235,7 @@ class PipeConsumer(Generic[E]):
         """
         if not self._relayed:
             await self._relay_outbox()
+        self._raise_if_publish_failed()
         started = time.perf_counter()
         now = _now()
         deliveries: list[Delivery[E]] = []
@@ -252,6 +255,7 @@ class PipeConsumer(Generic[E]):
         self._schedule(previous, after_publish)
         if previous is not None:
             await previous
+            self._raise_if_publish_failed()
         metrics.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         metrics.MESSAGES.labels(self.name).inc(len(records))
 
@@ -287,6 +291,30 @@ class PipeConsumer(Generic[E]):
     ) -> None:
         if previous is not None:
             await previous  # outputs leave in commit order
+        if self._publish_failed is not None:
+            return  # nothing after a failed batch leaves, and no offset moves: the restart relays in order
+        try:
+            await self._send_batches(batches)
+        except Exception as exc:  # noqa: BLE001 - recorded, then raised to the runtime as a stop
+            self._publish_failed = exc
+            log.critical("publishing committed output failed", consumer=self.name, error=str(exc)[:500],
+                         error_class=type(exc).__name__)
+            return
+        if after is not None:
+            try:
+                await after()
+            except Exception as exc:  # noqa: BLE001 - a lost commit only means redelivery, which dedupe absorbs
+                log.warning("offset commit failed; the batch will be redelivered and found done",
+                            consumer=self.name, error=str(exc)[:300], error_class=type(exc).__name__)
+
+    def _raise_if_publish_failed(self) -> None:
+        if self._publish_failed is not None:
+            raise ConfigError(
+                f"{self.name}: committed output could not be published ({type(self._publish_failed).__name__}: "
+                f"{self._publish_failed}); the service stops so that a restart relays it from the outbox in order"
+            ) from self._publish_failed
+
+    async def _send_batches(self, batches: list[tuple[list[OutMessage], list[int], list[DeadLetter]]]) -> None:
         for messages, ids, dead in batches:
             # Committed: these rows must reach the broker before the offsets move. Retrying the transaction
             # would find the batch done, so the publish is retried on its own until the broker takes it.
@@ -306,12 +334,6 @@ class PipeConsumer(Generic[E]):
                     topic=letter.record.topic, partition=letter.record.partition, offset=letter.record.offset,
                     attempts=letter.attempts,
                 )
-        if after is not None:
-            try:
-                await after()
-            except Exception as exc:  # noqa: BLE001 - a lost commit only means redelivery, which dedupe absorbs
-                log.warning("offset commit failed; the batch will be redelivered and found done",
-                            consumer=self.name, error=str(exc)[:300], error_class=type(exc).__name__)
 
     # ----------------------------------------------------------------------------------------- policy
 

@@ -133,3 +133,56 @@ async def _true(value: bool) -> bool:
 
 async def _committed(infra: Infra, group: str, topic: str, want: int) -> bool:
     return await committed_total(infra, group, topic) >= want
+
+
+class BrokenPublisher:
+    """Fails the way a bug would (not an outage): the consumer must stop, not skip or loop."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def send_all(self, messages: Sequence[OutMessage]) -> None:
+        self.calls += 1
+        raise TypeError("header value must be bytes")
+
+
+async def test_a_publish_that_fails_unexpectedly_stops_the_consumer_and_keeps_the_outbox(infra: Infra) -> None:
+    from servicekit.consumer import PipeConsumer
+    from servicekit.errors import ConfigError
+    from servicekit.testing.relay import hop1
+
+    await migrate(infra.pool, [MIGRATIONS])
+    await ensure_topics(infra.bootstrap, infra.settings, (), extra=[IN_TOPIC, MID_TOPIC])
+    broken = BrokenPublisher()
+    consumer = PipeConsumer("relay-hop1", [IN_TOPIC], hop1, settings=infra.settings, pool=infra.pool,
+                            publisher=broken)  # type: ignore[arg-type]
+    events = [product(i) for i in range(5)]
+    records = [Rec(encode(e), i) for i, e in enumerate(events)]
+    committed: list[int] = []
+
+    async def commit_offsets() -> None:
+        committed.append(1)
+
+    await consumer.handle_batch(records[:3], after_publish=commit_offsets)
+    with pytest.raises(ConfigError, match="restart relays it from the outbox"):
+        await consumer.handle_batch(records[3:], after_publish=commit_offsets)
+    await consumer.drain()
+    assert committed == [], "no offset may move past output that was not published"
+    assert broken.calls == 1, "nothing after the failed batch is attempted (order is kept)"
+    assert await infra.pool.fetchval("SELECT coalesce(sum(messages), 0) FROM outbox_batch") == 5
+
+    # The restart: a working publisher relays both batches, in order.
+    assert await relay_outbox(infra.pool, infra.publisher, "relay-hop1") == 5
+    out = await read_topic(infra.bootstrap, infra.settings.topic(MID_TOPIC), 5, timeout=10)
+    assert sorted(json.loads(r.value)["source_id"] for r in out) == [e.source_id for e in events]
+
+
+@dataclasses.dataclass
+class Rec:
+    value: bytes | None
+    offset: int
+    topic: str = "relay.in"
+    partition: int = 0
+    key: bytes | None = b"k"
+    headers: Sequence[tuple[str, bytes]] = dataclasses.field(default_factory=list)
+    timestamp: int = 0
