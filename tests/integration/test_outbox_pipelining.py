@@ -12,6 +12,7 @@ from decimal import Decimal
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from test_dead_letter_reasons import Rec
 from test_pipe_exactly_once import read_topic, wait_for
 
 from canonical.events import ProductData, ProductUpserted, encode
@@ -157,7 +158,7 @@ async def test_a_publish_that_fails_unexpectedly_stops_the_consumer_and_keeps_th
     consumer = PipeConsumer("relay-hop1", [IN_TOPIC], hop1, settings=infra.settings, pool=infra.pool,
                             publisher=broken)  # type: ignore[arg-type]
     events = [product(i) for i in range(5)]
-    records = [Rec(encode(e), i) for i, e in enumerate(events)]
+    records = [Rec(encode(e), i, topic=infra.settings.topic(IN_TOPIC)) for i, e in enumerate(events)]
     committed: list[int] = []
 
     async def commit_offsets() -> None:
@@ -176,13 +177,3 @@ async def test_a_publish_that_fails_unexpectedly_stops_the_consumer_and_keeps_th
     out = await read_topic(infra.bootstrap, infra.settings.topic(MID_TOPIC), 5, timeout=10)
     assert sorted(json.loads(r.value)["source_id"] for r in out) == [e.source_id for e in events]
 
-
-@dataclasses.dataclass
-class Rec:
-    value: bytes | None
-    offset: int
-    topic: str = "relay.in"
-    partition: int = 0
-    key: bytes | None = b"k"
-    headers: Sequence[tuple[str, bytes]] = dataclasses.field(default_factory=list)
-    timestamp: int = 0
