@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,19 @@ def _driver_child(conn: Any, info: dict[str, Any]) -> None:
     asyncio.run(_driver_main(conn, info))
 
 
+async def paced(n: int, rate: float, one: Callable[[int], Coroutine[Any, Any, None]], start: float) -> float:
+    """Start ``one(i)`` for i in 0..n-1 at ``rate`` per second from ``start`` (perf_counter), without
+    waiting for each to finish; returns the seconds from ``start`` until all have finished."""
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - start
+
+
 async def _driver_main(conn: Any, info: dict[str, Any]) -> None:
     """Plays the Salesforce users: ``n`` order mutations at ``rate``/s, each timed from the moment its
     request leaves. Its own process, so generating the load never competes with the connectors' event loop
@@ -111,15 +125,7 @@ async def _driver_main(conn: Any, info: dict[str, Any]) -> None:
                     "lines": [{"productId": products[i % len(products)], "quantity": 1 + i % 3}]}) as resp:
                 sent[(await resp.json())["id"]] = t0
 
-        start = time.perf_counter()
-        tasks = []
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        elapsed = await paced(n, rate, one, time.perf_counter())
     conn.send((sent, elapsed))
 
 
@@ -286,14 +292,7 @@ async def drive_inline(info: dict[str, Any], rate: float, n: int) -> tuple[dict[
                 "lines": [{"productId": products[i % len(products)], "quantity": 1 + i % 3}]})
             sent[resp.json()["id"]] = wall0 + t0
 
-        tasks = []
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-        return sent, time.perf_counter() - start
+        return sent, await paced(n, rate, one, start)
 
 
 async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: float, *,
