@@ -332,7 +332,8 @@ def decode_raw(data: bytes | str) -> RawRecord:
 
 
 def encode(event: Envelope) -> bytes:
-    return event.model_dump_json(by_alias=True).encode()
+    # The serializer's bytes directly: model_dump_json builds a str that would then be encoded again.
+    return event.__pydantic_serializer__.to_json(event, by_alias=True)
 
 
 # Re-exported for callers that annotate tenant ids.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import orjson
 from asyncpg.pool import PoolConnectionProxy
 from pydantic import ValidationError
 
@@ -195,7 +195,7 @@ class PgPointsStore:
         out = []
         for r in rows:
             o = OrderState(**dict(zip(_ORDER_NAMES, r, strict=False)))
-            for line_id, product, amount, vk, deleted in json.loads(r["lines"]):
+            for line_id, product, amount, vk, deleted in orjson.loads(r["lines"]):
                 o.lines[line_id] = LineState(line_id, product, Decimal(amount), vk, deleted)
             out.append(o)
         return out
@@ -252,7 +252,7 @@ class PgPointsStore:
     async def write_orders(self, orders: Sequence[OrderState]) -> None:
         """Upsert orders with their lines (see :func:`_order_row`)."""
         if orders:
-            await self.conn.execute(_WRITE_ORDERS, json.dumps([_order_row(o) for o in orders]))
+            await self.conn.execute(_WRITE_ORDERS, orjson.dumps([_order_row(o) for o in orders]).decode())
 
     async def write_returns(self, returns: Sequence[ReturnState]) -> None:
         if returns:
@@ -297,7 +297,7 @@ class PgPointsStore:
                ORDER BY n
                ON CONFLICT (tenant_id, order_source_id, source, kind, source_version) DO NOTHING
                RETURNING event_id""",
-            json.dumps(rows),
+            orjson.dumps(rows).decode(),
         )
         return {r["event_id"] for r in written}
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["Conn", "CustKey", "MemberIndex", "ParkedRow", "PgResolverStore"]
@@ -28,7 +28,7 @@ def _pairs(items: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
 def _jcols(rows: Iterable[Sequence[Any]], width: int) -> list[str]:
     """Distinct ``rows`` as ``width`` JSON arrays of text, one per column, for :func:`_rows_from`."""
     uniq = sorted(set(map(tuple, rows)))
-    return [json.dumps([r[i] for r in uniq]) for i in range(width)]
+    return [orjson.dumps([r[i] for r in uniq]).decode() for i in range(width)]
 
 
 def _rows_from(first: int, width: int) -> str:
@@ -271,7 +271,7 @@ class PgResolverStore:
                     order_number = EXCLUDED.order_number, member_id = EXCLUDED.member_id, resolved_at = now()
                 WHERE (order_members.order_number, order_members.member_id)
                       IS DISTINCT FROM (EXCLUDED.order_number, EXCLUDED.member_id)""",
-            *[json.dumps([r[i] for r in latest.values()]) for i in range(4)],
+            *[orjson.dumps([r[i] for r in latest.values()]).decode() for i in range(4)],
         )
 
     # --------------------------------------------------------------------------------------- parked
