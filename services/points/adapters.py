@@ -184,8 +184,11 @@ class PgPointsStore:
             return []
         rows = await self.conn.fetch(
             f"""SELECT {_ORDER_COLS}, lines FROM orders o
-                WHERE (o.tenant_id, o.order_source_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-                   OR (o.tenant_id, o.order_number) IN (SELECT * FROM unnest($3::text[], $4::text[]))
+                WHERE (o.tenant_id, o.order_source_id) IN (
+                    SELECT * FROM unnest($1::text[], $2::text[])
+                    UNION ALL
+                    SELECT n.tenant_id, n.order_source_id FROM orders n
+                    WHERE (n.tenant_id, n.order_number) IN (SELECT * FROM unnest($3::text[], $4::text[])))
                 ORDER BY tenant_id, order_source_id {"FOR UPDATE" if lock else ""}""",
             it,
             iv,
@@ -211,9 +214,14 @@ class PgPointsStore:
         rows = await self.conn.fetch(
             """SELECT tenant_id, return_source_id, anchor_order_source_id, anchor_order_number, version_key,
                       lifecycle, currency, exchange_rate, amount, deleted FROM returns r
-               WHERE (r.tenant_id, r.return_source_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-                  OR (r.tenant_id, r.anchor_order_source_id) IN (SELECT * FROM unnest($3::text[], $4::text[]))
-                  OR (r.tenant_id, r.anchor_order_number) IN (SELECT * FROM unnest($5::text[], $6::text[]))""",
+               WHERE (r.tenant_id, r.return_source_id) IN (
+                   SELECT * FROM unnest($1::text[], $2::text[])
+                   UNION ALL
+                   SELECT a.tenant_id, a.return_source_id FROM returns a
+                   WHERE (a.tenant_id, a.anchor_order_source_id) IN (SELECT * FROM unnest($3::text[], $4::text[]))
+                   UNION ALL
+                   SELECT a.tenant_id, a.return_source_id FROM returns a
+                   WHERE (a.tenant_id, a.anchor_order_number) IN (SELECT * FROM unnest($5::text[], $6::text[])))""",
             rt,
             rv,
             at,

@@ -105,7 +105,9 @@ class PgResolverStore:
         rows = await self.conn.fetch(
             """SELECT tenant_id, member_id, external_id, email_normalized FROM members m
                WHERE (m.tenant_id, m.external_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-                  OR (m.tenant_id, m.email_normalized) IN (SELECT * FROM unnest($3::text[], $4::text[]))""",
+               UNION
+               SELECT tenant_id, member_id, external_id, email_normalized FROM members m
+               WHERE (m.tenant_id, m.email_normalized) IN (SELECT * FROM unnest($3::text[], $4::text[]))""",
             et,
             ev,
             mt,
@@ -211,9 +213,12 @@ class PgResolverStore:
         return await self.conn.fetch(
             """SELECT tenant_id, connection_id, source, customer_source_id, external_id, email_normalized,
                       member_id, match, note FROM customer_links l
-               WHERE l.match <> 'deleted' AND (
-                   (l.tenant_id, l.external_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-                   OR (l.tenant_id, l.email_normalized) IN (SELECT * FROM unnest($3::text[], $4::text[])))
+               WHERE l.match <> 'deleted' AND (l.tenant_id, l.connection_id, l.source, l.customer_source_id) IN (
+                   SELECT x.tenant_id, x.connection_id, x.source, x.customer_source_id FROM customer_links x
+                   WHERE (x.tenant_id, x.external_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+                   UNION ALL
+                   SELECT x.tenant_id, x.connection_id, x.source, x.customer_source_id FROM customer_links x
+                   WHERE (x.tenant_id, x.email_normalized) IN (SELECT * FROM unnest($3::text[], $4::text[])))
                FOR UPDATE""",
             et,
             ev,
@@ -248,7 +253,9 @@ class PgResolverStore:
         rows = await self.conn.fetch(
             """SELECT tenant_id, order_source_id, order_number, member_id FROM order_members o
                WHERE (o.tenant_id, o.order_source_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-                  OR (o.tenant_id, o.order_number) IN (SELECT * FROM unnest($3::text[], $4::text[]))""",
+               UNION
+               SELECT tenant_id, order_source_id, order_number, member_id FROM order_members o
+               WHERE (o.tenant_id, o.order_number) IN (SELECT * FROM unnest($3::text[], $4::text[]))""",
             it,
             iv,
             nt,
@@ -317,12 +324,18 @@ class PgResolverStore:
         if all(c[0] == "[]" for c in (cust, em, anchor, num)):
             return set()
         rows = await self.conn.fetch(
-            f"""SELECT DISTINCT tenant_id, order_source_id FROM parked p WHERE p.kind <> 'part' AND (
-                 (p.tenant_id, p.connection_id, p.source, p.customer_source_id) IN
+            f"""SELECT tenant_id, order_source_id FROM parked p WHERE p.kind <> 'part'
+                 AND (p.tenant_id, p.connection_id, p.source, p.customer_source_id) IN
                      (SELECT * FROM {_rows_from(1, 4)})
-                 OR (p.tenant_id, p.email_normalized) IN (SELECT * FROM {_rows_from(5, 2)})
-                 OR (p.tenant_id, p.anchor_order_source_id) IN (SELECT * FROM {_rows_from(7, 2)})
-                 OR (p.tenant_id, p.anchor_order_number) IN (SELECT * FROM {_rows_from(9, 2)}))""",
+               UNION
+               SELECT tenant_id, order_source_id FROM parked p WHERE p.kind <> 'part'
+                 AND (p.tenant_id, p.email_normalized) IN (SELECT * FROM {_rows_from(5, 2)})
+               UNION
+               SELECT tenant_id, order_source_id FROM parked p WHERE p.kind <> 'part'
+                 AND (p.tenant_id, p.anchor_order_source_id) IN (SELECT * FROM {_rows_from(7, 2)})
+               UNION
+               SELECT tenant_id, order_source_id FROM parked p WHERE p.kind <> 'part'
+                 AND (p.tenant_id, p.anchor_order_number) IN (SELECT * FROM {_rows_from(9, 2)})""",
             *cust,
             *em,
             *anchor,
