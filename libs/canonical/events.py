@@ -322,9 +322,29 @@ EVENT_TYPES: dict[str, type[Envelope]] = {
 }
 
 
+_TYPE_PREFIX = b'{"event_type":"'
+_PREFIX_LEN = len(_TYPE_PREFIX)
+
+
 def decode_event(data: bytes | str) -> AnyEvent:
-    """Validate one message body (fast path: no dict detour). Raises pydantic ValidationError."""
-    return _ADAPTER.validate_json(data)
+    """Validate one message body (fast path: no dict detour). Raises pydantic ValidationError.
+
+    Bodies this platform encodes start with their event_type, so the model is picked from those first
+    bytes and validates the body straight from JSON; the tagged union would first parse the whole body
+    into a generic tree to find its tag (~16 us instead of ~11 us for an order). The model's own
+    ``event_type`` literal is still checked, so a body that does not match its prefix fails validation.
+    Anything else (other field order, whitespace) goes through the union.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    if raw.startswith(_TYPE_PREFIX):
+        end = raw.find(b'"', 15, 80)
+        model = _BY_TYPE_BYTES.get(raw[_PREFIX_LEN:end]) if end > 0 else None
+        if model is not None:
+            return model.model_validate_json(raw)  # type: ignore[return-value]
+    return _ADAPTER.validate_json(raw)
+
+
+_BY_TYPE_BYTES: dict[bytes, type[Envelope]] = {k.encode(): m for k, m in EVENT_TYPES.items()}
 
 
 def decode_raw(data: bytes | str) -> RawRecord:

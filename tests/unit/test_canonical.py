@@ -48,6 +48,22 @@ def test_round_trip_keeps_decimal_money_exact() -> None:
     assert decode_event(body) == ev
 
 
+def test_decode_picks_the_model_by_prefix_and_still_checks_the_type() -> None:
+    ev = order()
+    body = encode(ev)
+    assert body.startswith(b'{"event_type":"order.upserted"')
+    # Another field order (another producer) goes through the tagged union and decodes the same.
+    reordered = json.dumps(dict(reversed(list(json.loads(body).items())))).encode()
+    assert decode_event(reordered) == ev
+    # A prefix naming another type is that type's validation error, not a silently different event.
+    wrong = body.replace(b'"order.upserted"', b'"order.deleted"', 1)
+    with pytest.raises(ValidationError):
+        decode_event(body.replace(b'"order.upserted"', b'"order.resolved"', 1))
+    assert type(decode_event(wrong)).__name__ == "OrderDeleted"  # extra fields are ignored by design
+    with pytest.raises(ValidationError):
+        decode_event(b'{"event_type":"no.such.type","tenant_id":"acme"}')
+
+
 def test_order_lines_and_returns_share_the_order_key() -> None:
     line = OrderLineUpserted(
         tenant_id="acme", connection_id="ce-1", source="dynamics-ce", entity="salesorderdetail", source_id="l1",
