@@ -106,10 +106,11 @@ def subscribe(
     async def on_batch(msg: KafkaMessage) -> None:
         records = msg.raw_message if isinstance(msg.raw_message, tuple) else (msg.raw_message,)
         kafka_consumer = msg.consumer
-        offsets: dict[TopicPartition, int] = {}
+        # Records of one partition arrive in offset order: the last one of each partition decides.
+        last: dict[tuple[str, int], int] = {}
         for rec in records:
-            tp = TopicPartition(rec.topic, rec.partition)
-            offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
+            last[(rec.topic, rec.partition)] = rec.offset
+        offsets = {TopicPartition(t, p): o + 1 for (t, p), o in last.items()}
 
         async def commit_offsets() -> None:
             # Exactly this batch's offsets: by now the consumer may have fetched (and be handling) the next one.
