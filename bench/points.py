@@ -1,7 +1,7 @@
 """Bench: canonical orders through the member resolver and the points engine into PostgreSQL, on the
 real broker.
 
-    .venv/bin/python bench/points.py [--orders 20000] [--members 2000] [--rate 2000] [--in-process]
+    .venv/bin/python bench/points.py [--orders 20000] [--repeat 3] [--members 2000] [--rate 2000] [--in-process]
 
 Starts the embedded broker (or FLASH_KAFKA_BOOTSTRAP) and the local PostgreSQL in a fresh schema,
 pre-loads a program, members and linked customers, starts the two services - one process each, as
@@ -14,7 +14,9 @@ is its entry arriving on points.ledger (written and committed, then published), 
 consumer.
 
 Two measurements:
-  flood   all N orders published at once. orders/s = N / (first publish -> last ledger entry): the
+  flood   all N orders published at once, --repeat times (each printed, then the median: a 2-core box
+          shared with a broker and PostgreSQL swings run to run).
+          orders/s = N / (first publish -> last ledger entry): the
           capacity. Its latency percentiles are mostly time spent queueing behind earlier orders (the
           last order waits for all the others), so they say little about the pipe itself.
   steady  (--rate R) N orders published at R orders/s in small chunks, below capacity: publish ->
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -63,18 +67,18 @@ CHUNK_S = 0.02  # steady mode publishes every 20 ms
 
 def make_order(i: int, members: int, tag: str) -> OrderUpserted:
     lines = (
-        OrderLineData(line_id=f"{tag}{i}-1", product_source_id="tv", amount=Decimal("60.00")),
-        OrderLineData(line_id=f"{tag}{i}-2", product_source_id="sock", amount=Decimal("40.00")),
+        OrderLineData(line_id=f"{tag}-{i}-1", product_source_id="tv", amount=Decimal("60.00")),
+        OrderLineData(line_id=f"{tag}-{i}-2", product_source_id="sock", amount=Decimal("40.00")),
     )
     return OrderUpserted(
         tenant_id=TENANT,
         connection_id="crm",
         source="dynamics-ce",
         entity="salesorder",
-        source_id=f"{tag}{i}",
+        source_id=f"{tag}-{i}",
         source_version="1",
         order=OrderData(
-            order_number=f"SO-{tag}{i}",
+            order_number=f"SO-{tag}-{i}",
             customer_source_id=f"c{i % members}",
             status="100003",
             lifecycle="awardable",
@@ -131,6 +135,7 @@ class LedgerWatch:
         self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=5000)
         self.topic = topic
         self.arrived: dict[str, float] = {}
+        self.counts: collections.Counter[str] = collections.Counter()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -149,10 +154,14 @@ class LedgerWatch:
             now = time.perf_counter()
             for records in batches.values():
                 for r in records:  # keyed tenant:order (no need to decode the entry)
-                    self.arrived.setdefault((r.key or b"").decode().partition(":")[2], now)
+                    order = (r.key or b"").decode().partition(":")[2]
+                    if order not in self.arrived:
+                        self.arrived[order] = now
+                        self.counts[order.partition("-")[0]] += 1
 
     def count(self, tag: str) -> int:
-        return sum(1 for k in self.arrived if k.startswith(tag))
+        """Orders of ``tag`` seen (order ids are '<tag>-<n>'; counted as they arrive, not rescanned)."""
+        return self.counts[tag]
 
     async def wait(self, tag: str, n: int, timeout: float) -> None:
         start = time.perf_counter()
@@ -222,7 +231,8 @@ class CpuAccount:
                     out[("postgresql", proc.pid)] = _cpu(proc)
         return out
 
-    def report(self, orders: int) -> str:
+    def report(self, orders: int) -> tuple[str, float]:
+        """The per-process line and the total CPU microseconds per order."""
         end = self._sample()
         used: dict[str, float] = {}
         for key, cpu in end.items():
@@ -230,7 +240,7 @@ class CpuAccount:
                 used[key[0]] = used.get(key[0], 0.0) + cpu - self.start[key]
         total = sum(used.values())
         parts = ", ".join(f"{k} {v / orders * 1e6:,.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
-        return f"CPU us/order: {parts} (total {total / orders * 1e6:,.0f}; {total:.1f} CPU-s)"
+        return f"CPU us/order: {parts} (total {total / orders * 1e6:,.0f}; {total:.1f} CPU-s)", total / orders * 1e6
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -253,7 +263,10 @@ async def batch_stats(infra: Infra, since: dt.datetime) -> str:
     return ", ".join(f"{r['consumer']} {r['batches']} batches of {r['messages'] / r['batches']:.0f}" for r in rows)
 
 
-async def flood(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str, pids: dict[str, int]) -> None:
+async def flood(
+    infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str, pids: dict[str, int]
+) -> tuple[float, float]:
+    """One flood; returns (orders/s, CPU us/order)."""
     n = len(msgs)
     cpu = CpuAccount(pids)
     since = dt.datetime.now(dt.UTC)
@@ -261,8 +274,8 @@ async def flood(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: s
     await infra.publisher.send_all(msgs)
     published = time.perf_counter() - start
     await watch.wait(tag, n, 600)
-    elapsed = max(watch.arrived[k] for k in watch.arrived if k.startswith(tag)) - start
-    lat = [watch.arrived[k] - start for k in watch.arrived if k.startswith(tag)]
+    elapsed = max(watch.arrived[k] for k in watch.arrived if k.startswith(tag + "-")) - start
+    lat = [watch.arrived[k] - start for k in watch.arrived if k.startswith(tag + "-")]
     rate = n / elapsed
     print(
         f"flood:  {n} orders published at once (in {published:.2f}s), last ledger entry after {elapsed:.2f}s: "
@@ -276,8 +289,10 @@ async def flood(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: s
         f"        publish -> ledger entry p50 {pct(lat, 0.5) * 1000:,.0f} ms, p99 {pct(lat, 0.99) * 1000:,.0f} ms "
         f"(queueing: the last orders wait for all before them)"
     )
-    print(f"        {cpu.report(n)}")
+    line, cpu_per_order = cpu.report(n)
+    print(f"        {line}")
     print(f"        {await batch_stats(infra, since)}")
+    return rate, cpu_per_order
 
 
 async def steady(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str, rate: float) -> None:
@@ -294,7 +309,7 @@ async def steady(infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: 
         t = time.perf_counter()
         await infra.publisher.send_all(chunk)
         for j in range(i, i + len(chunk)):
-            sent[f"{tag}{j}"] = t
+            sent[f"{tag}-{j}"] = t
     offered = n / (time.perf_counter() - start)
     await watch.wait(tag, n, 600)
     elapsed = max(watch.arrived[k] for k in sent) - start
@@ -329,7 +344,7 @@ async def main(args: argparse.Namespace) -> None:
             f"batch_max_records {args.batch}, batch_timeout_ms {args.timeout_ms}"
         )
         warm = encoded(200, args.members, "w", topic)
-        orders = encoded(args.orders, args.members, "o", topic)
+        floods = [encoded(args.orders, args.members, f"f{k}", topic) for k in range(args.repeat)]
         paced = encoded(args.orders, args.members, "s", topic) if args.rate else []
         try:
             async with services(infra, settings, in_process=args.in_process) as pids:
@@ -337,7 +352,17 @@ async def main(args: argparse.Namespace) -> None:
                 await infra.publisher.send_all(warm)
                 await watch.wait("w", len(warm), 120)
                 print(f"warm-up: consumer groups ready after {time.perf_counter() - t0:.1f}s")
-                await flood(infra, watch, orders, "o", pids)
+                results = []
+                for k, msgs in enumerate(floods):
+                    results.append(await flood(infra, watch, msgs, f"f{k}", pids))
+                if len(results) > 1:
+                    rates = sorted(r for r, _ in results)
+                    cpus = sorted(c for _, c in results)
+                    print(
+                        f"flood median of {len(results)}: {statistics.median(rates):,.0f} orders/s "
+                        f"(runs {', '.join(f'{r:,.0f}' for r, _ in results)}), "
+                        f"CPU {statistics.median(cpus):,.0f} us/order (target: >= 5,000 orders/s)"
+                    )
                 if args.rate:
                     await steady(infra, watch, paced, "s", args.rate)
         finally:
@@ -349,6 +374,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--orders", type=int, default=20000)
     ap.add_argument("--members", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=3, help="flood this many times; prints each and the median")
     ap.add_argument("--rate", type=float, default=0, help="also run the steady measurement at this many orders/s")
     ap.add_argument("--in-process", action="store_true", help="run both services in this process")
     ap.add_argument("--batch", type=int, default=1000, help="consumer batch_max_records")
