@@ -31,6 +31,7 @@ from servicekit.kafka import OutMessage, ensure_topics
 from servicekit.logging import configure_logging
 from servicekit.runtime import open_infra, run_services
 from servicekit.settings import FlashSettings
+from servicekit.testing.cpu import CpuAccount
 from servicekit.testing.relay import IN_TOPIC, MID_TOPIC, MIGRATIONS, RELAY
 
 
@@ -96,8 +97,11 @@ async def pipe(settings: FlashSettings, n: int, run: str, *, in_process: bool) -
             await asyncio.sleep(0.1)
         events = [event(i, run) for i in range(n)]
         msgs = [OutMessage(topic, encode(e), e.key) for e in events]
+        pids = {"bench": os.getpid()}
+        if procs:
+            pids |= {"hop1": procs[0].pid, "hop2": procs[1].pid}
+        cpu = CpuAccount(pids)
         started = time.time()
-        cpu0 = time.process_time()
         for s in range(0, n, 5000):
             await infra.publisher.send_all(msgs[s:s + 5000])
         # Polled gently (a count is a scan that competes with the pipe for PostgreSQL); the end time is the
@@ -106,7 +110,7 @@ async def pipe(settings: FlashSettings, n: int, run: str, *, in_process: bool) -
             await asyncio.sleep(0.25)
         last = await infra.pool.fetchval("SELECT extract(epoch FROM max(applied_at)) FROM relay_effects")
         elapsed = float(last) - started
-        print(f"pipe phase: {elapsed:.2f}s wall, {time.process_time() - cpu0:.2f}s CPU in this process")
+        print(f"pipe phase: {elapsed:.2f}s wall; {cpu.report(n, 'message')[0]}")
         stop.set()
         if runner:
             await runner

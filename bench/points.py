@@ -44,7 +44,6 @@ from pathlib import Path
 # This file is named like the points package: keep its folder off the import path.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import psutil  # type: ignore[import-untyped]  # noqa: E402
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 
 from canonical.events import OrderData, OrderLineData, OrderUpserted, encode  # noqa: E402
@@ -60,6 +59,7 @@ from servicekit.kafka import OutMessage  # noqa: E402
 from servicekit.logging import configure_logging  # noqa: E402
 from servicekit.runtime import Infra, open_infra, run_services  # noqa: E402
 from servicekit.settings import FlashSettings  # noqa: E402
+from servicekit.testing.cpu import CpuAccount  # noqa: E402
 
 TENANT = "bench"
 CHUNK_S = 0.02  # steady mode publishes every 20 ms
@@ -208,44 +208,6 @@ async def services(infra: Infra, settings: FlashSettings, *, in_process: bool) -
             p.terminate()
         for p in procs:
             p.wait(30)
-
-
-class CpuAccount:
-    """CPU seconds used per process over a measurement: our processes, the embedded broker (when this
-    bench started it) and PostgreSQL (every server process on the machine, so other work on it counts
-    too). On a 2-core box they all compete. Processes that start or exit meanwhile are left out."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self.start = self._sample()
-
-    def _sample(self) -> dict[tuple[str, int], float]:
-        out = {(name, pid): _cpu(psutil.Process(pid)) for name, pid in self.pids.items()}
-        for proc in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if proc.name().startswith("tansu"):
-                    out[("broker", proc.pid)] = _cpu(proc)
-        for proc in psutil.process_iter(["name"]):
-            if proc.info["name"] == "postgres":
-                with contextlib.suppress(psutil.Error):
-                    out[("postgresql", proc.pid)] = _cpu(proc)
-        return out
-
-    def report(self, orders: int) -> tuple[str, float]:
-        """The per-process line and the total CPU microseconds per order."""
-        end = self._sample()
-        used: dict[str, float] = {}
-        for key, cpu in end.items():
-            if key in self.start:
-                used[key[0]] = used.get(key[0], 0.0) + cpu - self.start[key]
-        total = sum(used.values())
-        parts = ", ".join(f"{k} {v / orders * 1e6:,.0f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
-        return f"CPU us/order: {parts} (total {total / orders * 1e6:,.0f}; {total:.1f} CPU-s)", total / orders * 1e6
-
-
-def _cpu(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return float(t.user + t.system)
 
 
 def pct(values: list[float], q: float) -> float:
