@@ -9,9 +9,12 @@ are the Kafka offsets of the batch committed. A crash at any point either redoes
 (nothing was committed) or finds it done (processed rows exist) and republishes what the outbox still
 holds, so every effect happens once and every emitted message is delivered at least once with a stable id.
 
-Pipelining: the publish of batch N (and its offset commit) runs while batch N+1's transaction does, in
-order: N+1's outputs are sent only after N's were acknowledged, and :meth:`PipeConsumer.handle_batch`
-returns only once N's are, so one batch at most is in flight behind the one being handled.
+Pipelining, three stages deep, each in order: while batch N+1 is fetched and decoded, batch N's
+transaction runs, and batch N-1's outputs are published (then its offsets committed). N+1's transaction
+starts only after N's has committed and N-1's outputs were acknowledged, and N+1's outputs are sent only
+after N's, so the order of effects and of outputs is the order of the stream. :meth:`PipeConsumer.handle_batch`
+returns once the batch is queued behind the previous transaction, at most one transaction and one publish
+in flight behind it.
 
 Failure policy (shared by every consumer):
   - undecodable messages (malformed JSON, no tenant, unknown type or version) go straight to
@@ -209,6 +212,8 @@ class PipeConsumer(Generic[E]):
         self._sleep = sleep
         self._unsent: list[tuple[list[OutMessage], list[int], list[DeadLetter]]] = []  # committed, not yet sent
         self._tail: asyncio.Task[None] | None = None  # publishes the previous batch, then commits its offsets
+        self._txn: asyncio.Task[None] | None = None  # the transaction of the batch before the one being decoded
+        self.on_fatal: Callable[[BaseException], None] | None = None  # told when a transaction must stop us
         self._publish_failed: BaseException | None = None  # an unexpected publish error: stop, relay at restart
         self._relayed = False
         self.dlq_topic = settings.topic(dlq(name))
@@ -227,11 +232,13 @@ class PipeConsumer(Generic[E]):
     async def handle_batch(
         self, records: Sequence[ConsumerRecordLike], after_publish: Callable[[], Awaitable[None]] | None = None
     ) -> None:
-        """Commit the effects of ``records``; publish their outputs in the background, then ``after_publish``.
+        """Decode ``records`` and queue their transaction behind the previous batch's.
 
-        The runtime commits the batch's Kafka offsets in ``after_publish``. Returns once the effects are
-        committed and the PREVIOUS batch's outputs are acknowledged; raises ConfigError (after publishing
-        whatever was committed) when the service must stop.
+        The transaction commits the effects; the outputs are then published in the background, and then
+        ``after_publish`` runs (the runtime commits the batch's Kafka offsets there). Returns once the
+        PREVIOUS batch's transaction has committed, so the next batch is fetched and decoded while this one
+        commits. Raises ConfigError (after publishing whatever was committed) when the service must stop:
+        here if the previous transaction raised it, else through ``on_fatal`` (and :meth:`drain`).
         """
         if not self._relayed:
             await self._relay_outbox()
@@ -246,6 +253,22 @@ class PipeConsumer(Generic[E]):
             except DecodeError as exc:
                 peek = _peek(rec.value)
                 dead.append(self._dead(rec, exc, attempts=1, first=now, peek=peek))
+        previous = self._txn
+        if previous is not None:
+            self._txn = None
+            await previous  # re-raises what stopped it (ConfigError)
+        task = asyncio.create_task(self._transact(deliveries, dead, after_publish, started, len(records)))
+        task.add_done_callback(self._transaction_done)
+        self._txn = task
+
+    async def _transact(
+        self,
+        deliveries: list[Delivery[E]],
+        dead: list[DeadLetter],
+        after_publish: Callable[[], Awaitable[None]] | None,
+        started: float,
+        count: int,
+    ) -> None:
         previous = self._tail
         try:
             await self._run(deliveries, dead)
@@ -257,26 +280,48 @@ class PipeConsumer(Generic[E]):
             await previous
             self._raise_if_publish_failed()
         metrics.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-        metrics.MESSAGES.labels(self.name).inc(len(records))
+        metrics.MESSAGES.labels(self.name).inc(count)
+
+    def _transaction_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self.on_fatal is not None:
+            # Raised again to whoever awaits the task next (handle_batch, drain); told now so that an
+            # idle stream (no next batch) still stops the service.
+            self.on_fatal(exc)
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait until everything committed so far is published (and its offsets committed).
+        """Wait until everything handed over so far is committed and published (offsets committed).
 
-        With ``timeout`` (shutdown), give up after that long: the publish is cancelled and what it held
-        stays in the outbox, which the next start relays."""
+        Raises what stopped a transaction (ConfigError). With ``timeout`` (shutdown), give up after that
+        long: what is still running is cancelled (an uncommitted transaction rolls back and its batch is
+        redelivered; an unpublished outbox is relayed at the next start)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        txn, self._txn = self._txn, None
+        if txn is not None:
+            if deadline is None:
+                await txn
+            elif not await self._wait(txn, deadline):
+                return
         tail = self._tail
         if tail is None:
             return
-        if timeout is None:
+        if deadline is None:
             await tail
-            return
+        else:
+            await self._wait(tail, deadline)
+
+    async def _wait(self, task: asyncio.Task[None], deadline: float) -> bool:
         try:
-            await asyncio.wait_for(asyncio.shield(tail), timeout)
+            await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            return True
         except TimeoutError:
-            tail.cancel()
-            await asyncio.gather(tail, return_exceptions=True)
-            log.warning("publish not finished at shutdown; the outbox relays it at the next start",
-                        consumer=self.name, waited_s=timeout)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            log.warning("batch not finished at shutdown; it is redelivered or relayed at the next start",
+                        consumer=self.name)
+            return False
 
     def _schedule(self, previous: asyncio.Task[None] | None, after: Callable[[], Awaitable[None]] | None) -> None:
         batches, self._unsent = self._unsent, []

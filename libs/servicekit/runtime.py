@@ -99,9 +99,20 @@ def subscribe(
 
     FastStream's Kafka default acknowledges first and can lose messages; here the ack policy is MANUAL:
     a batch's offsets are committed (explicitly, per partition) once its effects are committed and its
-    outputs acknowledged, while the next batch is already being handled (see :class:`PipeConsumer`); they are
-    rewound on a configuration error, which also stops the service.
+    outputs acknowledged, while the next batches are already being handled (see :class:`PipeConsumer`);
+    they are left uncommitted on a configuration error, which also stops the service.
     """
+
+    stopped = False
+
+    def fatal(exc: BaseException) -> None:
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            log.critical("consumer stopped: configuration error", consumer=consumer.name, error=str(exc))
+            on_fatal(exc)
+
+    consumer.on_fatal = fatal  # a transaction runs on after on_batch returned: it reports through this
 
     async def on_batch(msg: KafkaMessage) -> None:
         records = msg.raw_message if isinstance(msg.raw_message, tuple) else (msg.raw_message,)
@@ -119,10 +130,10 @@ def subscribe(
         try:
             await consumer.handle_batch(records, after_publish=commit_offsets)
         except ConfigError as exc:
-            await consumer.drain()
+            with contextlib.suppress(ConfigError):
+                await consumer.drain()
             await msg.nack()
-            log.critical("consumer stopped: configuration error", consumer=consumer.name, error=str(exc))
-            on_fatal(exc)
+            fatal(exc)
 
     on_batch.__name__ = f"consume_{consumer.name.replace('-', '_')}"
     broker.subscriber(

@@ -164,10 +164,13 @@ async def test_a_publish_that_fails_unexpectedly_stops_the_consumer_and_keeps_th
     async def commit_offsets() -> None:
         committed.append(1)
 
+    stops: list[BaseException] = []
+    consumer.on_fatal = stops.append
     await consumer.handle_batch(records[:3], after_publish=commit_offsets)
+    await consumer.handle_batch(records[3:], after_publish=commit_offsets)
     with pytest.raises(ConfigError, match="restart relays it from the outbox"):
-        await consumer.handle_batch(records[3:], after_publish=commit_offsets)
-    await consumer.drain()
+        await consumer.drain()
+    assert len(stops) == 1 and isinstance(stops[0], ConfigError), "the runtime is told at once, not at the next batch"
     assert committed == [], "no offset may move past output that was not published"
     assert broken.calls == 1, "nothing after the failed batch is attempted (order is kept)"
     assert await infra.pool.fetchval("SELECT coalesce(sum(messages), 0) FROM outbox_batch") == 5
@@ -177,3 +180,70 @@ async def test_a_publish_that_fails_unexpectedly_stops_the_consumer_and_keeps_th
     out = await read_topic(infra.bootstrap, infra.settings.topic(MID_TOPIC), 5, timeout=10)
     assert sorted(json.loads(r.value)["source_id"] for r in out) == [e.source_id for e in events]
 
+
+
+async def test_the_next_batch_is_decoded_during_the_transaction_and_committed_after_it(infra: Infra) -> None:
+    """handle_batch returns while its transaction runs; the next call decodes its batch at once but
+    returns only after that transaction committed, and the effects land in stream order."""
+    from servicekit.consumer import Delivery, PipeConsumer, UnitOfWork
+
+    await migrate(infra.pool, [MIGRATIONS])
+    release = asyncio.Event()
+    log: list[str] = []
+
+    async def handler(batch: Sequence[Delivery[ProductUpserted]], uow: UnitOfWork) -> None:
+        first = batch[0].event.source_id
+        log.append(f"start {first}")
+        if first == "p0":
+            await release.wait()
+        await uow.conn.copy_records_to_table(
+            "relay_effects", records=[("hop1", d.event.tenant_id, d.event.source_id) for d in batch],
+            columns=["hop", "tenant_id", "source_id"],
+        )
+        log.append(f"commit {first}")
+
+    decoded: list[str] = []
+
+    def decoder(raw: bytes) -> ProductUpserted:
+        event = ProductUpserted.model_validate_json(raw)
+        decoded.append(event.source_id)
+        return event
+
+    consumer = PipeConsumer("relay-hop1", [IN_TOPIC], handler, settings=infra.settings, pool=infra.pool,
+                            publisher=infra.publisher, decoder=decoder)
+    topic = infra.settings.topic(IN_TOPIC)
+    recs = [Rec(encode(product(i)), i, topic=topic) for i in range(4)]
+    await asyncio.wait_for(consumer.handle_batch(recs[:2]), 5)  # returns with its transaction still open
+    await wait_for(lambda: _true(log == ["start p0"]), 5, "the first transaction to start")
+    second = asyncio.create_task(consumer.handle_batch(recs[2:]))
+    await wait_for(lambda: _true(decoded == ["p0", "p1", "p2", "p3"]), 5, "the second batch to be decoded")
+    await asyncio.sleep(0.2)
+    assert not second.done(), "the next transaction waits for the previous one"
+    assert log == ["start p0"]
+    release.set()
+    await asyncio.wait_for(second, 10)
+    await consumer.drain()
+    assert log == ["start p0", "commit p0", "start p2", "commit p2"]
+    rows = await infra.pool.fetch("SELECT source_id FROM relay_effects ORDER BY applied_at, source_id")
+    assert [r["source_id"] for r in rows] == ["p0", "p1", "p2", "p3"]
+
+
+async def test_a_failed_transaction_stops_the_service_even_when_no_batch_follows(infra: Infra) -> None:
+    from servicekit.consumer import Delivery, PipeConsumer, UnitOfWork
+    from servicekit.errors import ConfigError
+
+    await migrate(infra.pool, [MIGRATIONS])
+
+    async def handler(batch: Sequence[Delivery[ProductUpserted]], uow: UnitOfWork) -> None:
+        raise ConfigError("no program configured for tenant acme; set one and restart")
+
+    consumer = PipeConsumer("relay-hop1", [IN_TOPIC], handler, settings=infra.settings, pool=infra.pool,
+                            publisher=infra.publisher)
+    stops: list[BaseException] = []
+    consumer.on_fatal = stops.append
+    await consumer.handle_batch([Rec(encode(product(0)), 0, topic=infra.settings.topic(IN_TOPIC))])
+    await wait_for(lambda: _true(len(stops) == 1), 10, "the stop to be reported")
+    assert isinstance(stops[0], ConfigError) and "set one and restart" in str(stops[0])
+    with pytest.raises(ConfigError):
+        await consumer.drain()
+    assert await infra.pool.fetchval("SELECT count(*) FROM processed") == 0, "nothing of the batch committed"
