@@ -150,8 +150,20 @@ def subscribe(
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         title=f"{consumer.name}:{','.join(consumer.topics)}",
+        parser=_parse_batch_lean,
         decoder=_keep_raw,
     )(on_batch)
+
+
+async def _parse_batch_lean(records: Any, original: Callable[[Any], Awaitable[KafkaMessage]]) -> KafkaMessage:
+    """FastStream's batch parser turns every record's headers into a dict, which nothing here reads (the
+    consumer runtime works on the records): it parses the first record only, for the message's metadata,
+    and the message carries all the records (``raw_message``, which nack and on_batch read)."""
+    if not isinstance(records, tuple) or len(records) <= 1:
+        return await original(records)
+    msg = await original(records[:1])
+    msg.raw_message = records
+    return msg
 
 
 async def _keep_raw(msg: Any) -> None:
