@@ -82,3 +82,22 @@ async def test_transient_failures_are_retried_then_dead_lettered(infra: Infra) -
     assert row is not None
     assert row["error_class"] == "Transient" and row["attempts"] == infra.settings.max_attempts
     assert "keeps answering 503" in row["error_message"]
+
+
+async def test_dedupe_handles_each_event_once_on_every_path(infra: Infra) -> None:
+    """All new (the plain insert), a redelivery mixing done and new events (the savepoint falls back to
+    ON CONFLICT), and the same event twice in one batch: each event's effect happens exactly once."""
+    from servicekit import metrics
+
+    await migrate(infra.pool, [MIGRATIONS])
+    consumer = PipeConsumer("dedupe-test", ["test.in"], hop2, settings=infra.settings, pool=infra.pool,
+                            publisher=infra.publisher)
+    dupes = metrics.DUPLICATES.labels("dedupe-test")
+    before = dupes._value.get()
+    await consumer.process_batch([Rec(good(i), i) for i in range(3)])
+    await consumer.process_batch([Rec(good(i), 3 + i) for i in range(1, 5)])  # g1, g2 done; g3, g4 new
+    await consumer.process_batch([Rec(good(5), 7), Rec(good(5), 8), Rec(good(6), 9)])
+    effects = await infra.pool.fetch("SELECT source_id, count(*) AS n FROM relay_effects GROUP BY 1 ORDER BY 1")
+    assert [(r["source_id"], r["n"]) for r in effects] == [(f"g{i}", 1) for i in range(7)]
+    assert await infra.pool.fetchval("SELECT count(*) FROM processed WHERE consumer = 'dedupe-test'") == 7
+    assert dupes._value.get() - before == 3, "two redelivered and one in-batch duplicate are counted"
