@@ -29,7 +29,7 @@ from canonical.events import ProductData, ProductUpserted, encode
 from servicekit.db import migrate
 from servicekit.kafka import OutMessage, ensure_topics
 from servicekit.logging import configure_logging
-from servicekit.runtime import open_infra, run_services
+from servicekit.runtime import open_infra, run_loop, run_services
 from servicekit.settings import FlashSettings
 from servicekit.testing.cpu import CpuAccount
 from servicekit.testing.relay import IN_TOPIC, MID_TOPIC, MIGRATIONS, RELAY
@@ -140,6 +140,7 @@ async def main() -> None:
     raws: list[float] = []
     pipes: list[float] = []
     mode = "both hops in one process" if args.in_process else "one process per hop"
+    mode += f", {type(asyncio.get_running_loop()).__module__.split('.')[0]} event loop"
     try:
         payloads = [encode(event(i, run)) for i in range(args.messages)]
         for r in range(args.repeat):
@@ -160,4 +161,4 @@ async def main() -> None:
     print(f"ratio pipe/raw:      {piped / raw:.1%} of medians (target >= 25%)")
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_loop(main(), FlashSettings())

@@ -57,7 +57,7 @@ from resolver.app import MIGRATIONS as RESOLVER_MIGRATIONS  # noqa: E402
 from resolver.app import SERVICE as RESOLVER  # noqa: E402
 from servicekit.kafka import OutMessage  # noqa: E402
 from servicekit.logging import configure_logging  # noqa: E402
-from servicekit.runtime import Infra, open_infra, run_services  # noqa: E402
+from servicekit.runtime import Infra, open_infra, run_loop, run_services  # noqa: E402
 from servicekit.settings import FlashSettings  # noqa: E402
 from servicekit.testing.cpu import CpuAccount  # noqa: E402
 
@@ -301,6 +301,7 @@ async def main(args: argparse.Namespace) -> None:
         watch = LedgerWatch(infra.bootstrap, settings.topic(POINTS_LEDGER))
         await watch.start()
         mode = "both services in this process" if args.in_process else "one process per service"
+        mode += f", {type(asyncio.get_running_loop()).__module__.split('.')[0]} event loop"
         print(
             f"{mode}; {args.orders} orders x (header + 2 lines in one order.upserted event), {args.members} members, "
             f"batch_max_records {args.batch}, batch_timeout_ms {args.timeout_ms}"
@@ -341,4 +342,4 @@ if __name__ == "__main__":
     ap.add_argument("--in-process", action="store_true", help="run both services in this process")
     ap.add_argument("--batch", type=int, default=1000, help="consumer batch_max_records")
     ap.add_argument("--timeout-ms", type=int, default=20, help="consumer batch_timeout_ms")
-    asyncio.run(main(ap.parse_args()))
+    run_loop(main(ap.parse_args()), FlashSettings())

@@ -41,7 +41,7 @@ from servicekit.connections import Connection, CredentialCipher, PgConnectionSto
 from servicekit.db import migrate
 from servicekit.kafka import ensure_topics
 from servicekit.logging import configure_logging
-from servicekit.runtime import Infra, open_infra, run_services
+from servicekit.runtime import Infra, open_infra, run_loop, run_services
 from servicekit.settings import FlashSettings
 
 # bench/points.py would shadow the points package (the script's directory comes first on sys.path)
@@ -480,4 +480,4 @@ if __name__ == "__main__":
     p.add_argument("--inline-driver", action="store_true",
                    help="generate the load on this process's event loop, next to the services (as measured before "
                         "the driver had its own process; the load generator then competes with the services)")
-    sys.exit(asyncio.run(main(p.parse_args())))
+    sys.exit(run_loop(main(p.parse_args()), FlashSettings()))

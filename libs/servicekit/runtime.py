@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import gc
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import TopicPartition
@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -292,10 +294,27 @@ async def every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitabl
             await asyncio.wait_for(stop.wait(), interval)
 
 
+def run_loop(main: Coroutine[Any, Any, T], settings: FlashSettings) -> T:
+    """Run ``main`` to completion on the event loop ``settings.event_loop`` asks for (see there)."""
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if settings.event_loop == "uvloop":
+                main.close()
+                raise ConfigError(
+                    "FLASH_EVENT_LOOP=uvloop but uvloop is not installed (it is not available on Windows); "
+                    "install it or set FLASH_EVENT_LOOP=asyncio"
+                ) from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def main(service: Service) -> int:
     """``python -m <service>``: run one service until SIGINT/SIGTERM, settings from FLASH_ variables."""
     from servicekit.logging import configure_logging
 
     settings = FlashSettings()
     configure_logging(settings.log_level, settings.log_format, service=service.name)
-    return asyncio.run(run_services([service], settings))
+    return run_loop(run_services([service], settings), settings)

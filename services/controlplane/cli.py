@@ -25,7 +25,7 @@ from servicekit.db import Migrations
 from servicekit.errors import ConfigError, FlashError
 from servicekit.kafka import KafkaPublisher
 from servicekit.logging import configure_logging
-from servicekit.runtime import Service, run_services
+from servicekit.runtime import Service, run_loop, run_services
 from servicekit.settings import FlashSettings
 
 __all__ = ["SERVICES", "main"]
@@ -79,7 +79,7 @@ def load_service(name: str) -> Service:
 
 def cmd_run(args: argparse.Namespace, settings: FlashSettings) -> int:
     services = [load_service(n) for n in args.services]
-    return asyncio.run(run_services(services, settings))
+    return run_loop(run_services(services, settings), settings)
 
 
 def cmd_services(args: argparse.Namespace, settings: FlashSettings) -> int:
@@ -256,7 +256,7 @@ def cmd_status(args: argparse.Namespace, settings: FlashSettings) -> int:
 
 def cmd_demo(args: argparse.Namespace, settings: FlashSettings) -> int:
     demo = load_module("controlplane", "demo")
-    return int(asyncio.run(demo.run_demo(settings, args)))
+    return int(run_loop(demo.run_demo(settings, args), settings))
 
 
 # ------------------------------------------------------------------------------------------- parser

@@ -9,7 +9,6 @@ runs one hop only, so the hops can run as separate processes like real services)
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
 
@@ -19,7 +18,7 @@ from servicekit.consumer import Delivery, PipeConsumer, UnitOfWork
 from servicekit.db import Migrations
 from servicekit.errors import Poison
 from servicekit.logging import configure_logging
-from servicekit.runtime import Infra, Service, run_services
+from servicekit.runtime import Infra, Service, run_loop, run_services
 from servicekit.settings import FlashSettings
 
 __all__ = ["IN_TOPIC", "MID_TOPIC", "RELAY", "hop1", "hop2"]
@@ -80,7 +79,7 @@ RELAY = Service("relay", migrations=[MIGRATIONS], consumers=_consumers, extra_to
 def main() -> int:
     settings = FlashSettings()
     configure_logging(settings.log_level, settings.log_format, service="relay")
-    return asyncio.run(run_services([RELAY], settings))
+    return run_loop(run_services([RELAY], settings), settings)
 
 
 if __name__ == "__main__":
