@@ -322,6 +322,21 @@ async def _initial_sync(env: Env, entity: str, page: int) -> tuple[dict[str, Any
     return rows, delta, pages
 
 
+def test_sorted_keys_is_a_snapshot_that_later_writes_leave_alone() -> None:
+    # It used to hand out the live index: a key created later (random, so ~3% of the time sorting first)
+    # shifted a caller's keys[0] under it, which made the change-tracking test below fail now and then.
+    state = DataverseState()
+    state.add_org("snap")
+    seed_org(state, "snap", customers=10, products=2, orders=2, seed=3)
+    org = state.orgs["snap"]
+    snapshot = org.tables["accounts"].sorted_keys()
+    before = list(snapshot)
+    created = [mut.create(org, "accounts", {"name": f"New {i}"})[0] for i in range(20)]
+    org.tables["accounts"].delete(before[0])
+    assert snapshot == before
+    assert org.tables["accounts"].sorted_keys() == sorted(set(before[1:]) | set(created))
+
+
 async def test_change_tracking_initial_delta_deletes_and_expiry(env: Env) -> None:
     org = env.org
     rows, delta, pages = await _initial_sync(env, "accounts", 10)

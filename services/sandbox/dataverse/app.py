@@ -570,7 +570,7 @@ def _plain_page(table: Table, q: Any, cs: dict[str, Any], page_size: int) -> tup
         return page, start + page_size < len(rows)
     if q.predicate is None:
         return table.page_after(after, page_size)
-    keys = table.sorted_keys()
+    keys = table.live_keys()  # read through without yielding: no write can come in between
     i = 0 if after is None else bisect.bisect_right(keys, after)
     out: list[Row] = []
     while i < len(keys):

@@ -147,11 +147,16 @@ class Table:
 
     # -- reading -------------------------------------------------------------------------------------
 
-    def sorted_keys(self) -> list[str]:
+    def live_keys(self) -> list[str]:
+        """The sorted key index itself (no copy): valid until the next write to the table."""
         if self._dirty:
             self.keys.sort()
             self._dirty = False
         return self.keys
+
+    def sorted_keys(self) -> list[str]:
+        """A snapshot of the keys in order; writes to the table afterwards do not change it."""
+        return list(self.live_keys())
 
     def value(self, row: Row, name: str) -> Any:
         return row[self.pos[name]]
@@ -161,7 +166,7 @@ class Table:
 
     def page_after(self, after: str | None, limit: int) -> tuple[list[Row], bool]:
         """Up to ``limit`` rows with a primary key greater than ``after``, and whether more exist."""
-        keys = self.sorted_keys()
+        keys = self.live_keys()
         i = 0 if after is None else bisect.bisect_right(keys, after)
         out = [self.rows[k] for k in keys[i : i + limit]]
         return out, i + limit < len(keys)
@@ -349,7 +354,7 @@ class Table:
         if key not in self.rows:
             raise not_found(self.entity, key)
         self._index(key, self.rows.pop(key), None)
-        keys = self.sorted_keys()
+        keys = self.live_keys()
         i = bisect.bisect_left(keys, key)
         del keys[i]
         version = self.org.next_version()
