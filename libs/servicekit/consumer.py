@@ -214,6 +214,7 @@ class PipeConsumer(Generic[E]):
         self._tail: asyncio.Task[None] | None = None  # publishes the previous batch, then commits its offsets
         self._txn: asyncio.Task[None] | None = None  # the transaction of the batch before the one being decoded
         self.on_fatal: Callable[[BaseException], None] | None = None  # told when a transaction must stop us
+        self._closing = False  # shutting down: batches still delivered are left for redelivery
         self._publish_failed: BaseException | None = None  # an unexpected publish error: stop, relay at restart
         self._relayed = False
         self.dlq_topic = settings.topic(dlq(name))
@@ -240,6 +241,8 @@ class PipeConsumer(Generic[E]):
         commits. Raises ConfigError (after publishing whatever was committed) when the service must stop:
         here if the previous transaction raised it, else through ``on_fatal`` (and :meth:`drain`).
         """
+        if self._closing:
+            return  # not handled, so its offsets are not committed: the next owner of the partition gets it
         if not self._relayed:
             await self._relay_outbox()
         self._raise_if_publish_failed()
@@ -290,6 +293,10 @@ class PipeConsumer(Generic[E]):
             # Raised again to whoever awaits the task next (handle_batch, drain); told now so that an
             # idle stream (no next batch) still stops the service.
             self.on_fatal(exc)
+
+    def close(self) -> None:
+        """Take no more batches (shutdown); :meth:`drain` then finishes the ones taken."""
+        self._closing = True
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until everything handed over so far is committed and published (offsets committed).

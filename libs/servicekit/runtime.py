@@ -247,10 +247,14 @@ async def run_services(
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await broker.stop()
-            # Publish what the last batches committed before the publisher closes (a kill skips this; the
-            # outbox relay at the next start covers it).
+            # Finish the batches already taken - commit, publish, commit their offsets - while the consumers
+            # are still group members (after broker.stop() their offset commits would fail), taking no new
+            # ones meanwhile; at most 10 s, then the rest is redelivered or relayed from the outbox at the
+            # next start (as after a kill).
+            for c in consumers:
+                c.close()
             await asyncio.gather(*(c.drain(timeout=10) for c in consumers), return_exceptions=True)
+            await broker.stop()
     if fatal:
         log.critical("stopped on error", error=str(fatal[0]))
         return 2

@@ -94,6 +94,33 @@ async def test_offsets_wait_for_the_outputs(infra: Infra, monkeypatch: pytest.Mo
     assert await infra.pool.fetchval("SELECT count(*) FROM outbox_batch") == 0
 
 
+@pytest.mark.timeout(120)
+async def test_shutdown_finishes_the_taken_batch_and_commits_its_offsets(
+    infra: Infra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping while a batch's outputs are still being published: the stop waits for them and commits
+    the batch's offsets while the consumer is still in its group, so nothing is redelivered."""
+    monkeypatch.setenv("FLASH_RELAY_HOPS", "hop1")
+    await migrate(infra.pool, [MIGRATIONS])
+    await ensure_topics(infra.bootstrap, infra.settings, (), extra=[IN_TOPIC, MID_TOPIC])
+    in_topic, mid_topic = infra.settings.topic(IN_TOPIC), infra.settings.topic(MID_TOPIC)
+    gated = GatedPublisher(infra.publisher, mid_topic)
+    events = [product(i) for i in range(20)]
+    await infra.publisher.send_all([OutMessage(in_topic, encode(e), e.key) for e in events])
+    stop = asyncio.Event()
+    runner = asyncio.create_task(
+        run_services([RELAY], infra.settings, stop=stop, infra=dataclasses.replace(infra, publisher=gated))  # type: ignore[arg-type]
+    )
+    await wait_for(lambda: _true(gated.held > 0), 60, "the publish to be attempted")
+    stop.set()
+    await asyncio.sleep(0.5)  # the stop is under way
+    gated.gate.set()
+    await asyncio.wait_for(runner, 30)
+    group = infra.settings.group("relay-hop1")
+    assert await committed_total(infra, group, in_topic) == 20, "the last batch's offsets were committed"
+    assert await infra.pool.fetchval("SELECT count(*) FROM outbox_batch") == 0
+
+
 async def test_relay_publishes_legacy_rows_then_batches_in_order(infra: Infra) -> None:
     topic = infra.settings.topic("relay.order")
     await ensure_topics(infra.bootstrap, infra.settings, (), extra=["relay.order"])
