@@ -59,37 +59,53 @@ async def committed_total(infra: Infra, group: str, topic: str) -> int:
         await probe.stop()
 
 
-@pytest.mark.timeout(120)
-async def test_offsets_wait_for_the_outputs(infra: Infra, monkeypatch: pytest.MonkeyPatch) -> None:
+@dataclasses.dataclass
+class GatedHop:
+    """hop 1 running on the real runtime, its input published, its outputs held by ``gated``."""
+
+    in_topic: str
+    mid_topic: str
+    events: list[ProductUpserted]
+    gated: GatedPublisher
+    stop: asyncio.Event
+    runner: asyncio.Task[int]
+
+
+async def start_gated_hop1(infra: Infra, monkeypatch: pytest.MonkeyPatch, n: int) -> GatedHop:
     monkeypatch.setenv("FLASH_RELAY_HOPS", "hop1")
     await migrate(infra.pool, [MIGRATIONS])
     await ensure_topics(infra.bootstrap, infra.settings, (), extra=[IN_TOPIC, MID_TOPIC])
     in_topic, mid_topic = infra.settings.topic(IN_TOPIC), infra.settings.topic(MID_TOPIC)
     gated = GatedPublisher(infra.publisher, mid_topic)
-    events = [product(i) for i in range(50)]
+    events = [product(i) for i in range(n)]
     await infra.publisher.send_all([OutMessage(in_topic, encode(e), e.key) for e in events])
-
     stop = asyncio.Event()
     runner = asyncio.create_task(
         run_services([RELAY], infra.settings, stop=stop, infra=dataclasses.replace(infra, publisher=gated))  # type: ignore[arg-type]
     )
+    return GatedHop(in_topic, mid_topic, events, gated, stop, runner)
+
+
+@pytest.mark.timeout(120)
+async def test_offsets_wait_for_the_outputs(infra: Infra, monkeypatch: pytest.MonkeyPatch) -> None:
+    hop = await start_gated_hop1(infra, monkeypatch, 50)
     try:
         await wait_for(
             lambda: _count(infra, "SELECT count(*) FROM relay_effects WHERE hop = 'hop1'", 50), 60, "hop1 effects"
         )
-        await wait_for(lambda: _true(gated.held > 0), 10, "the publish to be attempted")
+        await wait_for(lambda: _true(hop.gated.held > 0), 10, "the publish to be attempted")
         await asyncio.sleep(1.0)  # time for a wrongly early commit to happen
         group = infra.settings.group("relay-hop1")
-        assert await committed_total(infra, group, in_topic) == 0, "offsets committed before outputs were acked"
+        assert await committed_total(infra, group, hop.in_topic) == 0, "offsets committed before outputs were acked"
         assert await infra.pool.fetchval("SELECT coalesce(sum(messages), 0) FROM outbox_batch") == 50
 
-        gated.gate.set()
-        out = await read_topic(infra.bootstrap, mid_topic, 50)
-        assert sorted(json.loads(r.value)["source_id"] for r in out) == sorted(e.source_id for e in events)
-        await wait_for(lambda: _committed(infra, group, in_topic, 50), 30, "offsets of all 50 committed")
+        hop.gated.gate.set()
+        out = await read_topic(infra.bootstrap, hop.mid_topic, 50)
+        assert sorted(json.loads(r.value)["source_id"] for r in out) == sorted(e.source_id for e in hop.events)
+        await wait_for(lambda: _committed(infra, group, hop.in_topic, 50), 30, "offsets of all 50 committed")
     finally:
-        stop.set()
-        await runner
+        hop.stop.set()
+        await hop.runner
     # The drain at shutdown deletes what was published: nothing is left to relay.
     assert await infra.pool.fetchval("SELECT count(*) FROM outbox_batch") == 0
 
@@ -100,24 +116,14 @@ async def test_shutdown_finishes_the_taken_batch_and_commits_its_offsets(
 ) -> None:
     """Stopping while a batch's outputs are still being published: the stop waits for them and commits
     the batch's offsets while the consumer is still in its group, so nothing is redelivered."""
-    monkeypatch.setenv("FLASH_RELAY_HOPS", "hop1")
-    await migrate(infra.pool, [MIGRATIONS])
-    await ensure_topics(infra.bootstrap, infra.settings, (), extra=[IN_TOPIC, MID_TOPIC])
-    in_topic, mid_topic = infra.settings.topic(IN_TOPIC), infra.settings.topic(MID_TOPIC)
-    gated = GatedPublisher(infra.publisher, mid_topic)
-    events = [product(i) for i in range(20)]
-    await infra.publisher.send_all([OutMessage(in_topic, encode(e), e.key) for e in events])
-    stop = asyncio.Event()
-    runner = asyncio.create_task(
-        run_services([RELAY], infra.settings, stop=stop, infra=dataclasses.replace(infra, publisher=gated))  # type: ignore[arg-type]
-    )
-    await wait_for(lambda: _true(gated.held > 0), 60, "the publish to be attempted")
-    stop.set()
+    hop = await start_gated_hop1(infra, monkeypatch, 20)
+    await wait_for(lambda: _true(hop.gated.held > 0), 60, "the publish to be attempted")
+    hop.stop.set()
     await asyncio.sleep(0.5)  # the stop is under way
-    gated.gate.set()
-    await asyncio.wait_for(runner, 30)
+    hop.gated.gate.set()
+    await asyncio.wait_for(hop.runner, 30)
     group = infra.settings.group("relay-hop1")
-    assert await committed_total(infra, group, in_topic) == 20, "the last batch's offsets were committed"
+    assert await committed_total(infra, group, hop.in_topic) == 20, "the last batch's offsets were committed"
     assert await infra.pool.fetchval("SELECT count(*) FROM outbox_batch") == 0
 
 
