@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -15,13 +16,14 @@ from servicekit.testing.infra import unique_name
 
 
 @pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path) -> str:
+def cli_env(monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path) -> Iterator[str]:
     schema = unique_name("cli")
     monkeypatch.setenv("FLASH_DATABASE_URL", database_url)
     monkeypatch.setenv("FLASH_DB_SCHEMA", schema)
     monkeypatch.setenv("FLASH_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("FLASH_SECRET_KEY", raising=False)
-    return schema
+    yield schema
+    sql(database_url, "public", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')  # leave the database as found
 
 
 def sql(dsn: str, schema: str, query: str, *args: object) -> list[asyncpg.Record]:
