@@ -109,7 +109,7 @@ class Program(BaseModel):
 # ------------------------------------------------------------------------------------------ state
 
 
-@dataclass
+@dataclass(slots=True)
 class LineState:
     line_id: str
     product_source_id: str | None
@@ -118,7 +118,7 @@ class LineState:
     deleted: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class ReturnState:
     tenant_id: str
     return_source_id: str
@@ -133,7 +133,7 @@ class ReturnState:
     dirty: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class OrderState:
     tenant_id: str
     order_source_id: str
@@ -246,7 +246,7 @@ def clawback_points(program: Program, earned: int, returned_base: Decimal, total
 # ------------------------------------------------------------------------------------- reconcile
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Reconciled:
     earn_kind: PointsKind | None
     earn_delta: int
