@@ -1,12 +1,16 @@
 """Bench: canonical orders through the member resolver and the points engine into PostgreSQL, on the
 real broker.
 
-    .venv/bin/python bench/points.py [--orders 20000] [--repeat 3] [--members 2000] [--rate 2000] [--in-process]
+    .venv/bin/python bench/points.py [--orders 20000] [--repeat 3] [--members 2000] [--rate 2000]
+                                     [--points-replicas 2] [--in-process]
 
 Starts the embedded broker (or FLASH_KAFKA_BOOTSTRAP) and the local PostgreSQL in a fresh schema,
 pre-loads a program, members and linked customers, starts the two services - one process each, as
 deployed (``python -m resolver``, ``python -m points``), or both in this process with --in-process -
-and warms their consumer groups up. Every order is one ``order.upserted`` event carrying its header and
+and warms their consumer groups up. ``--points-replicas N`` runs N points engine processes in its
+consumer group (they split the partitions, as replicas of a deployment do), waiting until the group is
+stable before measuring: the points engine is the slowest stage, and one process leaves CPU idle while
+it waits on PostgreSQL. Every order is one ``order.upserted`` event carrying its header and
 two lines (one in an x2 category); the resolver turns it into one ``order.resolved``, the points engine
 into one ledger entry, so each order is three events (one per hop); lines sent as events of their own
 (``order.line_upserted``) would add two messages per order to each hop. The end of an order's journey
@@ -45,9 +49,11 @@ from pathlib import Path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
+from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 
 from canonical.events import OrderData, OrderLineData, OrderUpserted, encode  # noqa: E402
 from canonical.topics import CANONICAL_ORDER, POINTS_LEDGER  # noqa: E402
+from points.app import CONSUMER as POINTS_CONSUMER  # noqa: E402
 from points.app import MIGRATIONS as POINTS_MIGRATIONS  # noqa: E402
 from points.app import build_service  # noqa: E402
 from points.cli import set_program  # noqa: E402
@@ -179,7 +185,9 @@ class LedgerWatch:
 
 
 @contextlib.asynccontextmanager
-async def services(infra: Infra, settings: FlashSettings, *, in_process: bool) -> AsyncIterator[dict[str, int]]:
+async def services(
+    infra: Infra, settings: FlashSettings, *, in_process: bool, points_replicas: int = 1
+) -> AsyncIterator[dict[str, int | list[int]]]:
     """Run the two services; yields their process ids by name (for the CPU account)."""
     if in_process:
         stop = asyncio.Event()
@@ -200,14 +208,39 @@ async def services(infra: Infra, settings: FlashSettings, *, in_process: bool) -
         "FLASH_BATCH_MAX_RECORDS": str(settings.batch_max_records),
         "FLASH_BATCH_TIMEOUT_MS": str(settings.batch_timeout_ms),
     }
-    procs = [subprocess.Popen([sys.executable, "-m", m], env=env) for m in ("resolver", "points")]
+    modules = ["resolver"] + ["points"] * points_replicas
+    procs = [subprocess.Popen([sys.executable, "-m", m], env=env) for m in modules]
     try:
-        yield {"resolver": procs[0].pid, "points": procs[1].pid, "bench": os.getpid()}
+        await wait_for_group(infra.bootstrap, settings.group(POINTS_CONSUMER), points_replicas)
+        yield {"resolver": procs[0].pid, "points": [p.pid for p in procs[1:]], "bench": os.getpid()}
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(30)
+
+
+async def wait_for_group(bootstrap: str, group: str, members: int, timeout: float = 60) -> None:
+    """Until ``group`` is Stable with ``members`` members: replicas joining later would rebalance the
+    group in the middle of a measurement."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            state, count = "", 0
+            with contextlib.suppress(Exception):  # the group does not exist until its first member joins
+                for response in await admin.describe_consumer_groups([group]):
+                    for g in response.groups:
+                        state, count = g[2], len(g[5])
+            if state == "Stable" and count == members:
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"group {group} not stable with {members} members after {timeout:.0f}s "
+                                 f"(state {state or 'unknown'}, {count} members)")
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -226,7 +259,7 @@ async def batch_stats(infra: Infra, since: dt.datetime) -> str:
 
 
 async def flood(
-    infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str, pids: dict[str, int]
+    infra: Infra, watch: LedgerWatch, msgs: list[OutMessage], tag: str, pids: dict[str, int | list[int]]
 ) -> tuple[float, float]:
     """One flood; returns (orders/s, CPU us/order)."""
     n = len(msgs)
@@ -300,7 +333,10 @@ async def main(args: argparse.Namespace) -> None:
         await preload(infra, args.members)
         watch = LedgerWatch(infra.bootstrap, settings.topic(POINTS_LEDGER))
         await watch.start()
-        mode = "both services in this process" if args.in_process else "one process per service"
+        mode = "both services in this process" if args.in_process else (
+            "one process per service" if args.points_replicas == 1
+            else f"resolver x1, points x{args.points_replicas} (one group)"
+        )
         mode += f", {type(asyncio.get_running_loop()).__module__.split('.')[0]} event loop"
         print(
             f"{mode}; {args.orders} orders x (header + 2 lines in one order.upserted event), {args.members} members, "
@@ -310,7 +346,9 @@ async def main(args: argparse.Namespace) -> None:
         floods = [encoded(args.orders, args.members, f"f{k}", topic) for k in range(args.repeat)]
         paced = encoded(args.orders, args.members, "s", topic) if args.rate else []
         try:
-            async with services(infra, settings, in_process=args.in_process) as pids:
+            async with services(
+                infra, settings, in_process=args.in_process, points_replicas=args.points_replicas
+            ) as pids:
                 t0 = time.perf_counter()
                 await infra.publisher.send_all(warm)
                 await watch.wait("w", len(warm), 120)
@@ -340,6 +378,8 @@ if __name__ == "__main__":
     ap.add_argument("--repeat", type=int, default=3, help="flood this many times; prints each and the median")
     ap.add_argument("--rate", type=float, default=0, help="also run the steady measurement at this many orders/s")
     ap.add_argument("--in-process", action="store_true", help="run both services in this process")
+    ap.add_argument("--points-replicas", type=int, default=1,
+                    help="points engine processes in one consumer group (they split the partitions)")
     ap.add_argument("--batch", type=int, default=1000, help="consumer batch_max_records")
     ap.add_argument("--timeout-ms", type=int, default=20, help="consumer batch_timeout_ms")
     run_loop(main(ap.parse_args()), FlashSettings())

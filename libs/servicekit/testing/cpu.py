@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 
 import psutil  # type: ignore[import-untyped]
 
@@ -14,12 +15,13 @@ class CpuAccount:
     this process started it) and PostgreSQL (every server process on the machine, so other work on it
     counts too). On a 2-core box they all compete. Processes that start or exit meanwhile are left out."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
+    def __init__(self, pids: Mapping[str, int | Sequence[int]]) -> None:
+        """``pids``: a process id, or several (replicas, summed), per name."""
+        self.pids = {name: [p] if isinstance(p, int) else list(p) for name, p in pids.items()}
         self.start = self._sample()
 
     def _sample(self) -> dict[tuple[str, int], float]:
-        out = {(name, pid): _cpu(psutil.Process(pid)) for name, pid in self.pids.items()}
+        out = {(name, pid): _cpu(psutil.Process(pid)) for name, pids in self.pids.items() for pid in pids}
         for proc in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 if proc.name().startswith("tansu"):
