@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import resource
 import subprocess
 import sys
@@ -77,7 +76,7 @@ async def main(args: argparse.Namespace, parent: Pipe, proc: Any) -> None:
     from servicekit.logging import configure_logging
     from servicekit.runtime import open_infra, run_services
     from servicekit.settings import FlashSettings
-    from servicekit.testing.infra import test_database, test_kafka, unique_name
+    from servicekit.testing.infra import service_env, test_database, test_kafka, unique_name
 
     configure_logging("WARNING", "console")
     while not parent.poll(0):
@@ -110,9 +109,7 @@ async def main(args: argparse.Namespace, parent: Pipe, proc: Any) -> None:
                 consumers = asyncio.create_task(run_services(
                     [NORMALIZER, RESOLVER, build_service(mature_interval_s=1.0)], settings, stop=stop))
                 await asyncio.sleep(8)  # consumer groups join before the clock starts
-                env = {**os.environ, "FLASH_KAFKA_BOOTSTRAP": bootstrap, "FLASH_DATABASE_URL": dsn,
-                       "FLASH_DB_SCHEMA": name, "FLASH_TOPIC_PREFIX": f"{name}.", "FLASH_STATE_DIR": state_dir,
-                       "FLASH_LOG_LEVEL": "WARNING"}
+                env = service_env(bootstrap, dsn, settings)
                 t0 = time.perf_counter()
                 db_t0 = await infra.pool.fetchval("SELECT clock_timestamp()")
                 poller = subprocess.Popen([sys.executable, "-m", "ce_poller"], env=env)

@@ -32,6 +32,7 @@ from servicekit.logging import configure_logging
 from servicekit.runtime import open_infra, run_loop, run_services
 from servicekit.settings import FlashSettings
 from servicekit.testing.cpu import CpuAccount
+from servicekit.testing.infra import service_env
 from servicekit.testing.relay import IN_TOPIC, MID_TOPIC, MIGRATIONS, RELAY
 
 
@@ -85,9 +86,7 @@ async def pipe(settings: FlashSettings, n: int, run: str, *, in_process: bool) -
         if in_process:
             runner = asyncio.create_task(run_services([RELAY], settings, stop=stop))
         else:  # one process per service, as deployed
-            env = {**os.environ, "FLASH_KAFKA_BOOTSTRAP": infra.bootstrap, "FLASH_DATABASE_URL": infra.database_url,
-                   "FLASH_DB_SCHEMA": settings.db_schema or "", "FLASH_TOPIC_PREFIX": settings.topic_prefix,
-                   "FLASH_LOG_LEVEL": "WARNING"}
+            env = service_env(infra.bootstrap, infra.database_url, settings)
             procs = [subprocess.Popen([sys.executable, "-m", "servicekit.testing.relay"],
                                       env={**env, "FLASH_RELAY_HOPS": hop}) for hop in ("hop1", "hop2")]
         topic = settings.topic(IN_TOPIC)

@@ -66,6 +66,7 @@ from servicekit.logging import configure_logging  # noqa: E402
 from servicekit.runtime import Infra, open_infra, run_loop, run_services  # noqa: E402
 from servicekit.settings import FlashSettings  # noqa: E402
 from servicekit.testing.cpu import CpuAccount  # noqa: E402
+from servicekit.testing.infra import service_env  # noqa: E402
 
 TENANT = "bench"
 CHUNK_S = 0.02  # steady mode publishes every 20 ms
@@ -198,16 +199,10 @@ async def services(
             stop.set()
             await runner
         return
-    env = {
-        **os.environ,
-        "FLASH_KAFKA_BOOTSTRAP": infra.bootstrap,
-        "FLASH_DATABASE_URL": infra.database_url,
-        "FLASH_DB_SCHEMA": settings.db_schema or "",
-        "FLASH_TOPIC_PREFIX": settings.topic_prefix,
-        "FLASH_LOG_LEVEL": "WARNING",
-        "FLASH_BATCH_MAX_RECORDS": str(settings.batch_max_records),
-        "FLASH_BATCH_TIMEOUT_MS": str(settings.batch_timeout_ms),
-    }
+    env = service_env(
+        infra.bootstrap, infra.database_url, settings,
+        FLASH_BATCH_MAX_RECORDS=str(settings.batch_max_records), FLASH_BATCH_TIMEOUT_MS=str(settings.batch_timeout_ms),
+    )
     modules = ["resolver"] + ["points"] * points_replicas
     procs = [subprocess.Popen([sys.executable, "-m", m], env=env) for m in modules]
     try:

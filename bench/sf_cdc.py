@@ -43,6 +43,7 @@ from servicekit.kafka import ensure_topics
 from servicekit.logging import configure_logging
 from servicekit.runtime import Infra, open_infra, run_loop, run_services
 from servicekit.settings import FlashSettings
+from servicekit.testing.infra import service_env
 
 # bench/points.py would shadow the points package (the script's directory comes first on sys.path)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -323,10 +324,7 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
     pipe: asyncio.Task[int] | None = None
     connectors: list[asyncio.Task[None]] = []
     if processes:  # one process per service, as deployed
-        s = infra.settings
-        env = {**os.environ, "FLASH_KAFKA_BOOTSTRAP": infra.bootstrap, "FLASH_DATABASE_URL": infra.database_url,
-               "FLASH_DB_SCHEMA": s.db_schema or "", "FLASH_TOPIC_PREFIX": s.topic_prefix,
-               "FLASH_STATE_DIR": str(s.state_dir), "FLASH_LOG_LEVEL": "WARNING"}
+        env = service_env(infra.bootstrap, infra.database_url, infra.settings)
         procs = [subprocess.Popen([sys.executable, "-m", m], env=env) for m in SERVICE_MODULES]
     else:
         pipe = asyncio.create_task(run_services([NORMALIZER, RESOLVER, build_service()], infra.settings, stop=stop))

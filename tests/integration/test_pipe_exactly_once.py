@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from servicekit.db import migrate
 from servicekit.kafka import OutMessage, ensure_topics
 from servicekit.runtime import Infra, run_services
 from servicekit.settings import FlashSettings
+from servicekit.testing.infra import service_env
 from servicekit.testing.relay import IN_TOPIC, MID_TOPIC, MIGRATIONS, RELAY
 
 N = 10_000
@@ -150,17 +150,8 @@ async def test_sigkill_mid_stream_still_exactly_once(infra: Infra, settings: Fla
     await prepare(infra)
     events = [product(i, "globex") for i in range(N)]
     await produce(infra, events)
-    env = {
-        **os.environ,
-        "FLASH_KAFKA_BOOTSTRAP": infra.bootstrap,
-        "FLASH_DATABASE_URL": infra.database_url,
-        "FLASH_DB_SCHEMA": settings.db_schema or "",
-        "FLASH_TOPIC_PREFIX": settings.topic_prefix,
-        "FLASH_BATCH_MAX_RECORDS": "200",
-        "FLASH_LOG_LEVEL": "WARNING",
-        "FLASH_BACKOFF_BASE_S": "0.01",
-        "FLASH_MAX_ATTEMPTS": "2",
-    }
+    env = service_env(infra.bootstrap, infra.database_url, settings,
+                      FLASH_BATCH_MAX_RECORDS="200", FLASH_BACKOFF_BASE_S="0.01", FLASH_MAX_ATTEMPTS="2")
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "servicekit.testing.relay"], env=env,

@@ -15,14 +15,31 @@ from pathlib import Path
 
 from servicekit.embedded import EmbeddedKafka, resolve_database_url
 from servicekit.logging import get_logger
+from servicekit.settings import FlashSettings
 
-__all__ = ["docker_available", "test_database", "test_kafka", "unique_name"]
+__all__ = ["docker_available", "service_env", "test_database", "test_kafka", "unique_name"]
 
 log = get_logger(__name__)
 
 
 def unique_name(prefix: str = "t") -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def service_env(bootstrap: str, database_url: str, settings: FlashSettings, **extra: str) -> dict[str, str]:
+    """The environment of a service started as a child process (``python -m <service>``) on the broker,
+    database, schema, topic prefix and state directory of ``settings``; ``extra`` adds or overrides
+    ``FLASH_`` variables (logging defaults to WARNING)."""
+    return {
+        **os.environ,
+        "FLASH_KAFKA_BOOTSTRAP": bootstrap,
+        "FLASH_DATABASE_URL": database_url,
+        "FLASH_DB_SCHEMA": settings.db_schema or "",
+        "FLASH_TOPIC_PREFIX": settings.topic_prefix,
+        "FLASH_STATE_DIR": str(settings.state_dir),
+        "FLASH_LOG_LEVEL": "WARNING",
+        **extra,
+    }
 
 
 def docker_available() -> bool:
