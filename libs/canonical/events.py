@@ -337,7 +337,7 @@ def decode_event(data: bytes | str) -> AnyEvent:
     """
     raw = data.encode() if isinstance(data, str) else data
     if raw.startswith(_TYPE_PREFIX):
-        end = raw.find(b'"', 15, 80)
+        end = raw.find(b'"', _PREFIX_LEN, 80)
         model = _BY_TYPE_BYTES.get(raw[_PREFIX_LEN:end]) if end > 0 else None
         if model is not None:
             return model.model_validate_json(raw)  # type: ignore[return-value]

@@ -306,20 +306,16 @@ class PipeConsumer(Generic[E]):
         redelivered; an unpublished outbox is relayed at the next start)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         txn, self._txn = self._txn, None
-        if txn is not None:
-            if deadline is None:
-                await txn
-            elif not await self._wait(txn, deadline):
-                return
-        tail = self._tail
-        if tail is None:
+        if txn is not None and not await self._finish(txn, deadline):
             return
-        if deadline is None:
-            await tail
-        else:
-            await self._wait(tail, deadline)
+        if self._tail is not None:  # read after the transaction: it schedules its own publish
+            await self._finish(self._tail, deadline)
 
-    async def _wait(self, task: asyncio.Task[None], deadline: float) -> bool:
+    async def _finish(self, task: asyncio.Task[None], deadline: float | None) -> bool:
+        """Await ``task``; past ``deadline``, cancel it and say so (False)."""
+        if deadline is None:
+            await task
+            return True
         try:
             await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
             return True
