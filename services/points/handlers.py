@@ -32,6 +32,7 @@ from canonical.events import (
 from canonical.topics import POINTS_LEDGER
 from points.adapters import Conn, LedgerRow, PgPointsStore
 from points.rules import LineState, OrderState, Program, ReturnState, reconcile, version_key
+from servicekit import metrics
 from servicekit.consumer import Delivery, UnitOfWork
 from servicekit.errors import Poison
 
@@ -40,7 +41,8 @@ __all__ = ["EVENT_HANDLERS", "PointsBatch", "handle", "make_handler", "mature_or
 Key = tuple[str, str]
 Clock = Callable[[], dt.datetime]
 
-ENTRIES = Counter("flash_points_ledger_entries_total", "Ledger entries appended", ["tenant_id", "kind"])
+# No tenant label: one series per tenant per metric would grow without bound (servicekit.metrics).
+ENTRIES = Counter("flash_points_ledger_entries_total", "Ledger entries appended", ["kind"])
 
 
 def utcnow() -> dt.datetime:
@@ -302,13 +304,16 @@ class PointsBatch:
         await self.store.write_returns([r for r in self.returns.values() if r.dirty])
         written = await self.store.append_ledger(self.ledger)
         await self.store.record_shortfalls(self.shortfalls)
-        counts: Tally[tuple[str, str]] = Tally()
+        counts: Tally[str] = Tally()
+        points: Tally[str] = Tally()
         for row in self.ledger:
             if row[9] in written:
                 uow.emit(POINTS_LEDGER, self.entries[row[9]])
-                counts[(row[0], row[4])] += 1
-        for (tenant, kind), n in counts.items():
-            ENTRIES.labels(tenant, kind).inc(n)
+                counts[row[4]] += 1
+                points[row[4]] += abs(row[5])
+        for kind, n in counts.items():
+            ENTRIES.labels(kind).inc(n)
+            metrics.POINTS.labels(kind).inc(points[kind])
 
 
 # ----------------------------------------------------------------------------------------- handlers

@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from servicekit import metrics
 from servicekit.errors import ConfigError, Poison, Transient
 from servicekit.logging import get_logger
 from sf_poller.config import Quota
@@ -144,6 +145,7 @@ class QuotaGovernor:
         if not m:
             return
         self.used, self.maximum = int(m.group(1)), int(m.group(2))
+        metrics.observe_quota("salesforce", self.used, self.maximum)
         if self.run_start is None:
             self.run_start = self.used - 1  # this response's own call counts toward the run
 
@@ -254,6 +256,7 @@ class SalesforceClient:
                 err: Exception = Transient(f"{method} {path}: {type(exc).__name__}: {exc}")
                 cause: BaseException | None = exc
             else:
+                metrics.SOURCE_REQUESTS.labels("salesforce", str(resp.status_code)).inc()
                 self.governor.observe(resp.headers.get("Sforce-Limit-Info"))
                 if resp.status_code < 300:
                     return resp
