@@ -103,6 +103,7 @@ def cmd_migrate(args: argparse.Namespace, settings: FlashSettings) -> int:
             migrations.extend(load_service(name).migrations)
         except ConfigError:
             continue
+    migrations.append(load_module("controlplane", "ops").CONTROLPLANE_MIGRATIONS)
 
     async def go() -> None:
         async with open_db(settings, migrations):
@@ -127,47 +128,49 @@ def _read_json_arg(value: str | None) -> dict[str, Any]:
 
 
 def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
+    """Every action goes through controlplane.ops, as the HTTP API does (same checks, audit rows, answers)."""
+    from controlplane.ops import CONTROLPLANE_MIGRATIONS, Operations
+    from controlplane.tokens import cli_actor
+
     async def go() -> int:
-        async with open_db(settings) as pool:
-            store = PgConnectionStore(pool, CredentialCipher.from_settings(settings))
+        async with open_db(settings, [CONTROLPLANE_MIGRATIONS]) as pool:
+            ops, actor = Operations(pool, settings), cli_actor()
             if args.action == "list":
-                conns = await store.list(source=args.source)
-                rows = [{k: v for k, v in c.redacted().items() if k not in ("credentials", "settings")}
-                        for c in conns]
+                conns = await ops.list_connections(actor, source=args.source)
+                rows = [{k: v for k, v in c.items() if k not in ("credentials", "settings")} for c in conns]
                 print_json(rows) if args.json else print_table(rows)
                 return 0
             if args.action == "add":
-                conn = await store.upsert(args.tenant, args.id, args.source, args.endpoint,
-                                          {k: str(v) for k, v in _read_json_arg(args.credentials).items()},
-                                          _read_json_arg(args.settings))
-                print(f"connection {conn.connection_id} saved for tenant {conn.tenant_id} (state: draft); "
-                      f"next: flash connections verify --tenant {conn.tenant_id} --id {conn.connection_id}")
+                conn = await ops.create_connection(actor, {
+                    "tenant_id": args.tenant, "connection_id": args.id, "source": args.source,
+                    "endpoint": args.endpoint, "credentials": _read_json_arg(args.credentials),
+                    "settings": _read_json_arg(args.settings)}, replace=True)
+                print(f"connection {conn['connection_id']} saved for tenant {conn['tenant_id']} (state: draft); "
+                      f"next: flash connections verify --tenant {conn['tenant_id']} --id {conn['connection_id']}")
                 return 0
-            conn = await store.get(args.tenant, args.id)
             if args.action == "show":
-                print_json(conn.redacted())
+                print_json(await ops.get_connection(actor, args.tenant, args.id))
                 return 0
-            if args.action in ("pause", "go-live"):
-                if args.action == "go-live" and conn.state not in ("verified", "paused", "live"):
-                    raise ConfigError(f"connection {conn.connection_id} is {conn.state}; verify it first "
-                                      f"(flash connections verify --tenant {conn.tenant_id} --id {conn.connection_id})")
-                await store.set_state(conn.tenant_id, conn.connection_id,
-                                      "live" if args.action == "go-live" else "paused")
-                print(f"connection {conn.connection_id} is now {'live' if args.action == 'go-live' else 'paused'}")
+            if args.action == "status":
+                print_json(await ops.status(actor, args.tenant, args.id))
                 return 0
-            control = load_module(CONNECTORS.get(conn.source, conn.source), "control")
+            if args.action == "delete":
+                await ops.delete_connection(actor, args.tenant, args.id)
+                print(f"connection {args.id} deleted (its cursors too)")
+                return 0
+            if args.action in ("pause", "go-live", "resume"):
+                conn = await ops.set_state(actor, args.tenant, args.id, args.action)
+                print(f"connection {conn['connection_id']} is now {conn['state']}")
+                return 0
             if args.action == "verify":
-                try:
-                    report = await control.verify(conn, settings)
-                except FlashError as exc:
-                    await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-                    print(f"verification failed: {exc}", file=sys.stderr)
+                result = await ops.verify(actor, args.tenant, args.id)
+                if not result["ok"]:
+                    print(f"verification failed: {result['error']}", file=sys.stderr)
                     return 1
-                await store.set_state(conn.tenant_id, conn.connection_id, "verified")
-                print_json(report)
+                print_json(result["report"])
                 return 0
             if args.action == "dry-run":
-                print_json(await control.dry_run(conn, settings, limit=args.limit))
+                print_json(await ops.dry_run(actor, args.tenant, args.id, limit=args.limit))
                 return 0
         raise ConfigError(f"unknown action {args.action}")
 
@@ -311,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in (("show", "show one connection (credentials masked)"),
                          ("verify", "authenticate and check read privileges; says what to fix"),
                          ("dry-run", "fetch a sample and preview the canonical events; writes nothing"),
-                         ("go-live", "let the pollers sync it"), ("pause", "stop syncing it")):
+                         ("go-live", "let the pollers sync it"), ("pause", "stop syncing it"),
+                         ("resume", "sync a paused connection again"),
+                         ("status", "last sync, lag, records per entity, errors, dead-letter depth"),
+                         ("delete", "remove the connection and its cursors")):
         c = csub.add_parser(action, help=text)
         c.add_argument("--tenant", required=True)
         c.add_argument("--id", required=True)
@@ -345,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="connections, cursors, dead-letter depth and ledger totals")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    load_module("controlplane", "serve").register(sub)  # flash serve, flash tokens, flash secrets
 
     for plugin in PLUGINS:
         try:
