@@ -450,29 +450,40 @@ class Operations:
 
 
 def summarize_preview(report: Any) -> dict[str, Any]:
-    """Counts per entity and per canonical event type from a connector's dry-run report.
+    """The figures a person reads first, from a connector's dry-run report: records per entity, events
+    per type, member match rate, points that would be earned and clawed back, would-be dead letters.
 
-    Reads the report's own figures when it has them (the connector kit's report: ``records``,
-    ``match_rate``, ``points``), else counts the preview items.
+    Reads the connector kit's report (``records``, ``canonical``, ``members``, ``points``,
+    ``would_dead_letter``) and, for a connector that only returns ``preview`` items, counts those.
     """
     out: dict[str, Any] = {}
     if not isinstance(report, dict):
         return out
-    for key in ("records", "match_rate", "member_match_rate", "points", "points_earned", "points_clawed_back",
-                "would_dead_letter", "unresolved"):
-        if key in report:
-            out[key] = report[key]
+    if isinstance(report.get("records"), dict):
+        out["records"] = report["records"]
+    if isinstance(report.get("canonical"), dict):
+        out["events"] = report["canonical"]
+    members = report.get("members")
+    if isinstance(members, dict):
+        out["match_rate"] = members.get("match_rate")
+    points = report.get("points")
+    if isinstance(points, dict):
+        out["points_earned"] = points.get("would_earn")
+        out["points_clawed_back"] = points.get("would_claw_back")
+    dead = report.get("would_dead_letter")
+    if dead is not None:
+        out["would_dead_letter"] = len(dead) if isinstance(dead, list) else dead
     preview = report.get("preview")
     if isinstance(preview, dict) and "records" not in out:
         out["records"] = {entity: len(items) for entity, items in preview.items() if isinstance(items, list)}
         events: dict[str, int] = {}
-        dead = 0
+        n_dead = 0
         for items in preview.values():
             for item in items if isinstance(items, list) else []:
                 for e in item.get("events", []) if isinstance(item, dict) else []:
                     t = str(e.get("event_type") or e.get("topic"))
                     events[t] = events.get(t, 0) + 1
-                dead += 1 if isinstance(item, dict) and item.get("dead") else 0
+                n_dead += 1 if isinstance(item, dict) and item.get("dead") else 0
         out["events"] = events
-        out["would_dead_letter"] = dead
+        out["would_dead_letter"] = n_dead
     return out

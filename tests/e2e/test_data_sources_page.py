@@ -1,0 +1,178 @@
+"""Settings -> Data Sources in headless Chromium (Debian's ``chromium`` driven by Playwright): sign in with
+a tenant token, add a Salesforce sandbox connection, verify it, preview it, take it live, watch orders land,
+then inspect and replay a dead letter. Screenshots go to ``test-artifacts/browser/`` (gitignored).
+
+When Chromium or Playwright is missing the test is skipped and says why (``make setup`` installs both:
+Chromium with apt-get when run as root, Playwright from PyPI); it never passes without a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from canonical.events import MemberData
+from controlplane.api import serve_api
+from controlplane.cli import load_service
+from controlplane.ops import CONTROLPLANE_MIGRATIONS
+from controlplane.tokens import create_token
+from points.app import build_service
+from points.cli import set_program
+from points.rules import Program
+from resolver.cli import import_members
+from sandbox.salesforce import SalesforceState, build_app, seed_org
+from sandbox.server import serve
+from servicekit.db import migrate
+from servicekit.kafka import OutMessage, ensure_topics
+from servicekit.runtime import Infra, run_services
+
+ARTIFACTS = Path(__file__).parents[2] / "test-artifacts" / "browser"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+STATUS_MAP = {"Draft": "pending", "Activated": "pending", "Fulfilled": "awardable", "Cancelled": "cancelled"}
+
+
+def chromium_path() -> str:
+    path = os.environ.get("FLASH_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.skip("no Chromium on this machine: `make setup` installs Debian's chromium with apt-get when run as "
+                    "root (or set FLASH_CHROMIUM to a Chromium binary)")
+    return path
+
+
+async def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@pytest.mark.timeout(240)
+async def test_add_verify_preview_go_live_and_replay_in_the_browser(
+    infra: Infra, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executable = chromium_path()
+    try:
+        from playwright.async_api import async_playwright, expect
+    except ImportError:
+        pytest.skip("Playwright is not installed: `make setup` installs the dev dependencies (pip install -e .[dev])")
+    monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")  # the sandbox runs on loopback
+    services = [load_service("sf-poller"), load_service("normalizer"), load_service("resolver"),
+                build_service(mature_interval_s=0.5)]
+    await migrate(infra.pool, [m for s in services for m in s.migrations] + [CONTROLPLANE_MIGRATIONS])
+    await ensure_topics(infra.bootstrap, infra.settings)
+
+    state = SalesforceState()
+    org = state.add_org("acme")
+    seed_org(state, org, orders=25, seed=3)
+    await set_program(infra.pool, Program.model_validate({
+        "tenant_id": "acme", "base_currency": "EUR", "points_per_unit": "1", "basis": "total", "rounding": "floor",
+        "exchange_rates": {"USD": "1", "GBP": "1", "CHF": "1"}}))
+    await import_members(infra.pool, "acme", [MemberData(member_id=f"m-{a['AccountNumber']}",
+                                                         external_id=a["AccountNumber"])
+                                              for a in org.records("Account")])
+    token, _ = await create_token(infra.pool, tenant_id="acme", name="browser test", created_by="test")
+    stop = asyncio.Event()
+    async with serve(build_app(state)) as sb, serve_api(infra.pool, infra.settings, infra.publisher, port=0) as url:
+        pipe = asyncio.create_task(run_services(services, infra.settings, stop=stop, infra=infra))
+        try:
+            async with async_playwright() as pw:
+                browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
+                page = await browser.new_page(viewport={"width": 1280, "height": 900})
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                await page.goto(url + "/")
+                await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+                await page.get_by_label("API token").fill(token)
+                await page.keyboard.press("Enter")  # the form submits from the keyboard
+                await expect(page.get_by_text("Tenant acme")).to_be_visible()
+                await expect(page.get_by_text("No connections yet")).to_be_visible()
+                await shot(page, "01-signed-in")
+
+                # An endpoint the policy refuses: the page shows the API's own words.
+                await page.get_by_role("button", name="Add a connection").click()
+                await page.get_by_label("Connection name").fill("sf-main")
+                await page.get_by_label("Source", exact=True).select_option("salesforce")
+                await page.get_by_label("Endpoint").fill("https://10.0.0.7")
+                await page.get_by_label("Consumer key (client ID)").fill(org.client_id)
+                await page.get_by_label("Consumer secret").fill(org.client_secret)
+                monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "0")
+                await page.get_by_role("button", name="Save as draft").click()
+                await expect(page.get_by_role("alert")).to_contain_text("IP address is not a salesforce endpoint")
+                await shot(page, "02-endpoint-refused")
+                monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")
+
+                await page.get_by_label("Endpoint").fill(sb.base_url)
+                await page.get_by_label("Settings").fill(json.dumps({
+                    "ca_bundle": str(sb.tls.ca_path), "cdc": False, "status_map": STATUS_MAP,
+                    "price_currency": "EUR", "poll_interval_s": 1}))
+                unlabeled = await page.evaluate("""() => [...document.querySelectorAll('input,select,textarea')]
+                    .filter(e => e.offsetParent !== null && !(e.labels && e.labels.length)).map(e => e.id)""")
+                assert unlabeled == [], f"every visible control has a label: {unlabeled}"
+                await shot(page, "03-add-form")
+                await page.get_by_role("button", name="Save as draft").click()
+                await expect(page.locator("#detail-title")).to_have_text("sf-main")
+                assert await page.get_by_label("Consumer secret").count() == 0 or \
+                    await page.get_by_label("Consumer secret").input_value() == "", "the secret leaves the page"
+
+                await page.get_by_role("button", name="Verify").click()
+                await expect(page.get_by_text("Verified: the connection works")).to_be_visible(timeout=30_000)
+                await shot(page, "04-verified")
+                await page.get_by_role("button", name="Preview (dry-run)").click()
+                await expect(page.get_by_text("Preview: what would land")).to_be_visible(timeout=30_000)
+                await expect(page.get_by_role("table", name="Records per entity")).to_contain_text("Order")
+                await expect(page.get_by_role("table", name="Sample records")).to_contain_text("order.upserted")
+                await shot(page, "05-preview")
+                assert await infra.pool.fetchval("SELECT count(*) FROM cursors") == 0, "the preview wrote nothing"
+
+                await page.get_by_role("button", name="Go live").click()
+                await expect(page.locator("#detail-sub .badge")).to_have_text("Live")
+                # Orders land: the status (refreshed every 3 s) shows them.
+                deadline = time.monotonic() + 120
+                landed = 0
+                while time.monotonic() < deadline:
+                    landed = await infra.pool.fetchval(
+                        "SELECT count(*) FROM orders WHERE tenant_id = 'acme' AND connection_id = 'sf-main' AND known")
+                    if landed >= 5:
+                        break
+                    await asyncio.sleep(1)
+                assert landed >= 5, "orders landed through the pipe"
+                stat = page.locator(".stat", has_text="Orders landed").locator("dd")
+                await expect(stat).not_to_have_text("0", timeout=15_000)
+                await expect(page.locator(".stat", has_text="Points in ledger").locator("dd")).not_to_have_text(
+                    "0", timeout=30_000)
+                await shot(page, "06-live-orders-landed")
+
+                # A record the normalizer cannot read is dead-lettered with the reason; the page replays it.
+                bad = json.dumps({"event_type": "raw.record", "tenant_id": "acme", "version": 1,
+                                  "correlation_id": "browser-test"}).encode()
+                await infra.publisher.send_all([OutMessage(infra.settings.topic("raw.salesforce.Order.v1"), bad,
+                                                           b"bad-1")])
+                letter = None
+                deadline = time.monotonic() + 60
+                while letter is None and time.monotonic() < deadline:
+                    letter = await infra.pool.fetchval(
+                        "SELECT id FROM dead_letters WHERE tenant_id = 'acme' AND replayed_at IS NULL")
+                    await asyncio.sleep(0.5)
+                assert letter is not None
+                await page.get_by_role("button", name="Refresh dead letters").click()
+                await page.get_by_role("button", name=f"Inspect dead letter {letter}").click()
+                await expect(page.locator("#letter")).to_contain_text("SchemaViolation")
+                await shot(page, "07-dead-letter")
+                await page.get_by_role("button", name=f"Replay #{letter}").click()
+                await expect(page.get_by_role("status")).to_contain_text(f"Replayed dead letter {letter}")
+                await shot(page, "08-replayed")
+                row = await infra.pool.fetchrow("SELECT replayed_at, replay_id FROM dead_letters WHERE id = $1", letter)
+                assert row["replayed_at"] is not None
+                who = await infra.pool.fetchval("SELECT requested_by FROM dlq_replays WHERE id = $1", row["replay_id"])
+                assert who.startswith("token:"), who
+                assert errors == [], errors
+                await browser.close()
+        finally:
+            stop.set()
+            await pipe
