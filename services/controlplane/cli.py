@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     p.add_argument("--until-landed", action="store_true",
                    help="exit after the initial load has landed (exit code 1 if it did not within --duration)")
+    p.add_argument("--api-port", type=int, default=8080,
+                   help="serve the HTTP API and the Data Sources page on 127.0.0.1:PORT (default 8080; a free port "
+                   "if taken; -1: off); an operator token is printed")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run one or more services in this process",

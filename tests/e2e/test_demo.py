@@ -14,7 +14,7 @@ from servicekit.runtime import Infra
 
 @pytest.mark.timeout(240)
 async def test_demo_lands_every_member_order(infra: Infra, capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(orders=120, mutate_every=0, duration=150, until_landed=True)
+    args = argparse.Namespace(orders=120, mutate_every=0, duration=150, until_landed=True, api_port=0)
     code = await run_demo(infra.settings, args)
     out = capsys.readouterr().out
     assert "5. What landed" in out
@@ -36,3 +36,10 @@ async def test_demo_lands_every_member_order(infra: Infra, capsys: pytest.Captur
             "SELECT DISTINCT member_id FROM ledger WHERE tenant_id = $1", tenant)}
         assert ledger_members <= members, "points only ever land on existing members of the same tenant"
     assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
+    # The demo serves the API and the page, with an operator token it prints once.
+    from controlplane.tokens import authenticate
+
+    assert "Control plane  http://127.0.0.1:" in out
+    token = out.split("operator token for this demo (every tenant): ", 1)[1].split()[0]
+    actor = await authenticate(pool, token)
+    assert actor is not None and actor.is_operator
