@@ -370,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = FlashSettings()
-    configure_logging(args.log_level or settings.log_level, settings.log_format if args.command in ("run", "serve") else "console")
+    long_running = args.command in ("run", "serve")  # structured logs; one-off commands print for people
+    configure_logging(args.log_level or settings.log_level, settings.log_format if long_running else "console")
     func: Callable[[argparse.Namespace, FlashSettings], int] = args.func
     try:
         result = func(args, settings) if _takes_settings(func) else func(args)  # type: ignore[call-arg]
