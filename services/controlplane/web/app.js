@@ -46,6 +46,15 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+function ago(iso) {
+  const s = (Date.now() - new Date(iso).getTime()) / 1000;
+  if (isNaN(s)) return iso;
+  if (s < 10) return "just now";
+  if (s < 90) return Math.round(s) + " s ago";
+  if (s < 5400) return Math.round(s / 60) + " min ago";
+  return when(iso);
+}
+
 function fill(node, ...children) {
   node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false && c !== ""));
 }
@@ -240,7 +249,7 @@ async function refreshStatus(quiet) {
   $("#detail-sub").replaceChildren(s.source + " · tenant " + s.tenant_id + " · ", badge(s.state),
     s.last_error ? el("span", {class: "err-inline"}, " " + s.last_error) : "");
   const stats = [
-    ["Last sync", s.last_sync ? when(s.last_sync) : "not yet"],
+    ["Last sync", s.last_sync ? ago(s.last_sync) : "not yet"],
     ["Behind by", s.lag_s === null ? "—" : Math.round(s.lag_s) + " s"],
     ...Object.entries(s.records || {}).map(([k, v]) => [k[0].toUpperCase() + k.slice(1) + " landed", fmt(v)]),
     ["Customers matched", s.customer_match_rate === null ? "—" : Math.round(s.customer_match_rate * 100) + "%"],
