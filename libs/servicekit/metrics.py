@@ -59,6 +59,7 @@ CONSUMER_LAG = Gauge(
 POINTS = Counter("flash_points_total", "Points written to the ledger (absolute value), by entry kind", ["kind"])
 RECORDS_FETCHED = Counter("flash_records_fetched_total", "Vendor records fetched", ["source", "entity"])
 SOURCE_REQUESTS = Counter("flash_source_requests_total", "Vendor HTTP requests", ["source", "status"])
+PARKED = Gauge("flash_parked", "Orders/returns parked waiting for a member")
 VENDOR_QUOTA_USED = Gauge("flash_vendor_quota_used", "Vendor API calls used in the current allocation (last seen)",
                           ["source"])
 VENDOR_QUOTA_LIMIT = Gauge("flash_vendor_quota_limit", "Vendor API allocation (last seen)", ["source"])

@@ -224,13 +224,13 @@ async def run_services(
 
     install_signal_handlers(stop)
     bind(service="+".join(s.name for s in services))
-    if settings.instance_id:
-        bind(instance_id=settings.instance_id)  # FLASH_INSTANCE_ID: which copy of the service wrote the line
     migrations = [m for s in services for m in s.migrations]
-    started = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         if infra is None:
             infra = await stack.enter_async_context(open_infra(settings, migrations=migrations))
+        if settings.instance_id:
+            bind(instance_id=settings.instance_id)  # FLASH_INSTANCE_ID: which copy of the service wrote the line
+        started = asyncio.Event()  # /readyz answers 200 once the consumers are subscribed
         if settings.metrics_port is not None:  # /metrics, /healthz, /readyz (servicekit.metrics)
             await stack.enter_async_context(metrics_server(settings.metrics_port, _readiness(infra, started)))
         if any(s.extra_topics for s in services):

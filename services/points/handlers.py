@@ -304,16 +304,23 @@ class PointsBatch:
         await self.store.write_returns([r for r in self.returns.values() if r.dirty])
         written = await self.store.append_ledger(self.ledger)
         await self.store.record_shortfalls(self.shortfalls)
-        counts: Tally[str] = Tally()
-        points: Tally[str] = Tally()
+        counts: Tally[tuple[str, str]] = Tally()
         for row in self.ledger:
             if row[9] in written:
                 uow.emit(POINTS_LEDGER, self.entries[row[9]])
-                counts[row[4]] += 1
-                points[row[4]] += abs(row[5])
-        for kind, n in counts.items():
+                counts[(row[0], row[4])] += 1
+        for (_tenant, kind), n in counts.items():
             ENTRIES.labels(kind).inc(n)
-            metrics.POINTS.labels(kind).inc(points[kind])
+        _count_points([row for row in self.ledger if row[9] in written])
+
+
+def _count_points(rows: Iterable[LedgerRow]) -> None:
+    """flash_points_total by kind (absolute points; no tenant label: servicekit.metrics)."""
+    points: Tally[str] = Tally()
+    for row in rows:
+        points[row[4]] += abs(row[5])
+    for kind, n in points.items():
+        metrics.POINTS.labels(kind).inc(n)
 
 
 # ----------------------------------------------------------------------------------------- handlers
