@@ -345,10 +345,16 @@ class Operations:
             tenant_id, connection_id)
         last_sync = max((r["updated_at"] for r in cursors), default=None)
         records: dict[str, int] = {}
+        order_matched: int | None = None
+        points: int | None = None
         if await self.pool.fetchval("SELECT to_regclass('orders') IS NOT NULL"):
-            records["orders"] = int(await self.pool.fetchval(
-                "SELECT count(*) FROM orders WHERE tenant_id = $1 AND connection_id = $2 AND known",
-                tenant_id, connection_id))
+            row = await self.pool.fetchrow(
+                """SELECT count(*) AS n, count(*) FILTER (WHERE member_id <> '') AS matched,
+                          coalesce(sum(earned + clawed), 0)::bigint AS points
+                   FROM orders WHERE tenant_id = $1 AND connection_id = $2 AND known""",
+                tenant_id, connection_id)
+            if row is not None:
+                records["orders"], order_matched, points = int(row["n"]), int(row["matched"]), int(row["points"])
         matched: int | None = None
         if await self.pool.fetchval("SELECT to_regclass('customer_links') IS NOT NULL"):
             row = await self.pool.fetchrow(
@@ -357,11 +363,10 @@ class Operations:
             if row is not None:
                 records["customers"] = int(row["n"])
                 matched = int(row["matched"])
-        points: int | None = None
-        if await self.pool.fetchval("SELECT to_regclass('ledger') IS NOT NULL"):
-            points = int(await self.pool.fetchval(
-                "SELECT coalesce(sum(points), 0) FROM ledger WHERE tenant_id = $1 AND source = $2",
-                tenant_id, conn.source))
+        if await self.pool.fetchval("SELECT to_regclass('parked') IS NOT NULL"):
+            records["parked_orders"] = int(await self.pool.fetchval(
+                """SELECT count(DISTINCT order_source_id) FROM parked WHERE tenant_id = $1 AND connection_id = $2""",
+                tenant_id, connection_id))
         dead = await self.pool.fetch(
             """SELECT error_class, count(*) AS n FROM dead_letters WHERE tenant_id = $1 AND replayed_at IS NULL
                GROUP BY error_class ORDER BY error_class""", tenant_id)
@@ -375,8 +380,10 @@ class Operations:
             "cursors": {r["entity"]: r["updated_at"] for r in cursors},
             "records": records,
             "customer_match_rate": round(matched / customers, 3) if customers and matched is not None else None,
+            "order_match_rate": round(order_matched / records["orders"], 3)
+            if records.get("orders") and order_matched is not None else None,
             "points_in_ledger": points,
-            "errors": {r["error_class"]: int(r["n"]) for r in dead},
+            "errors": {r["error_class"]: int(r["n"]) for r in dead},  # the tenant's pending dead letters
             "dead_letter_depth": sum(int(r["n"]) for r in dead),
             "quota": {"configured_limits": quota,
                       "live_use": "per process: see flash_vendor_quota_used / flash_source_requests_total on /metrics"},

@@ -251,8 +251,10 @@ async function refreshStatus(quiet) {
   const stats = [
     ["Last sync", s.last_sync ? ago(s.last_sync) : "not yet"],
     ["Behind by", s.lag_s === null ? "—" : Math.round(s.lag_s) + " s"],
-    ...Object.entries(s.records || {}).map(([k, v]) => [k[0].toUpperCase() + k.slice(1) + " landed", fmt(v)]),
-    ["Customers matched", s.customer_match_rate === null ? "—" : Math.round(s.customer_match_rate * 100) + "%"],
+    ["Orders landed", fmt((s.records || {}).orders)],
+    ["Orders on members", s.order_match_rate === null || s.order_match_rate === undefined ? "—" : Math.round(s.order_match_rate * 100) + "%"],
+    ["Waiting for a member", fmt((s.records || {}).parked_orders)],
+    ["Customers", fmt((s.records || {}).customers)],
     ["Points in ledger", fmt(s.points_in_ledger)],
     ["Dead letters", fmt(s.dead_letter_depth)],
   ];
