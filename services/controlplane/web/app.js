@@ -293,6 +293,7 @@ async function act(action) {
     const verb = {"go-live": "Going live", pause: "Pausing", resume: "Resuming"}[action];
     const r = await run(verb, () => api("POST", path() + "/" + action));
     if (r) progress(r.connection_id + " is now " + (STATE_LABEL[r.state] || r.state) + ".");
+    if (r && action === "go-live") { $("#verify-result").hidden = true; $("#preview").hidden = true; } // done with them
   }
   await refreshStatus(true);
   await loadConnections();
@@ -375,11 +376,12 @@ function showPreview(r) {
     small("Points per sample order", [["source_id", "Order"], ["member_id", "Member"], ["kind", "Kind"], ["points", "Points"], ["reason", "Why"]], pointSamples),
     small("Orders that would wait for a member", [["entity", "Entity"], ["source_id", "Source id"], ["why", "Why"]], unresolved),
     small("Records that would be dead-lettered", [["stream", "Entity"], ["source_id", "Source id"], ["reason", "Reason"]], deadList),
-    samples.length ? el("table", {class: "grid compact samples"}, el("caption", {}, "Sample records"),
+    samples.length ? el("details", {open: true}, el("summary", {}, `Sample records (${samples.length})`),
+      el("table", {class: "grid compact samples"}, el("caption", {class: "sr"}, "Sample records"),
       el("thead", {}, el("tr", {}, ["Entity", "Source id", "Becomes", "Details"].map((h) => el("th", {scope: "col"}, h)))),
       el("tbody", {}, samples.slice(0, 25).map((x) => el("tr", {},
         el("td", {}, x.entity), el("td", {class: "mono"}, fmt(x.id)), el("td", {}, x.type),
-        el("td", {}, x.what || "", x.raw ? el("details", {}, el("summary", {}, "JSON"), el("pre", {}, JSON.stringify(x.raw, null, 2))) : null))))) : null,
+        el("td", {}, x.what || "", x.raw ? el("details", {}, el("summary", {}, "JSON"), el("pre", {}, JSON.stringify(x.raw, null, 2))) : null)))))) : null,
   );
   box.hidden = false;
   progress("Preview ready. When it looks right: Go live.");
