@@ -19,8 +19,8 @@ from ce_poller.config import CeConnection, parse_connection
 from ce_poller.limiter import budget_for
 from ce_poller.stores import KnownKeys, PgKnownKeys, index_dead_letters
 from ce_poller.sync import ConnectionSync, DeadLetterSink, Publisher
+from connectorkit.runner import mark_failed, poll_forever, supervise_connections
 from servicekit.connections import Connection, CursorStore, PgCursorStore
-from servicekit.connectors import mark_failed, poll_forever, supervise_connections
 from servicekit.db import Migrations
 from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
