@@ -104,6 +104,8 @@ class ErrorRule:
     Matches when every given field matches: ``status`` (one or several HTTP statuses), ``code`` (the
     vendor's error code, case-insensitive), ``message`` (a regex searched in the vendor's message; its
     groups fill ``{1}``, ``{2}``... in ``fix``). ``error`` is the class raised; ``fix`` says what to do.
+    ``retry=False`` makes the client raise a Transient of this row at once (the caller handles it, e.g. an
+    expired change-tracking token that needs a resync, not a repeat).
     """
 
     error: type[FlashError]
@@ -111,6 +113,7 @@ class ErrorRule:
     status: int | tuple[int, ...] | None = None
     code: str | None = None
     message: str | None = None
+    retry: bool = True
 
     def match(self, status: int, code: str, message: str) -> tuple[str, ...] | None:
         if self.status is not None:
@@ -145,6 +148,11 @@ class ErrorTable:
     def __init__(self, vendor: str, rules: Sequence[ErrorRule], *, defaults: Sequence[ErrorRule] = DEFAULT_RULES):
         self.vendor = vendor
         self.rules = tuple(rules) + tuple(defaults)
+        self._final = tuple({r.error for r in self.rules if not r.retry})
+
+    def retryable(self, err: FlashError) -> bool:
+        """Whether the client may repeat the request after ``err`` (a Transient not marked ``retry=False``)."""
+        return isinstance(err, Transient) and not isinstance(err, self._final)
 
     def classify(
         self, status: int, code: str, message: str, *, what: str, retry_after: float | None = None,
@@ -495,7 +503,7 @@ class VendorClient:
                     self.governor.pause(retry_after if retry_after is not None else 2.0 ** min(attempt, 6))
                 if not safe and status not in (429, 503):
                     raise err
-            if not isinstance(err, Transient) or attempt >= self.max_attempts:
+            if not self.errors.retryable(err) or attempt >= self.max_attempts:
                 raise err
             if err.retry_after is not None:
                 delay = err.retry_after

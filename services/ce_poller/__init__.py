@@ -2,7 +2,7 @@
 
 Every record goes to ``raw.dynamics-ce.<entity>`` as a :class:`canonical.events.RawRecord` whose payload is
 the record's JSON text exactly as Dataverse sent it; the delta link / page position is saved in the
-``cursors`` table only after the broker acknowledged the page (``ce_poller.sync``).
+``cursors`` table only after the broker acknowledged the page (``ce_poller.streams``).
 
 Connection (``connections`` row, ``source = 'dynamics-ce'``)
 -------------------------------------------------------------
