@@ -118,8 +118,13 @@ async def dry_run(
     report["canonical"] = dict(per_topic)
     report["would_dead_letter"] = dead
     if resolve is not None and pool is not None and events:
-        async with db_errors("dry-run reads"), pool.acquire() as db, db.transaction(readonly=True):
-            resolutions = await resolve(db, conn.tenant_id, events)
+        async with pool.acquire() as db:
+            try:
+                async with db_errors("dry-run member resolution"), db.transaction(readonly=True):
+                    resolutions = await resolve(db, conn.tenant_id, events)
+            except asyncpg.PostgresError as exc:
+                report["stages"]["resolve"] = f"failed: {type(exc).__name__}: {exc} (run `flash migrate`?)"
+                return report
             matched = [r for r in resolutions if r.member_id]
             unresolved = [r for r in resolutions if not r.member_id]
             report["members"] = {
@@ -130,7 +135,12 @@ async def dry_run(
                                        for r in unresolved[:samples]],
             }
             if points is not None and matched:
-                moves = await points(db, conn.tenant_id, [(r.event, r.member_id or "") for r in matched])
+                try:
+                    async with db_errors("dry-run points"), db.transaction(readonly=True):
+                        moves = await points(db, conn.tenant_id, [(r.event, r.member_id or "") for r in matched])
+                except asyncpg.PostgresError as exc:
+                    report["stages"]["points"] = f"failed: {type(exc).__name__}: {exc} (run `flash migrate`?)"
+                    return report
                 earned = sum(m.points for m in moves if m.kind == "earn")
                 back = sum(m.points for m in moves if m.kind in ("clawback", "void"))
                 report["points"] = {
@@ -139,4 +149,6 @@ async def dry_run(
                     "samples": [{"source_id": m.source_id, "member_id": m.member_id, "kind": m.kind,
                                  "points": m.points, "reason": m.reason} for m in moves[:samples]],
                 }
+                dead += [{"stream": "points", "source_id": m.source_id, "stage": "points", "reason": m.reason}
+                         for m in moves if m.kind == "dead-letter"]
     return report
