@@ -139,13 +139,17 @@ def _build(settings: FlashSettings, producer: str, letter: SourceLetter) -> tupl
     hb = [(k, v.encode()) for k, v in headers]
     key = f"{r.tenant_id}:{r.source_id}".encode()
     dlq_topic = settings.topic(dlq(producer))
-    row = (producer, r.tenant_id, None, r.stream, letter.error_class, message, letter.stage, letter.raw_topic,
+    # A record seen again while its letter is pending (a re-read, the next poll) updates that letter.
+    event_id = f"{r.connection_id}:{r.stream}:{r.source_id}" if r.source_id != "?" else None
+    row = (producer, r.tenant_id, event_id, r.stream, letter.error_class, message, letter.stage, letter.raw_topic,
            None, None, letter.attempts, letter.first_failed_at, now, dlq_topic, key, value, headers_json(hb))
     return OutMessage(dlq_topic, value, key, hb), row
 
 
 class PgSourceDeadLetters:
-    """Publishes letters to ``dlq.<producer>`` and indexes them in ``dead_letters`` (waits out outages)."""
+    """Publishes letters to ``dlq.<producer>`` and indexes them in ``dead_letters`` (database errors become
+    InfrastructureUnavailable, waited out by the runner). The index keeps one pending letter per record
+    (``event_id`` = ``<connection>:<stream>:<source id>``): seen again, its attempts and last failure move."""
 
     def __init__(self, pool: asyncpg.Pool, publisher: Any, settings: FlashSettings, producer: str) -> None:
         self.pool = pool
@@ -158,14 +162,23 @@ class PgSourceDeadLetters:
             return
         built = [_build(self.settings, self.producer, letter) for letter in letters]
         await self.publisher.send_all([m for m, _ in built])
-        async with db_errors("dead-letter index"):
-            await self.pool.executemany(
-                """INSERT INTO dead_letters (consumer, tenant_id, event_id, entity, error_class, error_message, stage,
-                       source_topic, source_partition, source_offset, attempts, first_failed_at, last_failed_at,
-                       dlq_topic, key, value, headers)
-                   VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17::jsonb)""",
-                [row for _, row in built],
-            )
+        async with db_errors("dead-letter index"), self.pool.acquire() as conn, conn.transaction():
+            for _, row in built:
+                if row[2] is not None and await conn.fetchval(
+                    """UPDATE dead_letters SET attempts = attempts + 1, last_failed_at = $4, error_class = $5,
+                           error_message = $6, value = $7, headers = $8::jsonb
+                       WHERE consumer = $1 AND tenant_id = $2 AND event_id = $3 AND replayed_at IS NULL
+                       RETURNING id""",
+                    row[0], row[1], row[2], row[12], row[4], row[5], row[15], row[16],
+                ):
+                    continue
+                await conn.execute(
+                    """INSERT INTO dead_letters (consumer, tenant_id, event_id, entity, error_class, error_message,
+                           stage, source_topic, source_partition, source_offset, attempts, first_failed_at,
+                           last_failed_at, dlq_topic, key, value, headers)
+                       VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17::jsonb)""",
+                    *row,
+                )
 
 
 @dataclass

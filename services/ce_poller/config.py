@@ -86,6 +86,8 @@ class CeConnection:
     poll_interval_s: float
     expiry_warning_days: float
     entity_concurrency: int = 4
+    max_record_bytes: int = 900_000
+    """Largest row published; a larger one is dead-lettered (the broker would refuse the whole batch)."""
     annotations: str = "Microsoft.Dynamics.CRM.lookuplogicalname"
 
     @property
@@ -171,4 +173,16 @@ def parse_connection(conn: Connection) -> CeConnection:
         page_size=page_size, entities=tuple(specs), return_source=rs, limits=limits,
         poll_interval_s=float(s.get("poll_interval_s", 30)), expiry_warning_days=float(s.get("expiry_warning_days", 2)),
         entity_concurrency=max(1, int(s.get("entity_concurrency", 4))),
+        max_record_bytes=_positive(cid, s, "max_record_bytes", 900_000),
     )
+
+
+def _positive(cid: str, s: dict[str, Any], name: str, default: int) -> int:
+    value = s.get(name, default)
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        out = 0
+    if out <= 0:
+        raise SettingError(cid, f"settings.{name}", f"is {value!r}", "a positive whole number")
+    return out

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,6 +42,8 @@ from servicekit.kafka import OutMessage
 from servicekit.settings import FlashSettings
 
 __all__ = ["CeConnector", "connector"]
+
+_CONTEXT = re.compile(r'^\{\s*"@odata\.context"\s*:\s*"(?:[^"\\]|\\.)*"\s*,')
 
 
 class _Collect:
@@ -197,12 +200,14 @@ class CeConnector:
                                             prefer=sync._ann(), what=f"refetch {spec.entity_set}({key})")
             except RecordNotFound:
                 return []
-            obj = json.loads(one.text)
-            problem = sync._undeliverable(spec, obj)
+            # A single-entity response carries its own @odata.context; a row of a collection does not. Drop it,
+            # so the record is byte for byte what a poll delivers (and is checked the same way).
+            text = _CONTEXT.sub("{", one.text.strip(), count=1)
+            obj = json.loads(text)
+            problem = sync._undeliverable(spec, obj, text)
             if problem is not None:
                 raise Poison(f"still undeliverable: {problem}")
-            # The single-record body as a one-row collection, so it is built exactly as a polled row.
-            rows = Page(one.url, '{"value":[' + one.text.strip() + "]}", None, None, one.headers)
+            rows = Page(one.url, '{"value":[' + text + "]}", None, None, one.headers)
             await sync._publish_page(spec, rows, 1, EntityResult(spec.logical))
             return list(pub.messages)
 

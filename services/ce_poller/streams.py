@@ -39,7 +39,7 @@ from typing import Any, Literal
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel
 
-from ce_poller.client import DataverseClient, DeltaTokenExpired, Page, RecordNotFound, iter_values
+from ce_poller.client import DataverseClient, DeltaTokenExpired, Page, iter_values
 from ce_poller.config import CeConnection, EntitySpec
 from ce_poller.records import PRODUCER, SOURCE, raw_message, source_letter
 from ce_poller.stores import KnownKey, KnownKeys
@@ -346,7 +346,7 @@ class ConnectionSync:
                 deleted.append((str(obj["id"]).lower(), text))
                 continue
             sid = obj.get(spec.key)
-            problem = self._undeliverable(spec, obj)
+            problem = self._undeliverable(spec, obj, text)
             if problem is not None:
                 dead.append(source_letter(
                     self.settings, tenant_id=tenant, connection_id=cid, entity=spec.logical,
@@ -400,14 +400,16 @@ class ConnectionSync:
         res.dead_letters += len(dead)
         metrics.RECORDS_FETCHED.labels(SOURCE, spec.logical).inc(n_up + len(deleted))
 
-    @staticmethod
-    def _undeliverable(spec: EntitySpec, obj: dict[str, Any]) -> str | None:
+    def _undeliverable(self, spec: EntitySpec, obj: dict[str, Any], text: str) -> str | None:
         """Why a row cannot be published (None: it can). Checked the same way on a dead-letter re-fetch."""
         if not obj.get(spec.key):
             return f"{spec.entity_set} row without its key {spec.key}; it cannot be keyed or re-fetched"
-        if spec.logical == "salesorderdetail" and not obj.get("_salesorderid_value"):
-            return (f"{spec.entity_set}({obj.get(spec.key)}) has no _salesorderid_value: an order line is keyed by "
-                    "its order; set the line's order (salesorderid) in Dynamics, then `flash dlq replay` it")
+        size = len(text.encode())
+        if size > self.conn.max_record_bytes:
+            longest = max(((k, len(str(v))) for k, v in obj.items()), key=lambda kv: kv[1], default=("?", 0))
+            return (f"{spec.entity_set}({obj.get(spec.key)}) is {size} bytes, over settings.max_record_bytes "
+                    f"({self.conn.max_record_bytes}); its longest column is {longest[0]} ({longest[1]} characters): "
+                    "shorten it in Dynamics or remove it from settings.select, then `flash dlq replay` the letter")
         return None
 
     async def _infer_deletes(self, spec: EntitySpec, gen: int) -> int:
@@ -490,12 +492,3 @@ class ConnectionSync:
                                       order_id))
             known.append(KnownKey(rid, order_id, str(version)))
         return msgs, known
-
-
-async def resolve_record(client: DataverseClient, entity_set: str, key: str) -> str | None:
-    """One record by key (``None`` when it no longer exists)."""
-    try:
-        page = await client.get(f"{entity_set}({key})", what=f"{entity_set}({key})")
-    except RecordNotFound:
-        return None
-    return page.text
