@@ -18,6 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from connectorkit.replay import source_rewriter
+from controlplane.ops import LEGACY_CONNECTORS
 from servicekit import dlq as dlq_ops
 from servicekit.cliutil import open_db, print_json, print_table
 from servicekit.connections import CredentialCipher, PgConnectionStore
@@ -28,7 +30,7 @@ from servicekit.logging import configure_logging
 from servicekit.runtime import Service, run_loop, run_services
 from servicekit.settings import FlashSettings
 
-__all__ = ["SERVICES", "main"]
+__all__ = ["LEGACY_CONNECTORS", "SERVICES", "main"]
 
 #: name → module holding ``SERVICE``; started with ``flash run <name>`` or ``python -m <module>``.
 SERVICES: dict[str, str] = {
@@ -39,8 +41,8 @@ SERVICES: dict[str, str] = {
     "resolver": "resolver",
     "points": "points",
 }
-#: source → module of its connector (exposing ``control.verify`` / ``control.dry_run``).
-CONNECTORS: dict[str, str] = {"dynamics-ce": "ce_poller", "salesforce": "sf_poller"}
+#: Connectors are found through the registry (entry point group ``flash_connect.connectors``, see
+#: ``connectorkit.registry``); sources not registered yet: ``controlplane.ops.LEGACY_CONNECTORS``.
 #: modules contributing subcommands through ``cli.register(subparsers)``.
 PLUGINS = ("resolver", "points", "normalizer")
 
@@ -164,13 +166,18 @@ def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
                 return 0
             if args.action == "verify":
                 result = await ops.verify(actor, args.tenant, args.id)
+                for line in result.get("lines") or []:
+                    print(line)
                 if not result["ok"]:
                     print(f"verification failed: {result['error']}", file=sys.stderr)
                     return 1
-                print_json(result["report"])
+                if not result.get("lines"):
+                    print_json(result["report"])  # a connector not on the kit yet: its own report
+                print(f"connection {args.id} verified; next: flash connections dry-run --tenant {args.tenant} "
+                      f"--id {args.id}")
                 return 0
             if args.action == "dry-run":
-                print_json(await ops.dry_run(actor, args.tenant, args.id, limit=args.limit))
+                print_json((await ops.dry_run(actor, args.tenant, args.id, limit=args.limit))["report"])
                 return 0
         raise ConfigError(f"unknown action {args.action}")
 
@@ -210,15 +217,23 @@ def cmd_dlq(args: argparse.Namespace, settings: FlashSettings) -> int:
             elif args.action == "replay":
                 from servicekit.embedded import kafka_bootstrap
 
+                store = PgConnectionStore(pool, CredentialCipher.from_settings(settings))
+                # Source dead letters are re-fetched from the vendor (connectorkit.replay), never re-sent.
+                rewrite = source_rewriter(store.get, settings)
                 async with kafka_bootstrap(settings.kafka_bootstrap) as bootstrap:
                     publisher = KafkaPublisher(bootstrap)
                     await publisher.start()
                     try:
-                        audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=args.dry_run)
+                        audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=args.dry_run,
+                                                     rewrite=rewrite)
                     finally:
                         await publisher.stop()
                 verb = "would replay" if args.dry_run else "replayed"
                 print(f"{verb} {audit.get('replayed', 0)} dead letter(s) (audit id {audit.get('id')})")
+                for err in audit.get("errors") or []:
+                    print(f"  not replayed: {err}", file=sys.stderr)
+                if audit.get("failed"):
+                    return 1
         return 0
 
     return asyncio.run(go())
@@ -315,8 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--credentials", required=True, help="JSON file or text; stored encrypted")
     c.add_argument("--settings", help="JSON file or text with connector settings")
     for action, text in (("show", "show one connection (credentials masked)"),
-                         ("verify", "authenticate and check read privileges; says what to fix"),
-                         ("dry-run", "fetch a sample and preview the canonical events; writes nothing"),
+                         ("verify", "host, authentication, application user, read privilege per table, change "
+                          "tracking: one line per check, with what to fix"),
+                         ("dry-run", "sample -> normalizer mapping -> member resolution -> points rules: a report of "
+                          "records per entity, member match rate, points earned/clawed back, dead letters; "
+                          "writes nothing"),
                          ("go-live", "let the pollers sync it"), ("pause", "stop syncing it"),
                          ("resume", "sync a paused connection again"),
                          ("status", "last sync, lag, records per entity, errors, dead-letter depth"),
@@ -333,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in (("list", "list pending dead letters"),
                          ("replay", "send matching dead letters back to their original topics (idempotent)")):
         d = dsub.add_parser(action, help=text)
-        d.add_argument("--consumer", help="e.g. normalizer, resolver, points")
+        d.add_argument("--consumer", help="e.g. normalizer, resolver, points, ce-poller (a poller's letters are "
+                       "re-fetched from the vendor on replay)")
         d.add_argument("--tenant")
         d.add_argument("--error-class", help="e.g. SchemaViolation, Poison, MissingTenant")
         d.add_argument("--entity", help="source object, e.g. salesorder, Order")

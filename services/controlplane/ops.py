@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
-import ipaddress
 import json
-import os
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +23,10 @@ from typing import Any
 
 import asyncpg
 
+from connectorkit.dryrun import dry_run as kit_dry_run
+from connectorkit.endpoints import check_endpoint, check_resolved
+from connectorkit.registry import connector_sources, load_connector
+from connectorkit.replay import source_rewriter
 from controlplane.tokens import Actor
 from servicekit import dlq as dlq_ops
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
@@ -48,8 +50,9 @@ __all__ = [
 CONTROLPLANE_MIGRATIONS = Migrations("controlplane", "controlplane")
 
 SOURCES = ("dynamics-ce", "dynamics-fo", "salesforce")
-#: source -> module of its connector (``<module>.control`` exposes ``verify`` / ``dry_run``).
-CONNECTOR_MODULES: dict[str, str] = {"dynamics-ce": "ce_poller", "salesforce": "sf_poller", "dynamics-fo": "fo_poller"}
+#: Connectors come from the kit's registry (entry points ``flash_connect.connectors``); a source not
+#: registered yet is served by its older module hooks ``<module>.control.verify`` / ``dry_run``.
+LEGACY_CONNECTORS: dict[str, str] = {"salesforce": "sf_poller"}
 
 
 class OpError(ConfigError):
@@ -72,45 +75,25 @@ class Conflict(OpError):
 
 # ------------------------------------------------------------------------------------ endpoint policy
 
-SANDBOX_ENV = "FLASH_ALLOW_SANDBOX_ENDPOINTS"
-_HOST_PATTERNS: dict[str, tuple[str, ...]] = {
-    "dynamics-ce": (".dynamics.com", ".microsoftdynamics.us", ".appsplatform.us", ".dynamics.cn"),
-    "dynamics-fo": (".operations.dynamics.com",),
-    "salesforce": (".my.salesforce.com", "login.salesforce.com", "test.salesforce.com", ".my.salesforce.mil"),
-}
-
 
 def check_connection_endpoint(source: str, endpoint: str, *, allow_sandbox: bool | None = None) -> None:
-    """THE endpoint gate of the control plane: called before a connection is stored and before any request.
-
-    https only, the vendor's host patterns, no IP literal (private, loopback or link-local addresses are
-    never a vendor); ``FLASH_ALLOW_SANDBOX_ENDPOINTS=1`` admits the simulators on loopback.
-    TODO(kit merge): delegate to ``connectorkit.endpoints.check_endpoint`` + ``check_resolved``.
-    """
-    sandbox = allow_sandbox if allow_sandbox is not None else (
-        os.environ.get(SANDBOX_ENV, "").strip().lower() in ("1", "true", "yes", "on"))
-    parts = urllib.parse.urlsplit(endpoint.strip())
-    host = (parts.hostname or "").lower()
-    expect = {"dynamics-ce": "https://<org>.crm.dynamics.com", "dynamics-fo": "https://<env>.operations.dynamics.com",
-              "salesforce": "https://<mydomain>.my.salesforce.com"}.get(source, "an https URL")
-    if not host or parts.scheme not in ("https", "http"):
-        raise Invalid(f"endpoint {endpoint!r} is not a URL; put {expect}")
-    if parts.username or parts.password:
-        raise Invalid("endpoint must not carry a user or password; put them in the credentials")
-    if sandbox:
-        return
-    if parts.scheme != "https":
-        raise Invalid(f"endpoint {endpoint!r}: only https is allowed; put {expect}")
+    """THE endpoint gate of the control plane: called before a connection is stored and before verify,
+    dry-run or go-live make any request. The policy is the connector kit's (``connectorkit.endpoints``):
+    https only, the vendor's host patterns, no IP address; ``FLASH_ALLOW_SANDBOX_ENDPOINTS=1`` admits the
+    simulators on loopback. Raises :class:`Invalid` with the policy's message."""
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        ip = None
-    if ip is not None:
-        kind = "a private, loopback or link-local" if (ip.is_private or ip.is_loopback or ip.is_link_local) else "an"
-        raise Invalid(f"endpoint {endpoint!r}: {kind} IP address is not a {source} endpoint; put {expect}")
-    patterns = _HOST_PATTERNS.get(source, ())
-    if not any(host == p or (p.startswith(".") and host.endswith(p)) for p in patterns):
-        raise Invalid(f"endpoint {endpoint!r}: host {host} is not a {source} endpoint; put {expect}")
+        check_endpoint(endpoint, kinds=[source], setting="endpoint", allow_sandbox=allow_sandbox)
+    except ConfigError as exc:
+        raise Invalid(str(exc)) from None
+
+
+async def check_connection_host(source: str, endpoint: str) -> None:
+    """Before a request: the endpoint's host must not resolve to a private, loopback or link-local address."""
+    host = urllib.parse.urlsplit(endpoint.strip()).hostname or ""
+    try:
+        await check_resolved(host, setting="endpoint")
+    except ConfigError as exc:
+        raise Invalid(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -232,6 +215,8 @@ class Operations:
         if not actor.may_see(inp.tenant_id):
             raise Invalid("tenant_id must be your own tenant")
         check_connection_endpoint(inp.source, inp.endpoint)
+        self._validate(Connection(inp.tenant_id, inp.connection_id, inp.source, inp.endpoint, inp.credentials,
+                                  inp.settings))
         owner = await self.pool.fetchval(
             "SELECT tenant_id FROM connections WHERE connection_id = $1", inp.connection_id)
         if owner is not None and (owner != inp.tenant_id or not replace):
@@ -263,6 +248,7 @@ class Operations:
             raise Invalid("credentials must be an object of strings")
         check_connection_endpoint(conn.source, endpoint)
         new_creds = {**conn.credentials, **creds} if creds else conn.credentials
+        self._validate(Connection(tenant_id, connection_id, conn.source, endpoint.strip(), new_creds, settings))
         updated = await self.store.upsert(tenant_id, connection_id, conn.source, endpoint.strip(), new_creds, settings)
         await self._audit(actor, tenant_id, "connection.update", connection_id,
                           {"changed": sorted(patch), "credentials": sorted(creds or {})})
@@ -278,41 +264,72 @@ class Operations:
         await self._audit(actor, tenant_id, "connection.delete", connection_id)
         return {"deleted": connection_id, "tenant_id": tenant_id}
 
-    def _control(self, source: str) -> Any:
-        """The connector's control hooks (verify, dry_run).
+    @staticmethod
+    def _connector(source: str) -> Any | None:
+        """The registered connector of ``source`` (the kit's registry), or None (legacy hooks or nothing)."""
+        return load_connector(source) if source in connector_sources() else None
 
-        TODO(kit merge): the connector kit's registry (entry points) replaces this module lookup.
-        """
-        module = CONNECTOR_MODULES.get(source, source)
+    @staticmethod
+    def _legacy_control(source: str) -> Any:
+        if source not in LEGACY_CONNECTORS:
+            installed = ", ".join(connector_sources()) or "none"
+            raise Invalid(f"no connector for source {source!r} is installed in this build (installed: {installed})")
         try:
-            return importlib.import_module(f"{module}.control")
+            return importlib.import_module(f"{LEGACY_CONNECTORS[source]}.control")
         except ModuleNotFoundError as exc:
-            raise Invalid(f"the {source} connector has no verify/dry-run in this build ({module}.control)") from exc
+            raise Invalid(f"the {source} connector is not installed in this build") from exc
+
+    def _validate(self, conn: Connection) -> None:
+        """The connector's own parse of every setting (its message names the setting and what to put)."""
+        connector = self._connector(conn.source)
+        if connector is not None:
+            try:
+                connector.parse(conn)
+            except ConfigError as exc:
+                raise Invalid(str(_scrub(str(exc), conn.credentials))) from None
 
     async def verify(self, actor: Actor, tenant_id: str, connection_id: str) -> dict[str, Any]:
-        """Authenticate and read one record per entity; records ``verified`` or ``failed`` with the reason."""
+        """Host, authentication, privileges per entity (the connector's checks, one line each with its fix);
+        records ``verified`` or ``failed`` with the reason."""
         conn = await self._get(actor, tenant_id, connection_id)
         check_connection_endpoint(conn.source, conn.endpoint)
-        control = self._control(conn.source)
+        await check_connection_host(conn.source, conn.endpoint)
+        connector = self._connector(conn.source)
+        report: Any
+        lines: list[str] = []
         try:
-            report = await control.verify(conn, self.settings)
+            if connector is not None:
+                result = await connector.verify(connector.parse(conn), self.settings)
+                lines = list(result.lines())
+                report = result.as_json()
+                if not result.ok:
+                    raise ConfigError(result.summary())
+            else:
+                report = await self._legacy_control(conn.source).verify(conn, self.settings)
         except FlashError as exc:
             message = str(_scrub(str(exc), conn.credentials))
             await self.store.set_state(tenant_id, connection_id, "failed", error=message)
             await self._audit(actor, tenant_id, "connection.verify", connection_id, {"ok": False, "error": message})
-            return {"ok": False, "state": "failed", "error": message, "connection_id": connection_id}
+            return {"ok": False, "state": "failed", "error": message, "connection_id": connection_id,
+                    "lines": _scrub(lines, conn.credentials)}
         await self.store.set_state(tenant_id, connection_id, "verified")
         await self._audit(actor, tenant_id, "connection.verify", connection_id, {"ok": True})
         return {"ok": True, "state": "verified", "connection_id": connection_id,
-                "report": _json_safe(_scrub(report, conn.credentials))}
+                "lines": _scrub(lines, conn.credentials), "report": _json_safe(_scrub(report, conn.credentials))}
 
     async def dry_run(self, actor: Actor, tenant_id: str, connection_id: str, *, limit: int = 5) -> dict[str, Any]:
-        """What would land, read from the vendor now; writes nothing (no topic, ledger, cursor or state)."""
+        """Sample -> normalizer -> member resolution -> points rules, all read-only: what would land.
+        Writes nothing (no topic, ledger, member link, cursor or state)."""
         conn = await self._get(actor, tenant_id, connection_id)
         check_connection_endpoint(conn.source, conn.endpoint)
-        control = self._control(conn.source)
+        await check_connection_host(conn.source, conn.endpoint)
+        connector = self._connector(conn.source)
+        n = max(1, min(int(limit), 100))
         try:
-            report = await control.dry_run(conn, self.settings, limit=max(1, min(int(limit), 100)))
+            if connector is not None:
+                report = await kit_dry_run(connector, conn, self.settings, self.pool, limit=n)
+            else:
+                report = await self._legacy_control(conn.source).dry_run(conn, self.settings, limit=n)
         except FlashError as exc:
             raise Invalid(f"dry-run failed: {_scrub(str(exc), conn.credentials)}") from None
         report = _json_safe(_scrub(report, conn.credentials))
@@ -438,9 +455,12 @@ class Operations:
                 await self.show_dead_letter(actor, letter_id)  # NotFound for another tenant's
         if self.publisher is None:
             raise Invalid("this process cannot publish (no broker connection); replay from `flash dlq replay`")
-        audit = await dlq_ops.replay(self.pool, self.publisher, flt, dry_run=dry_run, requested_by=actor.name)
+        # Source dead letters are re-fetched from the vendor (connectorkit.replay), never re-sent as they are.
+        audit = await dlq_ops.replay(self.pool, self.publisher, flt, dry_run=dry_run, requested_by=actor.name,
+                                     rewrite=source_rewriter(self.store.get, self.settings))
         await self._audit(actor, flt.tenant_id, "dlq.replay" if not dry_run else "dlq.replay-preview",
-                          str(audit.get("id")), {"filter": flt.as_json(), "replayed": audit.get("replayed", 0)})
+                          str(audit.get("id")), {"filter": flt.as_json(), "replayed": audit.get("replayed", 0),
+                                                 "failed": audit.get("failed", 0)})
         return dict(_json_safe(audit))
 
     async def audit(self, actor: Actor, *, limit: int = 100) -> list[dict[str, Any]]:

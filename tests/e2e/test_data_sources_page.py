@@ -103,7 +103,7 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 await page.get_by_label("Consumer secret").fill(org.client_secret)
                 monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "0")
                 await page.get_by_role("button", name="Save as draft").click()
-                await expect(page.get_by_role("alert")).to_contain_text("IP address is not a salesforce endpoint")
+                await expect(page.get_by_role("alert")).to_contain_text("an IP address is not a vendor endpoint")
                 await shot(page, "02-endpoint-refused")
                 monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")
 

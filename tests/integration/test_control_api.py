@@ -133,10 +133,11 @@ async def test_endpoints_are_checked_before_any_request(api: Api) -> None:
     listener = await asyncio.start_server(lambda r, w: (hits.append(1), w.close()), "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        for endpoint, why in ((f"https://127.0.0.1:{port}", "IP address"), ("https://10.1.2.3", "private"),
-                              ("https://169.254.169.254/latest", "link-local"), ("https://[::1]", "loopback"),
-                              ("http://acme.crm.dynamics.com", "https"), ("https://evil.example.com", "not a"),
-                              ("https://acme.crm.dynamics.com.evil.io", "not a")):
+        ip = "an IP address is not a vendor endpoint"  # private, loopback, link-local: never a vendor
+        for endpoint, why in ((f"https://127.0.0.1:{port}", ip), ("https://10.1.2.3", ip),
+                              ("https://169.254.169.254/latest", ip), ("https://[::1]", ip),
+                              ("http://acme.crm.dynamics.com", "only https"), ("https://evil.example.com", "not a"),
+                              ("https://acme.crm.dynamics.com.evil.io", "not a dynamics-ce endpoint")):
             r = await api.call("a", "POST", "/api/v1/connections", _conn("bad", endpoint))
             assert r.status_code == 400, endpoint
             assert "endpoint" in r.json()["error"]["message"] and why in r.json()["error"]["message"], r.text
@@ -268,3 +269,56 @@ def test_the_openapi_document_names_every_route() -> None:
             served.add((r.method, path))
     assert served <= documented, served - documented
 
+
+
+async def test_a_kit_connector_through_the_api_verify_lines_and_a_dry_run_with_match_rate_and_points(
+    api: Api, infra: Infra, settings: FlashSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dynamics CE (a connector on the kit): verify answers one line per check; the dry-run summary reads the
+    member match rate and the points that would be earned from the kit's report; nothing is written."""
+    from decimal import Decimal
+
+    from canonical.events import MemberData
+    from ce_poller.app import MIGRATIONS as CE_MIGRATIONS
+    from connectorkit import MIGRATIONS as KIT_MIGRATIONS
+    from points.app import MIGRATIONS as POINTS_MIGRATIONS
+    from points.cli import set_program
+    from points.rules import Program
+    from resolver.app import MIGRATIONS as RESOLVER_MIGRATIONS
+    from resolver.cli import import_members
+    from sandbox.dataverse import DataverseState, ground_truth, seed_org
+    from sandbox.dataverse import build_app as dataverse_app
+
+    monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")
+    await migrate(infra.pool, [KIT_MIGRATIONS, CE_MIGRATIONS, RESOLVER_MIGRATIONS, POINTS_MIGRATIONS])
+    await ensure_topics(infra.bootstrap, settings)
+    state = DataverseState()
+    state.add_org("contoso")
+    seed_org(state, "contoso", customers=12, products=8, orders=20, seed=3)
+    truths = list(ground_truth(state.orgs["contoso"]))
+    members = [MemberData(member_id=f"M-{i}", external_id=t.accountnumber or None, email=t.customer_email)
+               for i, t in enumerate(truths) if t.customer_email or t.accountnumber]
+    await import_members(infra.pool, "tenant-a", members[: max(1, len(members) // 2)])
+    await set_program(infra.pool, Program(tenant_id="tenant-a", base_currency="USD", points_per_unit=Decimal(1),
+                                          exchange_rates={"EUR": Decimal("0.9"), "GBP": Decimal("0.8")}))
+    async with serve(dataverse_app(state)) as running:
+        o, app = state.orgs["contoso"], state.credentials("contoso")[0]
+        body = {"connection_id": "ce-a", "source": "dynamics-ce", "endpoint": f"{running.base_url}/orgs/contoso",
+                "credentials": {"tenant_id": o.tenant_id, "client_id": app.client_id,
+                                "client_secret": app.client_secret},
+                "settings": {"authority": f"{running.base_url}/{o.tenant_id}", "ca_bundle": str(running.tls.ca_path),
+                             "page_size": 10}}
+        r = await api.call("a", "POST", "/api/v1/connections", {**body, "settings": {"page_size": "many"}})
+        assert r.status_code == 400 and "page_size" in r.json()["error"]["message"], "the connector's own parse"
+        assert (await api.call("a", "POST", "/api/v1/connections", body)).status_code == 201
+        base = "/api/v1/connections/tenant-a/ce-a"
+        r = (await api.call("a", "POST", base + "/verify")).json()
+        assert r["ok"] is True and any(line.startswith("ok    auth") for line in r["lines"]), r
+        before = await _snapshot(infra)
+        r = await api.call("a", "POST", base + "/dry-run", limit=20)
+        assert r.status_code == 200, r.text
+        summary = r.json()["summary"]
+        assert summary["records"]["salesorder"] == 20
+        assert 0 < summary["match_rate"] < 1, summary
+        assert summary["points_earned"] > 0, summary
+        assert await _snapshot(infra) == before, "the dry-run wrote nothing"
