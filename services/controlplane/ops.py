@@ -99,9 +99,15 @@ async def check_connection_host(source: str, endpoint: str) -> None:
 # ------------------------------------------------------------------------------------------- helpers
 
 
+#: Credential fields that identify rather than authenticate (an app's id, a directory id): shown in reports
+#: (an authority URL carries the directory id). Every other credential value is treated as a secret.
+IDENTIFIERS = frozenset({"client_id", "tenant_id", "username", "user", "instance_url"})
+
+
 def _scrub(value: Any, secrets: Mapping[str, str]) -> Any:
-    """``value`` with every credential value replaced by ``***`` (reports and errors from connectors)."""
-    needles = sorted((v for v in secrets.values() if isinstance(v, str) and len(v) >= 4), key=len, reverse=True)
+    """``value`` with every secret credential value replaced by ``***`` (reports and errors from connectors)."""
+    needles = sorted((v for k, v in secrets.items() if k not in IDENTIFIERS and isinstance(v, str) and len(v) >= 4),
+                     key=len, reverse=True)
     if not needles:
         return value
 

@@ -1,6 +1,7 @@
 """Settings -> Data Sources in headless Chromium (Debian's ``chromium`` driven by Playwright): sign in with
-a tenant token, add a Salesforce sandbox connection, verify it, preview it, take it live, watch orders land,
-then inspect and replay a dead letter. Screenshots go to ``test-artifacts/browser/`` (gitignored).
+a tenant token, add a Dynamics 365 CE sandbox connection, verify it, preview it (match rate, points that
+would be earned), take it live, watch orders land, then inspect and replay a dead letter. Screenshots go
+to ``test-artifacts/browser/`` (gitignored).
 
 When Chromium or Playwright is missing the test is skipped and says why (``make setup`` installs both:
 Chromium with apt-get when run as root, Playwright from PyPI); it never passes without a browser.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any
 import pytest
 
 from canonical.events import MemberData
+from ce_poller.app import MIGRATIONS as CE_MIGRATIONS
+from connectorkit import MIGRATIONS as KIT_MIGRATIONS
 from controlplane.api import serve_api
 from controlplane.cli import load_service
 from controlplane.ops import CONTROLPLANE_MIGRATIONS
@@ -27,7 +31,7 @@ from points.app import build_service
 from points.cli import set_program
 from points.rules import Program
 from resolver.cli import import_members
-from sandbox.salesforce import SalesforceState, build_app, seed_org
+from sandbox.dataverse import DataverseState, build_app, ground_truth, seed_org
 from sandbox.server import serve
 from servicekit.db import migrate
 from servicekit.kafka import OutMessage, ensure_topics
@@ -36,7 +40,6 @@ from servicekit.runtime import Infra, run_services
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts" / "browser"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-STATUS_MAP = {"Draft": "pending", "Activated": "pending", "Fulfilled": "awardable", "Cancelled": "cancelled"}
 
 
 def chromium_path() -> str:
@@ -62,20 +65,24 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
     except ImportError:
         pytest.skip("Playwright is not installed: `make setup` installs the dev dependencies (pip install -e .[dev])")
     monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")  # the sandbox runs on loopback
-    services = [load_service("sf-poller"), load_service("normalizer"), load_service("resolver"),
+    services = [load_service("ce-poller"), load_service("normalizer"), load_service("resolver"),
                 build_service(mature_interval_s=0.5)]
-    await migrate(infra.pool, [m for s in services for m in s.migrations] + [CONTROLPLANE_MIGRATIONS])
+    await migrate(infra.pool, [KIT_MIGRATIONS, CE_MIGRATIONS, *(m for s in services for m in s.migrations),
+                               CONTROLPLANE_MIGRATIONS])
     await ensure_topics(infra.bootstrap, infra.settings)
 
-    state = SalesforceState()
-    org = state.add_org("acme")
-    seed_org(state, org, orders=25, seed=3)
+    state = DataverseState()
+    state.add_org("contoso")
+    seed_org(state, "contoso", customers=12, products=8, orders=25, seed=3)
+    org, app = state.orgs["contoso"], state.credentials("contoso")[0]
+    truths = list(ground_truth(org))
+    members = {t.customer_id: MemberData(member_id=f"M-{i}", external_id=t.accountnumber or None,
+                                         email=t.customer_email)
+               for i, t in enumerate(truths) if t.customer_email or t.accountnumber}
+    await import_members(infra.pool, "acme", list(members.values())[: max(1, 2 * len(members) // 3)])
     await set_program(infra.pool, Program.model_validate({
-        "tenant_id": "acme", "base_currency": "EUR", "points_per_unit": "1", "basis": "total", "rounding": "floor",
-        "exchange_rates": {"USD": "1", "GBP": "1", "CHF": "1"}}))
-    await import_members(infra.pool, "acme", [MemberData(member_id=f"m-{a['AccountNumber']}",
-                                                         external_id=a["AccountNumber"])
-                                              for a in org.records("Account")])
+        "tenant_id": "acme", "base_currency": "USD", "points_per_unit": "1", "rounding": "floor",
+        "exchange_rates": {"EUR": "0.9", "GBP": "0.8", "USD": "1"}}))
     token, _ = await create_token(infra.pool, tenant_id="acme", name="browser test", created_by="test")
     stop = asyncio.Event()
     async with serve(build_app(state)) as sb, serve_api(infra.pool, infra.settings, infra.publisher, port=0) as url:
@@ -96,37 +103,44 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
 
                 # An endpoint the policy refuses: the page shows the API's own words.
                 await page.get_by_role("button", name="Add a connection").click()
-                await page.get_by_label("Connection name").fill("sf-main")
-                await page.get_by_label("Source", exact=True).select_option("salesforce")
+                await page.get_by_label("Connection name").fill("ce-main")
+                await page.get_by_label("Source", exact=True).select_option("dynamics-ce")
                 await page.get_by_label("Endpoint").fill("https://10.0.0.7")
-                await page.get_by_label("Consumer key (client ID)").fill(org.client_id)
-                await page.get_by_label("Consumer secret").fill(org.client_secret)
+                await page.get_by_label("Directory (tenant) ID").fill(org.tenant_id)
+                await page.get_by_label("Application (client) ID").fill(app.client_id)
+                await page.get_by_label("Client secret").fill(app.client_secret)
                 monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "0")
                 await page.get_by_role("button", name="Save as draft").click()
                 await expect(page.get_by_role("alert")).to_contain_text("an IP address is not a vendor endpoint")
                 await shot(page, "02-endpoint-refused")
                 monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")
 
-                await page.get_by_label("Endpoint").fill(sb.base_url)
+                await page.get_by_label("Endpoint").fill(f"{sb.base_url}/orgs/contoso")
                 await page.get_by_label("Settings").fill(json.dumps({
-                    "ca_bundle": str(sb.tls.ca_path), "cdc": False, "status_map": STATUS_MAP,
-                    "price_currency": "EUR", "poll_interval_s": 1}))
+                    "authority": f"{sb.base_url}/{org.tenant_id}", "ca_bundle": str(sb.tls.ca_path),
+                    "page_size": 10, "poll_interval_s": 1}))
                 unlabeled = await page.evaluate("""() => [...document.querySelectorAll('input,select,textarea')]
                     .filter(e => e.offsetParent !== null && !(e.labels && e.labels.length)).map(e => e.id)""")
                 assert unlabeled == [], f"every visible control has a label: {unlabeled}"
                 await shot(page, "03-add-form")
                 await page.get_by_role("button", name="Save as draft").click()
-                await expect(page.locator("#detail-title")).to_have_text("sf-main")
-                assert await page.get_by_label("Consumer secret").count() == 0 or \
-                    await page.get_by_label("Consumer secret").input_value() == "", "the secret leaves the page"
+                await expect(page.locator("#detail-title")).to_have_text("ce-main")
+                assert await page.get_by_label("Client secret").count() == 0 or \
+                    await page.get_by_label("Client secret").input_value() == "", "the secret leaves the page"
 
                 await page.get_by_role("button", name="Verify").click()
                 await expect(page.get_by_text("Verified: the connection works")).to_be_visible(timeout=30_000)
                 await shot(page, "04-verified")
                 await page.get_by_role("button", name="Preview (dry-run)").click()
                 await expect(page.get_by_text("Preview: what would land")).to_be_visible(timeout=30_000)
-                await expect(page.get_by_role("table", name="Records per entity")).to_contain_text("Order")
-                await expect(page.get_by_role("table", name="Sample records")).to_contain_text("order.upserted")
+                await expect(page.get_by_role("table", name="Records per entity")).to_contain_text("salesorder")
+                await expect(page.get_by_role("table", name="Events it becomes")).to_contain_text(
+                    "canonical.order.v1")
+                await expect(page.get_by_role("table", name="Points per sample order")).to_be_visible()
+                rate = page.locator(".stat", has_text="Member match rate").locator("dd")
+                await expect(rate).to_have_text(re.compile(r"^\d+%$"))
+                earned = page.locator(".stat", has_text="Points that would be earned").locator("dd")
+                await expect(earned).not_to_have_text(re.compile(r"^(—|0)$"))
                 await shot(page, "05-preview")
                 assert await infra.pool.fetchval("SELECT count(*) FROM cursors") == 0, "the preview wrote nothing"
 
@@ -137,7 +151,7 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 landed = 0
                 while time.monotonic() < deadline:
                     landed = await infra.pool.fetchval(
-                        "SELECT count(*) FROM orders WHERE tenant_id = 'acme' AND connection_id = 'sf-main' AND known")
+                        "SELECT count(*) FROM orders WHERE tenant_id = 'acme' AND connection_id = 'ce-main' AND known")
                     if landed >= 5:
                         break
                     await asyncio.sleep(1)
@@ -151,7 +165,7 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 # A record the normalizer cannot read is dead-lettered with the reason; the page replays it.
                 bad = json.dumps({"event_type": "raw.record", "tenant_id": "acme", "version": 1,
                                   "correlation_id": "browser-test"}).encode()
-                await infra.publisher.send_all([OutMessage(infra.settings.topic("raw.salesforce.Order.v1"), bad,
+                await infra.publisher.send_all([OutMessage(infra.settings.topic("raw.dynamics-ce.salesorder.v1"), bad,
                                                            b"bad-1")])
                 letter = None
                 deadline = time.monotonic() + 60

@@ -299,20 +299,34 @@ async function act(action) {
   await loadConnections();
 }
 
+function checkItem(line) {
+  // The kit's lines: "ok    auth: detail" or "FAIL  read salesorder: detail -> fix: what to do".
+  const m = /^(ok|FAIL)\s+([^:]+):\s*(.*)$/s.exec(line);
+  if (!m) return el("li", {}, line);
+  const [detail, fix] = m[3].split(" -> fix: ");
+  return el("li", {class: m[1] === "ok" ? "ok" : "bad"}, el("strong", {}, m[2]), " ", detail,
+    fix ? el("div", {class: "fix"}, "To fix: " + fix) : null);
+}
+
 function showVerify(r) {
   const box = $("#verify-result");
-  const checks = r.report ? Object.entries(r.report.objects || r.report.checks || {}) : [];
-  const other = r.report ? Object.entries(r.report).filter(([k, v]) => !["objects", "checks", "ok"].includes(k) && typeof v !== "object") : [];
+  const report = r.report || {};
+  let items = (r.lines || []).map(checkItem);
+  if (!items.length && report.objects) {  // a connector not on the kit yet: {object: "ok ..."}
+    items = Object.entries(report.objects).map(([k, v]) =>
+      el("li", {class: String(v).startsWith("ok") ? "ok" : "bad"}, el("strong", {}, k), " ", String(v)));
+  }
+  const facts = Object.entries(report).filter(([k, v]) => !["objects", "checks", "ok", "connection_id"].includes(k)
+    && v !== null && typeof v !== "object");
   box.className = "result " + (r.ok ? "ok" : "bad");
   fill(box,
     el("h3", {}, r.ok ? "Verified: the connection works" : "Verification failed"),
-    r.ok ? null : el("p", {class: "err"}, r.error),
-    checks.length ? el("ul", {class: "checks"}, checks.map(([k, v]) =>
-      el("li", {class: String(v).startsWith("ok") || v === true ? "ok" : "bad"}, el("strong", {}, k), " ", typeof v === "object" ? JSON.stringify(v) : String(v)))) : null,
-    other.length ? el("dl", {class: "kv"}, other.flatMap(([k, v]) => [el("dt", {}, k.replaceAll("_", " ")), el("dd", {}, fmt(v))])) : null,
+    r.ok || items.length ? null : el("p", {class: "err"}, r.error),
+    items.length ? el("ul", {class: "checks"}, items) : null,
+    facts.length ? el("dl", {class: "kv"}, facts.flatMap(([k, v]) => [el("dt", {}, k.replaceAll("_", " ")), el("dd", {}, fmt(v))])) : null,
   );
   box.hidden = false;
-  if (r.ok) progress("Verified. Next: Preview (dry-run).");
+  progress(r.ok ? "Verified. Next: Preview (dry-run)." : "Verification failed: see what to fix below.");
 }
 
 function sampleRows(report) {
