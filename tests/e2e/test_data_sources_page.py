@@ -32,12 +32,15 @@ from points.cli import set_program
 from points.rules import Program
 from resolver.cli import import_members
 from sandbox.dataverse import DataverseState, build_app, ground_truth, seed_org
+from sandbox.dataverse.mutations import update
 from sandbox.server import serve
 from servicekit.db import migrate
-from servicekit.kafka import OutMessage, ensure_topics
+from servicekit.kafka import ensure_topics
 from servicekit.runtime import Infra, run_services
 
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts" / "browser"
+PROGRAM: dict[str, Any] = {"tenant_id": "acme", "base_currency": "USD", "points_per_unit": "1", "rounding": "floor",
+                           "exchange_rates": {"EUR": "0.9", "USD": "1"}}  # no GBP rate: GBP orders carry their own
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 
@@ -80,9 +83,7 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                                          email=t.customer_email)
                for i, t in enumerate(truths) if t.customer_email or t.accountnumber}
     await import_members(infra.pool, "acme", list(members.values())[: max(1, 2 * len(members) // 3)])
-    await set_program(infra.pool, Program.model_validate({
-        "tenant_id": "acme", "base_currency": "USD", "points_per_unit": "1", "rounding": "floor",
-        "exchange_rates": {"EUR": "0.9", "GBP": "0.8", "USD": "1"}}))
+    await set_program(infra.pool, Program.model_validate(PROGRAM))
     token, _ = await create_token(infra.pool, tenant_id="acme", name="browser test", created_by="test")
     stop = asyncio.Event()
     async with serve(build_app(state)) as sb, serve_api(infra.pool, infra.settings, infra.publisher, port=0) as url:
@@ -162,25 +163,48 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                     "0", timeout=30_000)
                 await shot(page, "06-live-orders-landed")
 
-                # A record the normalizer cannot read is dead-lettered with the reason; the page replays it.
-                bad = json.dumps({"event_type": "raw.record", "tenant_id": "acme", "version": 1,
-                                  "correlation_id": "browser-test"}).encode()
-                await infra.publisher.send_all([OutMessage(infra.settings.topic("raw.dynamics-ce.salesorder.v1"), bad,
-                                                           b"bad-1")])
+                # A GBP order changes at the vendor and arrives without an exchange rate; the program has
+                # none for GBP either, so the points engine dead-letters it with the reason. The operator adds
+                # the rate to the program and replays it from the page: it lands, once.
+                gbp = next(t.salesorderid for t in truths if t.currency == "GBP")
+                org.table("salesorders").write_stored(gbp.lower(), {"exchangerate": None})  # read-only in the API
+                update(org, "salesorders", gbp, {"description": "rate lost upstream"})
                 letter = None
                 deadline = time.monotonic() + 60
                 while letter is None and time.monotonic() < deadline:
                     letter = await infra.pool.fetchval(
-                        "SELECT id FROM dead_letters WHERE tenant_id = 'acme' AND replayed_at IS NULL")
+                        """SELECT min(id) FROM dead_letters WHERE tenant_id = 'acme' AND consumer = 'points'
+                           AND replayed_at IS NULL""")
                     await asyncio.sleep(0.5)
-                assert letter is not None
+                assert letter is not None, "the GBP order without a rate is dead-lettered"
+                body = json.loads(await infra.pool.fetchval(
+                    "SELECT convert_from(value, 'UTF8') FROM dead_letters WHERE id = $1", letter))
+                order_id, version = body["source_id"], body["source_version"]
+                assert order_id.lower() == gbp.lower()
                 await page.get_by_role("button", name="Refresh dead letters").click()
                 await page.get_by_role("button", name=f"Inspect dead letter {letter}").click()
-                await expect(page.locator("#letter")).to_contain_text("SchemaViolation")
+                await expect(page.locator("#letter")).to_contain_text("has no rate for GBP")
                 await shot(page, "07-dead-letter")
+                await set_program(infra.pool, Program.model_validate({**PROGRAM, "exchange_rates": {
+                    **PROGRAM["exchange_rates"], "GBP": "0.8"}}))  # the fix (flash points program set)
                 await page.get_by_role("button", name=f"Replay #{letter}").click()
                 await expect(page.get_by_role("status")).to_contain_text(f"Replayed dead letter {letter}")
                 await shot(page, "08-replayed")
+                landed = None
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and landed != version:
+                    landed = await infra.pool.fetchval(
+                        "SELECT version FROM orders WHERE tenant_id = 'acme' AND order_source_id = $1", order_id)
+                    await asyncio.sleep(0.5)
+                assert landed == version, "after the fix the replayed version of the order landed"
+                await asyncio.sleep(1)
+                entries = await infra.pool.fetch(
+                    "SELECT kind, source_version, count(*) AS n FROM ledger WHERE order_source_id = $1 "
+                    "GROUP BY kind, source_version", order_id)
+                assert all(r["n"] == 1 for r in entries), f"no ledger entry twice: {entries}"
+                assert await infra.pool.fetchval(
+                    "SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL AND consumer = 'points'") == 0, \
+                    "not dead-lettered again"
                 row = await infra.pool.fetchrow("SELECT replayed_at, replay_id FROM dead_letters WHERE id = $1", letter)
                 assert row["replayed_at"] is not None
                 who = await infra.pool.fetchval("SELECT requested_by FROM dlq_replays WHERE id = $1", row["replay_id"])
