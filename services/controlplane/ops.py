@@ -460,7 +460,8 @@ class Operations:
             for letter_id in flt.ids:
                 await self.show_dead_letter(actor, letter_id)  # NotFound for another tenant's
         if self.publisher is None:
-            raise Invalid("this process cannot publish (no broker connection); replay from `flash dlq replay`")
+            raise Conflict("this control plane has no broker to replay to: start `flash serve` with "
+                           "FLASH_KAFKA_BOOTSTRAP set to the broker the services use")
         # Source dead letters are re-fetched from the vendor (connectorkit.replay), never re-sent as they are.
         audit = await dlq_ops.replay(self.pool, self.publisher, flt, dry_run=dry_run, requested_by=actor.name,
                                      rewrite=source_rewriter(self.store.get, self.settings))

@@ -37,23 +37,29 @@ for the token once and keeps it in the browser tab only (sessionStorage).
 
 
 async def _serve(settings: FlashSettings, host: str, port: int, stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGINT/SIGTERM. Replays publish to FLASH_KAFKA_BOOTSTRAP; without it (an embedded broker
+    would be this process's own, which no service reads) the API refuses replays and says so."""
     from controlplane.api import serve_api
-    from servicekit.embedded import kafka_bootstrap
 
     stop = stop or asyncio.Event()
     install_signal_handlers(stop)
     if settings.instance_id:
         bind(instance_id=settings.instance_id)
-    async with open_db(settings, [CONTROLPLANE_MIGRATIONS]) as pool, \
-            kafka_bootstrap(settings.kafka_bootstrap) as bootstrap:
-        publisher = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash-serve")
-        await publisher.start()
+    async with open_db(settings, [CONTROLPLANE_MIGRATIONS]) as pool:
+        publisher: KafkaPublisher | None = None
+        if settings.kafka_bootstrap:
+            publisher = KafkaPublisher(settings.kafka_bootstrap, client_id=settings.instance_id or "flash-serve")
+            await publisher.start()
+        else:
+            log.warning("FLASH_KAFKA_BOOTSTRAP is not set: dead-letter replays are refused until it names the "
+                        "broker the services use")
         try:
             async with serve_api(pool, settings, publisher, host=host, port=port) as url:
                 print(f"Flash Connect control plane on {url}/  (API {url}/api/v1, Ctrl-C stops)", flush=True)
                 await stop.wait()
         finally:
-            await publisher.stop()
+            if publisher is not None:
+                await publisher.stop()
     return 0
 
 

@@ -322,3 +322,12 @@ async def test_a_kit_connector_through_the_api_verify_lines_and_a_dry_run_with_m
         assert 0 < summary["match_rate"] < 1, summary
         assert summary["points_earned"] > 0, summary
         assert await _snapshot(infra) == before, "the dry-run wrote nothing"
+
+
+async def test_without_a_broker_replays_are_refused_and_say_why(infra: Infra) -> None:
+    await migrate(infra.pool, [CONTROLPLANE_MIGRATIONS])
+    token, _ = await create_token(infra.pool, tenant_id=None, name="op", created_by="test")
+    async with serve_api(infra.pool, infra.settings, None, port=0) as url, httpx.AsyncClient() as http:
+        r = await http.post(url + "/api/v1/dead-letters/replay", json={},
+                            headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 409 and "FLASH_KAFKA_BOOTSTRAP" in r.json()["error"]["message"]
