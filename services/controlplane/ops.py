@@ -319,7 +319,9 @@ class Operations:
             return {"ok": False, "state": "failed", "error": message, "connection_id": connection_id,
                     "lines": _scrub(lines, conn.credentials)}
         await self.store.set_state(tenant_id, connection_id, "verified")
-        await self._audit(actor, tenant_id, "connection.verify", connection_id, {"ok": True})
+        usage = report.get("api_usage") if isinstance(report, dict) else None  # e.g. Salesforce "used/max"
+        await self._audit(actor, tenant_id, "connection.verify", connection_id,
+                          {"ok": True, **({"api_usage": usage} if usage else {})})
         return {"ok": True, "state": "verified", "connection_id": connection_id,
                 "lines": _scrub(lines, conn.credentials), "report": _json_safe(_scrub(report, conn.credentials))}
 
@@ -393,7 +395,11 @@ class Operations:
         dead = await self.pool.fetch(
             """SELECT error_class, count(*) AS n FROM dead_letters WHERE tenant_id = $1 AND replayed_at IS NULL
                GROUP BY error_class ORDER BY error_class""", tenant_id)
-        quota = conn.settings.get("limits") if isinstance(conn.settings.get("limits"), dict) else None
+        limits = conn.settings.get("limits") or conn.settings.get("quota")
+        seen = await self.pool.fetchrow(
+            """SELECT at, detail->>'api_usage' AS usage FROM audit_log WHERE tenant_id = $1 AND target = $2
+               AND action = 'connection.verify' AND detail ? 'api_usage' ORDER BY id DESC LIMIT 1""",
+            tenant_id, connection_id)
         customers = records.get("customers")
         return dict(_json_safe({
             "tenant_id": tenant_id, "connection_id": connection_id, "source": conn.source, "state": conn.state,
@@ -408,8 +414,9 @@ class Operations:
             "points_in_ledger": points,
             "errors": {r["error_class"]: int(r["n"]) for r in dead},  # the tenant's pending dead letters
             "dead_letter_depth": sum(int(r["n"]) for r in dead),
-            "quota": {"configured_limits": quota,
-                      "live_use": "per process: see flash_vendor_quota_used / flash_source_requests_total on /metrics"},
+            "quota": {"configured_limits": limits if isinstance(limits, dict) else None,
+                      "api_usage_at_last_verify": {"usage": seen["usage"], "at": seen["at"]} if seen else None,
+                      "live_use": "flash_vendor_quota_used / flash_source_requests_total on the pollers' /metrics"},
         }))
 
     # ------------------------------------------------------------------------------- dead letters

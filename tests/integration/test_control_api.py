@@ -217,6 +217,7 @@ async def test_sandbox_flow_secrets_dry_run_rotation(
             assert (await call("a", "POST", base + "/resume")).json()["state"] == "live"
             status = (await call("a", "GET", base + "/status")).json()
             assert status["state"] == "live" and "dead_letter_depth" in status
+            assert re.fullmatch(r"\d+/\d+", status["quota"]["api_usage_at_last_verify"]["usage"]), status["quota"]
             # A wrong secret: the error says what is wrong, without the secret sent.
             r = await call("a", "PATCH", base, {"credentials": {"client_secret": SECRET + "-wrong"}})
             assert r.json()["state"] == "draft", "changed credentials need a new verify"
