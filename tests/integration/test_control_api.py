@@ -246,9 +246,11 @@ async def test_sandbox_flow_secrets_dry_run_rotation(
     finally:
         configure_logging("WARNING", "console")
 
-    dump = [json.dumps(dict(r), default=lambda v: v.hex() if isinstance(v, bytes) else str(v))
-            for t in ("connections", "audit_log", "api_tokens", "dead_letters", "cursors")
-            for r in await infra.pool.fetch(f"SELECT * FROM {t}")]
+    tables = [r["table_name"] for r in await infra.pool.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")]
+    assert {"connections", "audit_log", "api_tokens", "dead_letters"} <= set(tables)
+    dump = [f"{t}: {r[0]}" for t in tables  # every row of every table, as PostgreSQL renders it (a dump)
+            for r in await infra.pool.fetch(f'SELECT t::text FROM "{t}" t')]
     raw = await infra.pool.fetch("SELECT credentials FROM connections")
     assert all(SECRET.encode() not in bytes(r["credentials"]) for r in raw)
     assert not [d for d in dump if SECRET in d], "the secret is absent in plaintext from the database"
