@@ -202,7 +202,11 @@ class Operations:
         try:
             return await self.store.get(tenant_id, connection_id)
         except ConfigError as exc:
-            raise NotFound(str(exc)) from exc
+            exists = await self.pool.fetchval(
+                "SELECT true FROM connections WHERE tenant_id = $1 AND connection_id = $2", tenant_id, connection_id)
+            if exists:  # stored, but its credentials cannot be decrypted (a key dropped too early)
+                raise Conflict(str(exc)) from None
+            raise NotFound(str(exc)) from None
 
     # -------------------------------------------------------------------------------- connections
 

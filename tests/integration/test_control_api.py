@@ -334,3 +334,12 @@ async def test_without_a_broker_replays_are_refused_and_say_why(infra: Infra) ->
         r = await http.post(url + "/api/v1/dead-letters/replay", json={},
                             headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 409 and "FLASH_KAFKA_BOOTSTRAP" in r.json()["error"]["message"]
+
+
+async def test_a_connection_whose_credentials_cannot_be_decrypted_says_so(api: Api) -> None:
+    assert (await api.call("a", "POST", "/api/v1/connections", _conn("a-ce"))).status_code == 201
+    other_key = Fernet(Fernet.generate_key()).encrypt(b'{"client_secret": "x"}')
+    await api.infra.pool.execute("UPDATE connections SET credentials = $1 WHERE connection_id = 'a-ce'", other_key)
+    r = await api.call("a", "GET", "/api/v1/connections/tenant-a/a-ce")
+    assert r.status_code == 409 and "cannot be decrypted" in r.json()["error"]["message"], r.text
+    assert (await api.call("a", "GET", "/api/v1/connections/tenant-a/nope")).status_code == 404
