@@ -85,6 +85,7 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
     await import_members(infra.pool, "acme", list(members.values())[: max(1, 2 * len(members) // 3)])
     await set_program(infra.pool, Program.model_validate(PROGRAM))
     token, _ = await create_token(infra.pool, tenant_id="acme", name="browser test", created_by="test")
+    operator, _ = await create_token(infra.pool, tenant_id=None, name="browser operator", created_by="test")
     stop = asyncio.Event()
     async with serve(build_app(state)) as sb, serve_api(infra.pool, infra.settings, infra.publisher, port=0) as url:
         pipe = asyncio.create_task(run_services(services, infra.settings, stop=stop, infra=infra))
@@ -209,6 +210,19 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 assert row["replayed_at"] is not None
                 who = await infra.pool.fetchval("SELECT requested_by FROM dlq_replays WHERE id = $1", row["replay_id"])
                 assert who.startswith("token:"), who
+                # An operator sees every tenant and picks the tenant when adding; a wrong token is refused.
+                await page.get_by_role("button", name="Sign out").click()
+                await page.get_by_label("API token").fill(token[:-2] + "xx")
+                await page.get_by_role("button", name="Sign in").click()
+                await expect(page.get_by_role("alert")).to_contain_text("a valid API token is required")
+                await page.get_by_label("API token").fill(operator)
+                await page.get_by_role("button", name="Sign in").click()
+                await expect(page.get_by_text("Operator (all tenants)")).to_be_visible()
+                await page.get_by_role("button", name="Add a connection").click()
+                await expect(page.get_by_label("Tenant", exact=True)).to_be_visible()
+                await page.keyboard.press("Escape")
+                await expect(page.locator("#add")).to_be_hidden()
+                await shot(page, "09-operator")
                 assert errors == [], errors
                 await browser.close()
         finally:

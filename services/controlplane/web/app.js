@@ -151,6 +151,9 @@ function signOut() {
   me = null;
   selected = null;
   clearInterval(statusTimer);
+  previewed = new Set();
+  for (const id of ["#detail", "#letter", "#add", "#verify-result", "#preview"]) $(id).hidden = true;
+  progress("");
   $("#app").hidden = true;
   $("#who").hidden = true;
   $("#sign-in").hidden = false;
