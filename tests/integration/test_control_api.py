@@ -251,6 +251,10 @@ async def test_sandbox_flow_secrets_dry_run_rotation(
     assert {"connections", "audit_log", "api_tokens", "dead_letters"} <= set(tables)
     dump = [f"{t}: {r[0]}" for t in tables  # every row of every table, as PostgreSQL renders it (a dump)
             for r in await infra.pool.fetch(f'SELECT t::text FROM "{t}" t')]
+    audit = await infra.pool.fetch("SELECT actor, action, at FROM audit_log WHERE target = 'sf-a'")
+    assert {"connection.create", "connection.verify", "connection.go-live", "connection.pause", "connection.resume",
+            "connection.update"} <= {r["action"] for r in audit}, "every change leaves an audit row"
+    assert all(r["actor"].startswith("token:") and r["at"] for r in audit), "who and when"
     raw = await infra.pool.fetch("SELECT credentials FROM connections")
     assert all(SECRET.encode() not in bytes(r["credentials"]) for r in raw)
     assert not [d for d in dump if SECRET in d], "the secret is absent in plaintext from the database"
