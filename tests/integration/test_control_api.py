@@ -124,7 +124,10 @@ async def test_a_tenant_sees_and_changes_only_its_own(api: Api) -> None:
     assert ("tenant-a", "connection.create", "a-ce") in actions
     assert ("tenant-a", "dlq.replay", actions[-1][2]) in actions
     assert all(r["actor"].startswith(("token:", "test")) for r in audit)
+    assert (await api.call("a", "DELETE", "/api/v1/connections/tenant-a/a-ce")).status_code == 200
+    assert (await api.call("a", "GET", "/api/v1/connections/tenant-a/a-ce")).status_code == 404
     mine = (await api.call("a", "GET", "/api/v1/audit")).json()
+    assert mine[0]["action"] == "connection.delete" and mine[0]["target"] == "a-ce"
     assert mine and all(r["tenant_id"] == "tenant-a" for r in mine)
 
 
