@@ -114,6 +114,8 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "0")
                 await page.get_by_role("button", name="Save as draft").click()
                 await expect(page.get_by_role("alert")).to_contain_text("an IP address is not a vendor endpoint")
+                await expect(page.get_by_label("Endpoint")).to_be_focused()  # where the fix goes
+                await expect(page.get_by_label("Endpoint")).to_have_attribute("aria-invalid", "true")
                 await shot(page, "02-endpoint-refused")
                 monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")
 

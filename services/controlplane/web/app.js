@@ -107,6 +107,7 @@ async function api(method, path, body) {
 // overlap. A failure is shown in the API's words.
 const pending = [];
 let result = "";
+let lastError = "";
 
 function showProgress() {
   $("#progress").textContent = pending.length ? pending[pending.length - 1] + "…" : result;
@@ -120,7 +121,8 @@ async function run(label, fn) {
   try {
     return await fn();
   } catch (e) {
-    notify(e instanceof ApiError ? e.message : ("Unexpected problem: " + e.message));
+    lastError = e instanceof ApiError ? e.message : ("Unexpected problem: " + e.message);
+    notify(lastError);
     return undefined;
   } finally {
     pending.splice(pending.indexOf(label), 1);
@@ -219,8 +221,9 @@ async function submitAdd(ev) {
   const body = {connection_id: $("#f-id").value.trim(), source: $("#f-source").value,
                 endpoint: $("#f-endpoint").value.trim(), credentials, settings};
   if (me.role === "operator") body.tenant_id = $("#f-tenant").value.trim();
+  form.querySelectorAll("[aria-invalid]").forEach((i) => i.removeAttribute("aria-invalid"));
   const conn = await run("Saving", () => api("POST", "/connections", body));
-  if (!conn) return;
+  if (!conn) { markField(lastError); return; }
   for (const input of $("#cred-fields").querySelectorAll("input")) input.value = ""; // gone from the page too
   form.reset();
   $("#f-settings").value = "{}";
@@ -228,6 +231,22 @@ async function submitAdd(ev) {
   await loadConnections();
   await openConnection(conn.tenant_id, conn.connection_id);
   progress("Saved " + conn.connection_id + " as a draft. Next: Verify.");
+}
+
+// Point at the field the API's message is about (it names it first), so keyboard and screen-reader users
+// land where the fix goes.
+function markField(message) {
+  const m = message.toLowerCase();
+  const field = m.startsWith("endpoint") || m.includes("--endpoint") ? $("#f-endpoint")
+    : m.startsWith("connection_id") || m.includes("connection id") ? $("#f-id")
+    : m.includes("credentials") ? $("#cred-fields input")
+    : m.startsWith("tenant_id") ? $("#f-tenant")
+    : m.includes("settings") || m.includes("connection ") ? $("#f-settings") : null;
+  if (field && !field.closest("[hidden]")) {
+    field.setAttribute("aria-invalid", "true");
+    field.setAttribute("aria-errormessage", "notice-text");
+    field.focus();
+  }
 }
 
 function path() { return `/connections/${encodeURIComponent(selected.tenant_id)}/${encodeURIComponent(selected.connection_id)}`; }
