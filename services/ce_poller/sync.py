@@ -441,7 +441,7 @@ class ConnectionSync:
         tenant, cid = self.conn.tenant_id, self.conn.connection_id
         rma_spec = self.conn.spec("msdyn_rma")
         prod_spec = self.conn.spec("msdyn_rmaproduct")
-        order_field = str(self.conn.return_source.get("order_number_field", "msdyn_referencenumber"))
+        order_field = str(self.conn.return_source.get("order_number_field", "msdyn_referenceno"))
         if headers is None:
             headers = {}
             if ids:

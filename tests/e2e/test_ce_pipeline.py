@@ -41,7 +41,7 @@ from servicekit.runtime import Infra, run_services
 
 TENANTS = {"acme": ("contoso", 1), "globex": ("fabrikam", 2)}
 ORDERS_PER_TENANT = 2500
-RECEIVED = 690970001
+RECEIVED = 690970002  # msdyn_rma.msdyn_systemstatus Products Received (docs/vendor-facts.md)
 
 
 @dataclass

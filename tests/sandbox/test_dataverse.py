@@ -567,10 +567,10 @@ async def test_seed_is_consistent_and_deterministic(env: Env) -> None:
         )
         assert abs(o["totalamount"] / o["exchangerate"] - o["totalamount_base"]) < Decimal("0.0001")
 
-    rmas = (await env.get_json("msdyn_rmas?$select=msdyn_name,msdyn_referencenumber"))["value"]
+    rmas = (await env.get_json("msdyn_rmas?$select=msdyn_name,msdyn_referenceno"))["value"]
     numbers = {o.ordernumber: o for o in ground_truth(env.org)}
     assert rmas
-    assert all(numbers[r["msdyn_referencenumber"]].statecode in (3, 4) for r in rmas)
+    assert all(numbers[r["msdyn_referenceno"]].statecode in (3, 4) for r in rmas)
 
 
 async def test_amend_recomputes_and_http_writes(env: Env) -> None:
