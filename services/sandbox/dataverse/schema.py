@@ -184,6 +184,8 @@ ACCOUNT = Entity(
         Column("accountnumber", "str"),
         Column("emailaddress1", "str"),
         Column("telephone1", "str"),
+        Column("fax", "str"),
+        _money("revenue"),
         Column("address1_city", "str"),
         Column("address1_country", "str"),
         _opt("statecode", {0: "Active", 1: "Inactive"}),
