@@ -251,18 +251,19 @@ def order_points(program: Program, order: OrderState, categories: dict[str, str 
 
 
 def clawback_points(
-    program: Program, earned: int, returned_base: Decimal, returnable_base: Decimal, *, any_return: bool = True
+    program: Program, earned: int, returned: Decimal, returnable: Decimal, *, any_return: bool = True
 ) -> int:
-    """Points to take back (>= 0) for ``returned_base`` of an order whose returnable part (total without
-    shipping, :func:`order_amounts`) is ``returnable_base``; both in the base currency. An order with nothing
+    """Points to take back (>= 0) for ``returned`` of an order whose returnable part (total without shipping,
+    :func:`order_amounts`) is ``returnable``; both in one currency (the order's). An order with nothing
     returnable (lines all discounted to zero) loses everything to any effective return (``any_return``)."""
     if earned <= 0:
         return 0
-    if returnable_base <= 0:
+    if returnable <= 0:
         return earned if any_return else 0
-    if returned_base <= 0:
+    if returned <= 0:
         return 0
-    share = min(Decimal(1), returned_base / returnable_base)
+    # 12 places: conversions through the base currency must not turn a full return into 0.99999... of it.
+    share = min(Decimal(1), (returned / returnable).quantize(Decimal("1e-12"), rounding=ROUND_HALF_EVEN))
     return min(earned, max(0, round_points(program, Decimal(earned) * share)))
 
 
@@ -304,23 +305,25 @@ def reconcile(
         order.awardable_since = None
     target = order_points(program, order, categories)
     order.target_points = target
+    # What came back, in the order's own currency: a return in that currency is compared as it is (the share of
+    # the goods returned does not depend on exchange rates, and converting the parts and the whole separately
+    # left 199 of 200 points clawed after a full return in three parts); another currency goes through base.
     returned = Decimal(0)
     any_return = False
     for r in returns:
         if r.deleted or r.lifecycle != "effective":
             continue
         any_return = True
-        rate = r.exchange_rate
-        if rate is None and r.currency == order.currency:
-            rate = order.exchange_rate
-        returned += base_amount(program, r.amount, r.currency, rate, f"return {r.return_source_id}")
+        if r.currency == order.currency:
+            returned += r.amount
+            continue
+        in_base = base_amount(program, r.amount, r.currency, r.exchange_rate, f"return {r.return_source_id}")
+        returned += in_base / base_amount(program, Decimal(1), order.currency, order.exchange_rate,
+                                          f"order {order.order_source_id}")
     if order.awarded:
         want_earned = target
         _, returnable = order_amounts(program, order)
-        returnable_base = base_amount(
-            program, returnable, order.currency, order.exchange_rate, f"order {order.order_source_id}"
-        )
-        want_clawed = -clawback_points(program, target, returned, returnable_base, any_return=any_return)
+        want_clawed = -clawback_points(program, target, returned, returnable, any_return=any_return)
     else:
         want_earned = want_clawed = 0
     order.pending_points = target if (not order.awarded and stage != "cancelled") else 0

@@ -99,3 +99,26 @@ def test_full_return_of_an_order_with_freight() -> None:
                        tax_amount=Decimal(21), shipping_amount=Decimal("9.99"), known=True)
     res = reconcile(program, order, {}, [_ret(0, Decimal(121), order)], now=NOW)
     assert (res.earn_delta, res.claw_delta) == (100, -100)
+
+
+def test_a_full_return_in_parts_under_an_exchange_rate_takes_everything() -> None:
+    """Found by the property above: parts converted one by one summed to 0.99999... of the whole (199 of 200)."""
+    program = Program(tenant_id="acme", base_currency="EUR", basis="total")
+    order = OrderState(tenant_id="acme", order_source_id="o1", source="dynamics-ce", member_id="m1",
+                       status="100001", lifecycle="awardable", currency="USD", exchange_rate=Decimal("1.0870000000"),
+                       total_amount=Decimal("217.48"), tax_amount=Decimal("14.23"), known=True)
+    parts = [Decimal("0.01"), Decimal("0.01"), Decimal("0.00"), Decimal("217.46")]
+    res = reconcile(program, order, {}, [_ret(i, x, order) for i, x in enumerate(parts)], now=NOW)
+    assert (res.earn_delta, res.claw_delta) == (200, -200)
+
+
+def test_a_return_in_another_currency_is_valued_through_the_base_currency() -> None:
+    program = Program(tenant_id="acme", base_currency="EUR", basis="total", exchange_rates={"GBP": Decimal("0.8")})
+    order = OrderState(tenant_id="acme", order_source_id="o1", source="dynamics-ce", member_id="m1",
+                       status="100001", lifecycle="awardable", currency="USD", exchange_rate=Decimal("1.25"),
+                       total_amount=Decimal("125"), known=True)
+    half = ReturnState(tenant_id="acme", return_source_id="r", anchor_order_source_id="o1", anchor_order_number=None,
+                       version_key="1", lifecycle="effective", currency="GBP", exchange_rate=None,
+                       amount=Decimal("40"))  # 50 EUR = 62.50 USD: half the order
+    res = reconcile(program, order, {}, [half], now=NOW)
+    assert (res.earn_delta, res.claw_delta) == (100, -50)
