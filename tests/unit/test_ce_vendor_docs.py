@@ -23,7 +23,7 @@ from ce_poller.client import DataverseClient, Page, RecordNotFound, StaticTokenS
 from ce_poller.config import parse_connection
 from ce_poller.limiter import UserBudget
 from ce_poller.stores import FakeKnownKeys
-from ce_poller.sync import ConnectionSync, EntityResult
+from ce_poller.streams import ConnectionSync, EntityResult
 from normalizer.mappers.dynamics_ce import map_record
 from servicekit.connections import Connection, FakeCursorStore
 from servicekit.errors import ConfigError
