@@ -37,6 +37,14 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
+TASK_GRACE_S = 8.0
+"""On stop, how long background tasks get to finish their cycle before they are cancelled."""
+DRAIN_S = 10.0
+"""On stop, how long consumers get to finish the batches already taken (commit, publish, offsets)."""
+SHUTDOWN_BOUND_S = 30.0
+"""Documented bound (README, deploy/k8s terminationGracePeriodSeconds) from SIGTERM/SIGINT to exit:
+TASK_GRACE_S + DRAIN_S + closing the broker and database connections."""
+
 
 @dataclass
 class Infra:
@@ -250,6 +258,11 @@ async def run_services(
                 await on_ready(infra)
             await stop.wait()
         finally:
+            # Background tasks (pollers, listeners) watch ``stop``: they get TASK_GRACE_S to finish the cycle
+            # in hand (publish, checkpoint, release their leases), then are cancelled (a cancelled cycle
+            # re-reads from its last checkpoint at the next start, nothing is lost).
+            if tasks and stop.is_set():
+                await asyncio.wait(tasks, timeout=TASK_GRACE_S)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -259,7 +272,7 @@ async def run_services(
             # next start (as after a kill).
             for c in consumers:
                 c.close()
-            await asyncio.gather(*(c.drain(timeout=10) for c in consumers), return_exceptions=True)
+            await asyncio.gather(*(c.drain(timeout=DRAIN_S) for c in consumers), return_exceptions=True)
             await broker.stop()
     if fatal:
         log.critical("stopped on error", error=str(fatal[0]))
