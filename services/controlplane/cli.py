@@ -27,7 +27,7 @@ from servicekit.cliutil import open_db, print_json, print_table
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
 from servicekit.db import Migrations
 from servicekit.errors import ConfigError, FlashError
-from servicekit.kafka import KafkaPublisher
+from servicekit.kafka import KafkaPublisher, kafka_security
 from servicekit.logging import configure_logging
 from servicekit.runtime import Service, run_loop, run_services
 from servicekit.settings import FlashSettings
@@ -113,6 +113,13 @@ def cmd_migrate(args: argparse.Namespace, settings: FlashSettings) -> int:
     async def go() -> None:
         async with open_db(settings, migrations):
             print("database is up to date")
+        if getattr(args, "topics", False):
+            if not settings.kafka_bootstrap:
+                raise ConfigError("--topics needs FLASH_KAFKA_BOOTSTRAP (the embedded broker creates its own topics)")
+            from servicekit.kafka import ensure_topics
+
+            await ensure_topics(settings.kafka_bootstrap, settings)
+            print("topics exist (partitions, replication factor and min.insync.replicas of schemas/topics.yaml)")
 
     asyncio.run(go())
     return 0
@@ -261,7 +268,7 @@ def cmd_dlq(args: argparse.Namespace, settings: FlashSettings) -> int:
                 # Source dead letters are re-fetched from the vendor (connectorkit.replay), never re-sent.
                 rewrite = source_rewriter(store.get, settings)
                 async with kafka_bootstrap(settings.kafka_bootstrap) as bootstrap:
-                    publisher = KafkaPublisher(bootstrap)
+                    publisher = KafkaPublisher(bootstrap, security=kafka_security(settings))
                     await publisher.start()
                     try:
                         audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=args.dry_run,
@@ -352,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_services)
 
     p = sub.add_parser("migrate", help="apply every pending database migration")
+    p.add_argument("--topics", action="store_true",
+                   help="also create the missing topics on FLASH_KAFKA_BOOTSTRAP (partitions, replication factor, "
+                        "min.insync.replicas and retention of schemas/topics.yaml; FLASH_KAFKA_REPLICATION_FACTOR "
+                        "and FLASH_KAFKA_MIN_INSYNC_REPLICAS override)")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("connections", help="configure, verify, dry-run and go live with vendor connections")
