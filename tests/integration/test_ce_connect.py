@@ -376,3 +376,48 @@ async def test_postgres_outage_mid_poll_is_waited_out_and_nothing_is_lost(infra:
     assert len({m["source_id"] for m in orders}) == 200, "every order published despite the outage"
     phases = {json.loads(r["cursor"])["phase"] for r in await infra.pool.fetch("SELECT cursor FROM cursors")}
     assert phases == {"delta"}
+
+
+# --------------------------------------------------------------------------- token never redirected
+
+
+@pytest.mark.timeout(60)
+async def test_the_token_request_is_never_redirected_with_the_secret() -> None:
+    """An authority whose token endpoint answers 307 elsewhere: MSAL (on the connector's session) does not
+    follow it, so the secret never reaches the other host, and verify says what to check."""
+    from aiohttp import web
+
+    stolen: list[str] = []
+    thief = web.Application()
+
+    async def steal(request: web.Request) -> web.Response:
+        stolen.append(await request.text())
+        return web.json_response({"access_token": "x", "expires_in": 3600, "token_type": "Bearer"})
+
+    thief.router.add_post("/steal", steal)
+    async with serve(thief) as other:
+        idp = web.Application()
+
+        async def oidc(request: web.Request) -> web.Response:
+            base = f"{request.url.origin()}/{request.match_info['tenant']}"
+            return web.json_response({"token_endpoint": f"{base}/oauth2/v2.0/token", "issuer": f"{base}/v2.0",
+                                      "authorization_endpoint": f"{base}/oauth2/v2.0/authorize"})
+
+        async def token(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(f"{other.base_url}/steal")
+
+        async def org(request: web.Request) -> web.Response:
+            return web.json_response({"error": {"code": "0x8004a101", "message": "Bearer token is missing."}},
+                                     status=401)
+
+        idp.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", oidc)
+        idp.router.add_post("/{tenant}/oauth2/v2.0/token", token)
+        idp.router.add_get("/orgs/x/{tail:.*}", org)
+        async with serve(idp, tls=other.tls) as running:
+            conn = Connection("acme", "ce-1", "dynamics-ce", f"{running.base_url}/orgs/x",
+                              {"tenant_id": "t1", "client_id": "app", "client_secret": "top-secret-value"},
+                              {"authority": f"{running.base_url}/t1", "ca_bundle": str(running.tls.ca_path)})
+            lines = await _verify(conn)
+    assert lines[0].startswith("ok    host")
+    assert lines[-1].startswith("FAIL  auth:") and "never redirected" in lines[-1], lines
+    assert stolen == [], "the client secret went to the redirect target"

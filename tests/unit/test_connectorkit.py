@@ -294,3 +294,17 @@ def test_verify_report_lines() -> None:
     assert not r.ok
     assert r.lines() == ["ok    auth: token issued", "FAIL  read salesorder: 403 -> fix: grant prvReadSalesOrder"]
     assert r.summary() == "read salesorder: 403 -> fix: grant prvReadSalesOrder"
+
+
+async def test_one_governor_per_credential_shared_by_its_connections() -> None:
+    from ce_poller.limiter import budget_for, reset_budgets
+
+    reset_budgets()
+    a = budget_for("https://login.microsoftonline.com/T", "App-1")
+    b = budget_for("https://login.microsoftonline.com/t/", "app-1")  # another connection, same app registration
+    c = budget_for("https://login.microsoftonline.com/t", "app-2")
+    assert a is b and a is not c
+    a.pause(5)
+    assert b.throttled == 1, "a 429 seen by one connection holds every connection of the credential"
+    reset_budgets()
+    assert budget_for("https://login.microsoftonline.com/t", "app-1") is not a
