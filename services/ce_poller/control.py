@@ -10,8 +10,9 @@
    access to this environment (500011), each with what to fix;
 3. ``application user``: ``WhoAmI`` answers -- else no application user for the app in this environment
    (403 0x80072560), or API access blocked for the app id (403 0x80095ffc);
-4. ``read <table>``: one row of each synced table with the connector's own column list -- else the missing
-   privilege (``prvRead<Table>``) or a column this environment lacks;
+4. ``read <table>``: the currency and organization tables every cycle reads, then one row of each synced
+   table with the connector's own column list -- else the missing privilege (``prvRead<Table>``) or a column
+   this environment lacks;
 5. ``change tracking``: every synced table has change tracking enabled (``EntityDefinitions``).
 """
 
@@ -114,6 +115,15 @@ class CeConnector:
             except FlashError as exc:
                 report.add("application user", False, scrub(str(exc), limit=600))
                 return report
+            # What every poll cycle reads besides the synced tables: currencies (ISO codes) and the org's
+            # change-tracking retention.
+            for logical, url in (("transactioncurrency", "transactioncurrencies?$select=isocurrencycode&$top=1"),
+                                 ("organization", "organizations?$select=expirechangetrackingindays")):
+                try:
+                    await client.get(url, prefer="odata.maxpagesize=1", what=f"read {logical}")
+                    report.add(f"read {logical}", True, "readable (the poller reads it every cycle)")
+                except FlashError as exc:
+                    report.add(f"read {logical}", False, scrub(str(exc), limit=600))
             for spec in cc.entities:
                 url = f"{spec.entity_set}?$select={','.join(spec.select)}&$top=1"
                 try:

@@ -81,7 +81,8 @@ async def test_verify_says_what_to_fix_for_each_failure() -> None:
     async with dataverse() as (state, running):
         ok = await _verify(ce_connection(running, state))
         assert [line.split(":")[0] for line in ok] == [
-            "ok    host", "ok    auth", "ok    application user", "ok    read account", "ok    read contact",
+            "ok    host", "ok    auth", "ok    application user", "ok    read transactioncurrency",
+            "ok    read organization", "ok    read account", "ok    read contact",
             "ok    read product", "ok    read salesorder", "ok    read salesorderdetail", "ok    read msdyn_rma",
             "ok    read msdyn_rmaproduct", "ok    change tracking"]
 
