@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -36,7 +36,7 @@ from ce_poller.streams import RETURNS_TOPIC_ENTITY, ConnectionSync, EntityResult
 from connectorkit.deadletters import FakeSourceDeadLetters, Refetch
 from connectorkit.endpoints import EndpointRefused, HostPin, check_resolved
 from connectorkit.http import scrub
-from connectorkit.protocol import Stream, VerifyReport
+from connectorkit.protocol import Sample, Stream, VerifyReport
 from servicekit.connections import Connection, FakeCursorStore
 from servicekit.errors import ConfigError, FlashError, Poison, Transient
 from servicekit.kafka import OutMessage
@@ -156,12 +156,12 @@ class CeConnector:
 
     # ------------------------------------------------------------------------------------------ sample
 
-    async def sample(self, config: CeConnection, settings: FlashSettings, *,
-                     limit: int) -> Mapping[str, list[RawRecord]]:
-        """Up to ``limit`` rows per published table, built exactly as the poller builds them; no cursor."""
+    async def sample(self, config: CeConnection, settings: FlashSettings, *, limit: int) -> Sample:
+        """Up to ``limit`` rows per published table, built exactly as the poller builds them (rows it would
+        dead-letter in ``Sample.letters``); no cursor moves, nothing is published."""
         cc = config
         limit = max(1, min(int(limit), 5000))
-        out: dict[str, list[RawRecord]] = {}
+        out = Sample()
         async with http_client(cc) as http:
             sync, pub = self._scratch_sync(cc, http, settings)
             await sync.load_currencies()
@@ -175,6 +175,9 @@ class CeConnector:
                 await sync._publish_page(spec, one_page, 1, EntityResult(spec.logical))
                 out[spec.logical] = [RawRecord.model_validate_json(m.value) for m in pub.messages]
                 pub.messages.clear()
+            letters = sync.dead_letters
+            if isinstance(letters, FakeSourceDeadLetters):
+                out.letters = list(letters.letters)
         return out
 
     def _scratch_sync(self, cc: CeConnection, http: httpx.AsyncClient,

@@ -27,6 +27,7 @@ from ce_poller.app import MIGRATIONS, run_connection
 from ce_poller.control import CeConnector
 from ce_poller.limiter import reset_budgets
 from connectorkit import MIGRATIONS as KIT_MIGRATIONS
+from connectorkit.dryrun import dry_run
 from controlplane.cli import main
 from points.cli import set_program
 from points.rules import Program
@@ -260,6 +261,9 @@ async def test_source_dead_letter_is_refetched_on_replay_and_lands_once(
         update(org, "salesorders", big, {"name": "Q" * 300})  # Dataverse allows 300 characters in name
         store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
         conn = await store.upsert("acme", "ce-1", "dynamics-ce", base.endpoint, base.credentials, settings)
+        preview = await dry_run(connector, conn, infra.settings, None, limit=50)
+        assert [(d["source_id"], d["stage"]) for d in preview["would_dead_letter"]] == [(big, "connector")]
+        assert "over settings.max_record_bytes" in preview["would_dead_letter"][0]["reason"]
         await run_connection(conn, infra, asyncio.Event(), once=True)
 
         letters = await infra.pool.fetch("SELECT * FROM dead_letters WHERE consumer = 'ce-poller'")
