@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from typing import Any
 
-from connectorkit.endpoints import EndpointRefused
+from connectorkit.endpoints import EndpointRefused, check_resolved
 from connectorkit.http import ErrorRule, ErrorTable, scrub
 from servicekit.errors import ConfigError, Transient
 
@@ -115,6 +116,9 @@ class MsalTokenSource:
 
     async def _get(self, *, force: bool) -> str:
         async with self._lock:
+            if self._app is None:  # first use: the authority must not resolve into our own network
+                host = urllib.parse.urlsplit(self.authority).hostname or self.authority
+                await check_resolved(host, setting="settings.authority")
             result = await asyncio.to_thread(self._acquire, force)
             if "access_token" not in result:
                 codes = result.get("error_codes") or []

@@ -76,6 +76,17 @@ async def test_names_resolving_to_loopback_are_refused() -> None:
     await check_resolved("localhost", allow_sandbox=True)
 
 
+async def test_the_client_checks_a_new_hosts_addresses_before_sending() -> None:
+    """A pinned host that resolves into our own network (DNS pointed at loopback) gets no request."""
+    sent: list[httpx.Request] = []
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
+    client = VendorClient(http, "X", "https://localhost/api/", HostPin(frozenset({"localhost"})), TABLE,
+                          tokens=StaticTokenSource("t"))
+    with pytest.raises(EndpointRefused, match="private/loopback/link-local"):
+        await client.get("things")
+    assert sent == []
+
+
 # ------------------------------------------------------------------------------------------- client
 
 TABLE = ErrorTable("Dataverse", [
@@ -107,7 +118,8 @@ def _client(script: Script, **kw: Any) -> tuple[VendorClient, list[float]]:
     http = httpx.AsyncClient(transport=httpx.MockTransport(script))
     kw.setdefault("tokens", StaticTokenSource("t1", "t2"))
     client = VendorClient(http, "Dataverse", f"{ORG}/api/data/v9.2/", HostPin.for_urls([ORG], allow_sandbox=False),
-                          TABLE, sleep=sleep, backoff_base_s=0.01, max_attempts=4, secrets=("s3cr3t-value",), **kw)
+                          TABLE, sleep=sleep, backoff_base_s=0.01, max_attempts=4, secrets=("s3cr3t-value",),
+                          check_addresses=False, **kw)
     return client, slept
 
 
