@@ -349,6 +349,9 @@ class VendorClient:
     error_parser: ErrorParser = parse_error_body
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     requests: int = 0
+    source: str = ""
+    """The ``source`` label of ``flash_source_requests_total`` (the connection's source, e.g. ``dynamics-ce``);
+    empty: the vendor name."""
     check_addresses: bool = True
     """Resolve each new host and refuse private addresses (off only in unit tests without sockets)."""
     _resolved: set[str] = field(default_factory=set, init=False, repr=False)
@@ -427,7 +430,7 @@ class VendorClient:
         except httpx.TransportError as exc:
             raise Transient(f"{what}: cannot reach {urllib.parse.urlsplit(url).hostname}: "
                             f"{type(exc).__name__}: {scrub(str(exc))}") from exc
-        metrics.SOURCE_REQUESTS.labels(self.vendor, str(resp.status_code)).inc()
+        metrics.SOURCE_REQUESTS.labels(self.source or self.vendor, str(resp.status_code)).inc()
         if 300 <= resp.status_code < 400:
             raise EndpointRefused(f"{what}: the token endpoint answered a redirect ({resp.status_code} to "
                                   f"{scrub(resp.headers.get('location', '?'), limit=120)}); a request carrying a "
@@ -477,20 +480,20 @@ class VendorClient:
                         status = resp.status_code
                         if status < 300:
                             self.governor.observe(resp.headers)
-                            metrics.SOURCE_REQUESTS.labels(self.vendor, str(status)).inc()
+                            metrics.SOURCE_REQUESTS.labels(self.source or self.vendor, str(status)).inc()
                             await on_success(resp)
                             return
                         await resp.aread()  # error and redirect bodies are small
                     finally:
                         await resp.aclose()
             except httpx.TransportError as exc:
-                metrics.SOURCE_REQUESTS.labels(self.vendor, "network").inc()
+                metrics.SOURCE_REQUESTS.labels(self.source or self.vendor, "network").inc()
                 host = urllib.parse.urlsplit(url).hostname
                 err = Transient(f"{what}: cannot reach {host}: {type(exc).__name__}: {scrub(str(exc))}")
                 if not safe and not isinstance(exc, httpx.ConnectError):
                     raise err from exc  # the request may have been applied: never repeat it blindly
             else:
-                metrics.SOURCE_REQUESTS.labels(self.vendor, str(status)).inc()
+                metrics.SOURCE_REQUESTS.labels(self.source or self.vendor, str(status)).inc()
                 self.governor.observe(resp.headers)
                 if 300 <= status < 400 and "location" in resp.headers:
                     url = self._follow(url, resp.headers["location"], what=what)

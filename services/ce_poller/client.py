@@ -192,7 +192,7 @@ class DataverseClient:
         self.vendor = VendorClient(
             http, "Dataverse", self.api, pin or HostPin.for_urls([self.api]), DATAVERSE_ERRORS, tokens=tokens,
             governor=budget, default_headers=ODATA_HEADERS, secrets=secrets, max_attempts=max_attempts,
-            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, sleep=sleep,
+            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, sleep=sleep, source="dynamics-ce",
         )
 
     @property

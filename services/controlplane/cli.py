@@ -151,6 +151,8 @@ def validate_connection(conn: Connection) -> None:
     connector = _registered(conn.source)
     if connector is not None:
         connector.parse(conn)
+    else:
+        _legacy_control(conn.source)  # no connector for this source in this build: nothing could verify it
 
 
 def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
