@@ -158,6 +158,8 @@ def validate_connection(conn: Connection) -> None:
     connector = _registered(conn.source)
     if connector is not None:
         connector.parse(conn)
+    else:
+        _legacy_control(conn.source)  # no connector for this source in this build: nothing could verify it
 
 
 def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
@@ -374,7 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tenant", required=True)
     c.add_argument("--id", required=True)
     c.add_argument("--source", required=True, choices=["dynamics-ce", "dynamics-fo", "salesforce"])
-    c.add_argument("--endpoint", required=True, help="org URL (Dynamics) or My Domain URL (Salesforce)")
+    c.add_argument("--endpoint", required=True,
+                   help="org URL (Dynamics: https://<org>.crm[N].dynamics.com) or My Domain URL (Salesforce: "
+                   "https://<domain>.my.salesforce.com); https on the vendor's hosts only, checked before saving "
+                   "(simulators need FLASH_ALLOW_SANDBOX_ENDPOINTS=1)")
     c.add_argument("--credentials", required=True, help="JSON file or text; stored encrypted")
     c.add_argument("--settings", help="JSON file or text with connector settings")
     for action, text in (("show", "show one connection (credentials masked)"),
