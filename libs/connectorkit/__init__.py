@@ -45,7 +45,8 @@ Public API (import from the submodules named; everything listed is stable for co
 ``connectorkit.registry``
     entry point groups ``flash_connect.connectors`` (source -> connector factory), ``flash_connect.sandboxes``
     (demo simulators), ``flash_connect.previews`` (dry-run stages); ``load_connector``, ``connector_sources``,
-    ``load_sandboxes``, ``load_preview``.
+    ``load_sandboxes``, ``load_preview``; ``validate_connection(conn)`` (endpoint policy + the connector's
+    parse: what must hold before a connection is stored, for the CLI and the HTTP API alike).
 ``connectorkit.dryrun``
     ``dry_run(connector, conn, settings, pool, limit=)``: sample -> normalize -> resolve -> points, read-only,
     and its report; the stage protocols ``NormalizeStage``, ``ResolveStage`` (``Resolution``),

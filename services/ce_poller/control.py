@@ -193,7 +193,9 @@ class CeConnector:
         """The fresh raw record(s) of a dead-lettered row: GET ``<entity_set>(<key>)`` again.
 
         Raises Poison (the letter stays pending) when the row is still undeliverable or has no key;
-        returns [] when the row no longer exists (its delete arrives through change tracking).
+        returns [] when the row no longer exists (its delete arrives through change tracking). The fix at the
+        source is itself a change, so the next poll delivers the same version again (same event id, landing
+        once) and records the row in ``ce_known_keys``; the replay writes no poller state.
         """
         cc = config
         key = ref.locator.get("key")

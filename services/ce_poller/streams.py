@@ -424,8 +424,11 @@ class ConnectionSync:
         """Why a row cannot be published (None: it can). Checked the same way on a dead-letter re-fetch."""
         if not obj.get(spec.key):
             return f"{spec.entity_set} row without its key {spec.key}; it cannot be keyed or re-fetched"
+        limit = self.conn.max_record_bytes
+        if len(text) * 4 <= limit:  # UTF-8 takes at most 4 bytes a character: no need to encode the row
+            return None
         size = len(text.encode())
-        if size > self.conn.max_record_bytes:
+        if size > limit:
             longest = max(((k, len(str(v))) for k, v in obj.items()), key=lambda kv: kv[1], default=("?", 0))
             return (f"{spec.entity_set}({obj.get(spec.key)}) is {size} bytes, over settings.max_record_bytes "
                     f"({self.conn.max_record_bytes}); its longest column is {longest[0]} ({longest[1]} characters): "

@@ -19,8 +19,8 @@ from types import ModuleType
 from typing import Any
 
 from connectorkit.dryrun import dry_run as kit_dry_run
-from connectorkit.endpoints import check_endpoint
 from connectorkit.registry import connector_sources, load_connector
+from connectorkit.registry import validate_connection as kit_validate_connection
 from connectorkit.replay import source_rewriter
 from servicekit import dlq as dlq_ops
 from servicekit.cliutil import open_db, print_json, print_table
@@ -152,13 +152,9 @@ def _legacy_control(source: str) -> ModuleType:
 
 
 def validate_connection(conn: Connection) -> None:
-    """What ``connections add`` checks before storing: the endpoint policy (https, the vendor's hosts, no
-    private addresses; ``connectorkit.endpoints``), then the connector's own parse of every setting."""
-    check_endpoint(conn.endpoint, kinds=[conn.source], setting="--endpoint")
-    connector = _registered(conn.source)
-    if connector is not None:
-        connector.parse(conn)
-    else:
+    """What ``connections add`` checks before storing (``connectorkit.registry.validate_connection``), and that
+    some connector of this build (registered, or a legacy module hook) can verify the source."""
+    if kit_validate_connection(conn) is None:
         _legacy_control(conn.source)  # no connector for this source in this build: nothing could verify it
 
 

@@ -209,6 +209,7 @@ async def test_cli_add_verify_dry_run_go_live(infra: Infra, monkeypatch: pytest.
             assert "is not a dynamics-ce endpoint" in capsys.readouterr().err
         with monkeypatch.context() as m:  # a source whose connector is not in this build is refused at add
             m.setattr("controlplane.cli.connector_sources", lambda: ["dynamics-ce"])
+            m.setattr("connectorkit.registry.connector_sources", lambda: ["dynamics-ce"])
             assert await flash("connections", "add", "--tenant", "acme", "--id", "fo-1", "--source", "dynamics-fo",
                                "--endpoint", "https://contoso.operations.dynamics.com", "--credentials", creds) == 2
             assert "no connector for source 'dynamics-fo' is installed" in capsys.readouterr().err
@@ -431,3 +432,30 @@ async def test_the_token_request_is_never_redirected_with_the_secret() -> None:
     assert lines[0].startswith("ok    host")
     assert lines[-1].startswith("FAIL  auth:") and "never redirected" in lines[-1], lines
     assert stolen == [], "the client secret went to the redirect target"
+
+
+@pytest.mark.timeout(60)
+async def test_a_source_letter_from_before_the_kit_is_never_resent_as_is(
+        infra: Infra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CE poller used to write its letters by hand (descriptor body, ``x-flash-source-url``); replaying one
+    put the descriptor on the raw topic. Now it stays pending and the command says what to do."""
+    _cli_env(monkeypatch, infra.settings, infra.bootstrap)
+    await ensure_topics(infra.bootstrap, infra.settings)
+    topic = infra.settings.topic("raw.dynamics-ce.salesorder.v1")
+    body = json.dumps({"tenant_id": "acme", "connection_id": "ce-1", "entity": "salesorder", "source_id": "?",
+                       "url": "https://x/api/data/v9.2/salesorders", "body": "{}"})
+    headers = json.dumps([["x-flash-consumer", "ce-poller"], ["x-flash-stage", "fetch"],
+                          ["x-flash-original-topic", topic], ["x-flash-source-url", "https://x/api"]])
+    await infra.pool.execute(
+        """INSERT INTO dead_letters (consumer, tenant_id, event_id, entity, error_class, error_message, stage,
+               source_topic, source_partition, source_offset, attempts, first_failed_at, last_failed_at,
+               dlq_topic, key, value, headers)
+           VALUES ('ce-poller', 'acme', NULL, 'salesorder', 'Poison', 'row without its key', 'fetch', $1, NULL,
+                   NULL, 1, now(), now(), 'dlq.ce-poller.v1', 'acme:?', $2, $3::jsonb)""",
+        topic, body.encode(), headers)
+    before = await end_offsets(infra)
+    capsys.readouterr()
+    assert await flash("dlq", "replay", "--consumer", "ce-poller") == 1
+    assert "written before the connector kit" in capsys.readouterr().err
+    assert await end_offsets(infra) == before
+    assert await infra.pool.fetchval("SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL") == 1

@@ -320,3 +320,15 @@ async def test_one_governor_per_credential_shared_by_its_connections() -> None:
     assert b.throttled == 1, "a 429 seen by one connection holds every connection of the credential"
     reset_budgets()
     assert budget_for("https://login.microsoftonline.com/t", "app-1") is not a
+
+
+async def test_stream_hands_over_a_2xx_body_after_retrying_failures_before_it() -> None:
+    script = Script(_err(503, "", "busy", **{"Retry-After": "1"}), httpx.Response(200, content=b"a,b\n1,2\n"))
+    client, slept = _client(script)
+    async with client.stream("GET", "jobs/1/results", what="results") as resp:
+        body = b"".join([chunk async for chunk in resp.aiter_bytes()])
+    assert body == b"a,b\n1,2\n" and slept == [1.0]
+    client, _ = _client(Script(_err(404, "0x80040217", "gone")))
+    with pytest.raises(Poison, match="the record is gone"):
+        async with client.stream("GET", "jobs/2/results", what="results"):
+            pass
