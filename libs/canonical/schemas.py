@@ -36,6 +36,8 @@ def generate() -> dict[str, str]:
                 "partitions": t.partitions,
                 "retention_ms": t.retention_ms,
                 "dlq": t.dlq,
+                "replication_factor": t.replication_factor,
+                "min_insync_replicas": t.min_insync_replicas,
             }
             for t in TOPICS
         ]

@@ -29,6 +29,12 @@ class TopicSpec:
     retention_ms: int
     dlq: str | None = None
     """Dead-letter topic of the consumer that reads this topic in the pipe, if any."""
+    replication_factor: int = 3
+    """Copies of each partition on a real cluster (FLASH_KAFKA_REPLICATION_FACTOR overrides; the embedded
+    single-node broker gets 1)."""
+    min_insync_replicas: int = 2
+    """Replicas that must have a write before an acks=all produce succeeds (FLASH_KAFKA_MIN_INSYNC_REPLICAS
+    overrides); with replication 3 one broker may be down without stopping writes."""
 
 
 _DAY = 24 * 3600 * 1000

@@ -26,6 +26,7 @@ import asyncpg
 from connectorkit.dryrun import dry_run as kit_dry_run
 from connectorkit.endpoints import check_endpoint, check_resolved
 from connectorkit.registry import connector_sources, load_connector
+from connectorkit.registry import validate_connection as kit_validate_connection
 from connectorkit.replay import source_rewriter
 from controlplane.tokens import Actor
 from servicekit import dlq as dlq_ops
@@ -290,13 +291,14 @@ class Operations:
             raise Invalid(f"the {source} connector is not installed in this build") from exc
 
     def _validate(self, conn: Connection) -> None:
-        """The connector's own parse of every setting (its message names the setting and what to put)."""
-        connector = self._connector(conn.source)
-        if connector is not None:
-            try:
-                connector.parse(conn)
-            except ConfigError as exc:
-                raise Invalid(str(_scrub(str(exc), conn.credentials))) from None
+        """What must hold before a connection is stored (``connectorkit.registry.validate_connection``: the
+        endpoint policy, then the registered connector's parse of every setting), and that some connector of
+        this build (registered, or a legacy module hook) can verify the source."""
+        try:
+            if kit_validate_connection(conn) is None:
+                self._legacy_control(conn.source)
+        except ConfigError as exc:
+            raise Invalid(str(_scrub(str(exc), conn.credentials))) from None
 
     async def verify(self, actor: Actor, tenant_id: str, connection_id: str) -> dict[str, Any]:
         """Host, authentication, privileges per entity (the connector's checks, one line each with its fix);
