@@ -29,6 +29,8 @@ class TopicSpec:
     retention_ms: int
     dlq: str | None = None
     """Dead-letter topic of the consumer that reads this topic in the pipe, if any."""
+    producer: str = "flash"
+    """Who writes the topic: ``flash`` (a service of this platform) or an outside system (``loyalty-core``)."""
 
 
 _DAY = 24 * 3600 * 1000
@@ -89,7 +91,8 @@ TOPICS: tuple[TopicSpec, ...] = (
               _ORDER_KEY, 4, 30 * _DAY, dlq("resolver")),
     TopicSpec(CANONICAL_RETURN, ("return.upserted", "return.deleted"), _ORDER_KEY, 4, 30 * _DAY,
               dlq("resolver")),
-    TopicSpec(MEMBERS, ("member.upserted",), "tenant_id:member_id", 4, 30 * _DAY, dlq("resolver")),
+    TopicSpec(MEMBERS, ("member.upserted",), "tenant_id:member_id", 4, 30 * _DAY, dlq("resolver"),
+              producer="loyalty-core"),
     TopicSpec(RESOLVED_ORDER, ("order.resolved", "order.line_upserted", "order.line_deleted", "order.deleted"),
               _ORDER_KEY, 4, 30 * _DAY, dlq("points")),
     TopicSpec(RESOLVED_RETURN, ("return.resolved", "return.deleted"), _ORDER_KEY, 4, 30 * _DAY, dlq("points")),
