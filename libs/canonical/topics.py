@@ -11,6 +11,7 @@ __all__ = [
     "CANONICAL_RETURN",
     "MEMBERS",
     "POINTS_LEDGER",
+    "POINTS_MEMBER_LEDGER",
     "RESOLVED_ORDER",
     "RESOLVED_RETURN",
     "TOPICS",
@@ -54,6 +55,8 @@ MEMBERS = "loyalty.member.v1"
 RESOLVED_ORDER = "resolved.order.v1"
 RESOLVED_RETURN = "resolved.return.v1"
 POINTS_LEDGER = "points.ledger.v1"
+POINTS_MEMBER_LEDGER = "points.member-ledger.v1"
+"""The ledger again, keyed by member: one member's entries in one partition, in member_sequence order."""
 
 RAW_ENTITIES: dict[str, tuple[str, ...]] = {
     "dynamics-ce": (
@@ -97,6 +100,7 @@ TOPICS: tuple[TopicSpec, ...] = (
               _ORDER_KEY, 4, 30 * _DAY, dlq("points")),
     TopicSpec(RESOLVED_RETURN, ("return.resolved", "return.deleted"), _ORDER_KEY, 4, 30 * _DAY, dlq("points")),
     TopicSpec(POINTS_LEDGER, ("points.ledger_entry",), _ORDER_KEY, 4, 365 * _DAY),
+    TopicSpec(POINTS_MEMBER_LEDGER, ("points.ledger_entry",), "tenant_id:member_id", 4, 365 * _DAY),
     *(
         TopicSpec(dlq(c), ("<any, unchanged>",), "unchanged", 1, 30 * _DAY)
         for c in ("normalizer", "resolver", "points", "ce-poller", "fo-poller", "sf-poller", "cdc-listener")
