@@ -72,10 +72,14 @@ def read_everything(bootstrap: str, topics: list[str]) -> dict[str, list[Any]]:
 
 
 @pytest.mark.timeout(420)
-async def test_a_downstream_consumer_reads_valid_documented_topics(infra: Infra) -> None:
+async def test_a_downstream_consumer_reads_valid_documented_topics(
+    infra: Infra, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = argparse.Namespace(orders=40, mutate_every=0, duration=200, until_landed=True)
     assert await run_demo(infra.settings, args) == 0
     prefix = infra.settings.topic_prefix
+    out = capsys.readouterr().out
+    assert f"examples/member_balances.py --bootstrap {infra.bootstrap} --prefix {prefix}" in out, out[:3000]
     public = [prefix + t.name for t in TOPICS if not t.name.startswith("dlq.")]
     messages = await asyncio.to_thread(read_everything, infra.bootstrap, public)
 
