@@ -186,7 +186,7 @@ class OrderData(_Data):
     lines: tuple[OrderLineData, ...] | None = None
     """Lines when the source delivers them with the order; ``None`` means lines arrive separately as
     ``order.line_upserted`` / ``order.line_deleted`` events on the same topic and key (how to assemble an order:
-    docs/events.md, "Assembling an order"; :mod:`canonical.assembly`)."""
+    docs/events.md, "Assembling an order"; examples/order_view.py)."""
     placed_at: dt.datetime | None = None
 
 
