@@ -624,3 +624,50 @@ async def test_member_ledger_sequences_and_balances_follow_the_ledger(infra: Inf
     assert {p["member_id"]: (p["sequence"], p["balance"]) for p in pos} == {
         r["member_id"]: (r["c"], r["n"]) for r in rows
     }
+
+
+async def test_member_sequences_stay_contiguous_when_two_engines_write_one_member(infra: Infra) -> None:
+    """Two points engines (two transactions, as two replicas on different partitions) append entries for the
+    same members at once: the second waits on the first's member rows and continues from its sequence, so
+    each member's sequence is 1..n with the right running sums."""
+    import asyncio
+
+    from canonical.events import OrderResolved
+    from points.handlers import handle_events
+    from servicekit.outbox import UnitOfWork
+
+    await prepare(infra)
+    t = "shop"
+    await set_program(infra.pool, program(t))
+
+    def resolved(oid: str, member_id: str, total: str) -> OrderResolved:
+        return OrderResolved(
+            tenant_id=t, connection_id="crm", source="dynamics-ce", entity="salesorder", source_id=oid,
+            source_version="1", member_id=member_id, upstream_event_id=f"up-{oid}",
+            order=OrderData(order_number=f"N-{oid}", status="100003", lifecycle="awardable", currency="EUR",
+                            total_amount=Decimal(total)),
+        )
+
+    # Each batch touches both members, in opposite orders.
+    first = [resolved(f"a{i}", "m1" if i % 2 else "m2", "10") for i in range(20)]
+    second = [resolved(f"b{i}", "m2" if i % 2 else "m1", "5") for i in range(20)]
+
+    async def engine(events: list[OrderResolved]) -> list[OutMessage]:
+        async with infra.pool.acquire() as conn, conn.transaction():
+            uow = UnitOfWork(conn, "points", infra.settings)
+            await handle_events(events, uow, now=NOW)
+            await asyncio.sleep(0.2)  # hold the member rows while the other engine tries to take them
+            return uow.outbox
+
+    out = await asyncio.wait_for(asyncio.gather(engine(first), engine(second)), 30)
+    entries = [decode_event(m.value) for batch in out for m in batch
+               if m.topic == infra.settings.topic(POINTS_MEMBER_LEDGER)]
+    assert len(entries) == 40
+    for mid in ("m1", "m2"):
+        mine = sorted((e for e in entries if e.member_id == mid), key=lambda e: e.member_sequence)
+        assert [e.member_sequence for e in mine] == list(range(1, 21))
+        running = 0
+        for e in mine:
+            running += e.points
+            assert e.balance_after == running
+        assert running == 10 * 10 + 10 * 5
