@@ -54,7 +54,8 @@ def reference(orders: dict[str, Any]) -> dict[str, tuple[int, int]]:
         target = int((Decimal(total) * PPU).quantize(Decimal(1), rounding=ROUND_FLOOR))
         returned = sum(amount for amount, lc in (r[-1] for r in h["returns"].values()) if lc == "effective")
         # multiply before dividing: 435 x 40 / 290 is exactly 60 (dividing first gives 59.999...)
-        claw = min(target, int((Decimal(target) * returned / Decimal(total)).quantize(Decimal(1), rounding=ROUND_FLOOR)))
+        claw_exact = Decimal(target) * returned / Decimal(total)
+        claw = min(target, int(claw_exact.quantize(Decimal(1), rounding=ROUND_FLOOR)))
         out[oid] = (target, -claw)
     return out
 
