@@ -8,19 +8,16 @@ connection whose configuration is wrong is marked ``failed`` with the message sa
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
-
-import httpx
 
 from servicekit.connections import Connection, PgCursorStore
 from servicekit.connectors import mark_failed, poll_forever, supervise_connections
 from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
-from sf_poller.client import QuotaGovernor, SalesforceClient
-from sf_poller.config import SfConnection, parse_connection
 from sf_poller.sync import ConnectionSync
+from sfconnect.client import SalesforceClient, build_client, http_client
+from sfconnect.config import CDC_SUBSCRIBED, SfConnection, parse_connection
 
 __all__ = ["CDC_SUBSCRIBED", "RELIST_S", "SERVICE", "build_client", "build_sync", "http_client",
            "run_connection", "supervise"]
@@ -29,23 +26,7 @@ log = get_logger(__name__)
 
 RELIST_S = 5.0
 SOURCE = "salesforce"
-CDC_SUBSCRIBED = "cdc:subscribed"
-"""Cursor entity the CDC listener writes once its first subscription succeeded."""
-
 Runner = Callable[[Connection, Infra, asyncio.Event], Awaitable[None]]
-
-
-def http_client(cc: SfConnection) -> httpx.AsyncClient:
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cc.ca_bundle) if cc.ca_bundle else True
-    return httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(130.0, connect=15.0), trust_env=False,
-                             limits=httpx.Limits(max_connections=10, max_keepalive_connections=10))
-
-
-def build_client(cc: SfConnection, http: httpx.AsyncClient, infra: Infra | None = None) -> SalesforceClient:
-    base = infra.settings.backoff_base_s if infra else 0.5
-    top = infra.settings.backoff_max_s if infra else 30.0
-    return SalesforceClient(http, cc.my_domain, cc.client_id, cc.client_secret, cc.api_version,
-                            QuotaGovernor(cc.quota), backoff_base_s=base, backoff_max_s=top)
 
 
 def build_sync(cc: SfConnection, client: SalesforceClient, infra: Infra) -> ConnectionSync:

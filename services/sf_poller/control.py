@@ -5,16 +5,15 @@ Neither writes anything: no cursor, no message, no connection state (the CLI rec
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+from importlib.metadata import entry_points
 from typing import Any
 
 from servicekit.connections import Connection
 from servicekit.errors import ConfigError, FlashError
 from servicekit.settings import FlashSettings
-from sf_poller.app import build_client, http_client
-from sf_poller.config import FIELDS, parse_connection
-from sf_poller.records import raw_record, select_soql
+from sfconnect.client import build_client, http_client
+from sfconnect.config import FIELDS, parse_connection
+from sfconnect.records import raw_record, select_soql
 
 __all__ = ["dry_run", "verify"]
 
@@ -49,12 +48,20 @@ async def verify(conn: Connection, settings: FlashSettings) -> dict[str, Any]:
         }
 
 
+MAPPERS = "flash.mappers"
+"""Entry-point group naming each source's mapper (``salesforce = normalizer.mappers.salesforce:map_record``):
+found at run time, so this service never imports the normalizer and runs without it."""
+
+
+def _mapper() -> Any:
+    found = [ep for ep in entry_points(group=MAPPERS) if ep.name == "salesforce"]
+    return found[0].load() if found else None
+
+
 async def dry_run(conn: Connection, settings: FlashSettings, limit: int = 5) -> dict[str, Any]:
     """Fetch up to ``limit`` recent records per object and show what the normalizer would emit."""
     cc = parse_connection(conn)
-    mapper: Any = None
-    if importlib.util.find_spec("normalizer.mappers.salesforce") is not None:
-        mapper = importlib.import_module("normalizer.mappers.salesforce")
+    mapper = _mapper()
     preview: dict[str, Any] = {}
     async with http_client(cc) as http:
         client = build_client(cc, http)
@@ -67,7 +74,7 @@ async def dry_run(conn: Connection, settings: FlashSettings, limit: int = 5) -> 
                 raw = raw_record(cc.tenant_id, cc.connection_id, obj, rec, request_url=url)
                 item: dict[str, Any] = {"source_id": raw.source_id, "op": raw.op, "version": raw.source_version}
                 if mapper is not None:
-                    result = mapper.map_record(raw, cc.raw_settings)
+                    result = mapper(raw, cc.raw_settings)
                     item["events"] = [{"topic": t, **e.model_dump(mode="json", by_alias=True)}
                                       for t, e in result.events]
                     if result.dead:

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from test_sf_support import add_connection, read_raw, wait_for
 
+from cdc_listener.app import aiohttp_session, listener_for
+from cdc_listener.listener import CdcListener
 from sandbox.salesforce import (
     SalesforceState,
     build_app,
@@ -23,10 +25,9 @@ from sandbox.salesforce import (
 from sandbox.server import serve
 from servicekit.connections import PgCursorStore
 from servicekit.runtime import Infra
-from sf_poller.app import CDC_SUBSCRIBED, build_client, http_client
-from sf_poller.cdc import CdcListener, aiohttp_session, listener_for
-from sf_poller.config import SfConnection, parse_connection
-from sf_poller.records import norm_ts
+from sfconnect.client import build_client, http_client
+from sfconnect.config import CDC_SUBSCRIBED, SfConnection, parse_connection
+from sfconnect.records import norm_ts
 
 
 class Running:

@@ -18,10 +18,10 @@ from servicekit.errors import ConfigError, Transient
 from servicekit.kafka import OutMessage
 from servicekit.runtime import Infra
 from sf_poller import control
-from sf_poller.app import build_client, http_client
-from sf_poller.config import parse_connection
-from sf_poller.records import norm_ts
 from sf_poller.sync import ConnectionSync
+from sfconnect.client import build_client, http_client
+from sfconnect.config import parse_connection
+from sfconnect.records import norm_ts
 
 
 class FlakyPublisher:

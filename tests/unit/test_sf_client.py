@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from servicekit.errors import ConfigError, Poison, Transient
-from sf_poller.client import (
+from sfconnect.client import (
     LocatorExpired,
     QueryTimeout,
     QuotaGovernor,
@@ -22,7 +22,7 @@ from sf_poller.client import (
     SalesforceClient,
     classify,
 )
-from sf_poller.config import Quota
+from sfconnect.config import Quota
 
 FIX = Path(__file__).parents[1] / "fixtures" / "salesforce"
 TOKEN = json.loads((FIX / "token.json").read_text())

@@ -8,9 +8,13 @@ from typing import Any, Literal
 from servicekit.connections import Connection
 from servicekit.errors import ConfigError
 
-__all__ = ["DEFAULT_OBJECTS", "DEFAULT_STATUS_MAP", "FIELDS", "SfConnection", "parse_connection"]
+__all__ = ["CDC_SUBSCRIBED", "DEFAULT_OBJECTS", "DEFAULT_STATUS_MAP", "FIELDS", "SfConnection", "parse_connection"]
 
 Mode = Literal["order", "order_management"]
+
+CDC_SUBSCRIBED = "cdc:subscribed"
+"""Cursor entity the CDC listener writes once its first subscription succeeded; the poller's backfill waits
+for it (nothing between snapshot and stream is lost)."""
 
 DEFAULT_OBJECTS: dict[str, tuple[str, ...]] = {
     "order": ("Account", "Contact", "Product2", "PricebookEntry", "Order", "OrderItem", "ReturnOrderLineItem"),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -36,7 +37,8 @@ import httpx
 
 from servicekit.errors import ConfigError, Poison, Transient
 from servicekit.logging import get_logger
-from sf_poller.config import Quota
+from servicekit.runtime import Infra
+from sfconnect.config import Quota, SfConnection
 
 __all__ = [
     "LocatorExpired",
@@ -47,7 +49,9 @@ __all__ = [
     "RequestLimited",
     "SalesforceClient",
     "Token",
+    "build_client",
     "classify",
+    "http_client",
 ]
 
 log = get_logger(__name__)
@@ -330,3 +334,17 @@ class SalesforceClient:
         if not isinstance(body, dict) or "records" not in body or "done" not in body:
             raise Transient(f"query answered an unexpected body: {resp.text[:200]}")
         return body, str(resp.request.url)
+
+
+def http_client(cc: SfConnection) -> httpx.AsyncClient:
+    """The connection's HTTP client (its CA bundle, no proxy settings from the environment)."""
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cc.ca_bundle) if cc.ca_bundle else True
+    return httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(130.0, connect=15.0), trust_env=False,
+                             limits=httpx.Limits(max_connections=10, max_keepalive_connections=10))
+
+
+def build_client(cc: SfConnection, http: httpx.AsyncClient, infra: Infra | None = None) -> SalesforceClient:
+    base = infra.settings.backoff_base_s if infra else 0.5
+    top = infra.settings.backoff_max_s if infra else 30.0
+    return SalesforceClient(http, cc.my_domain, cc.client_id, cc.client_secret, cc.api_version,
+                            QuotaGovernor(cc.quota), backoff_base_s=base, backoff_max_s=top)

@@ -1,7 +1,8 @@
 """Change Data Capture listener: an aiohttp CometD (Bayeux long-polling) client per live connection.
 
-Defined in the poller's package because it shares the client, governor and SOQL code (services must not
-import each other); ``python -m cdc_listener`` runs :data:`SERVICE`.
+The client, governor and SOQL fetch-back/reconcile code are shared with the poller through
+:mod:`sfconnect` (services never import each other); ``python -m cdc_listener`` runs
+:data:`cdc_listener.app.SERVICE`.
 
 * ``/meta/handshake`` -> ``/meta/subscribe`` to ``/data/<Object>ChangeEvent`` of every synced object with
   ``ext.replay`` = the stored replay id of that channel -> ``/meta/connect`` long polls, following the
@@ -36,9 +37,8 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-import ssl
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,18 +46,16 @@ import aiohttp
 from prometheus_client import Histogram
 
 from canonical.events import RawRecord
-from servicekit.connections import Connection, CredentialCipher, CursorStore, PgConnectionStore, PgCursorStore
+from servicekit.connections import CursorStore
 from servicekit.errors import ConfigError, Transient
 from servicekit.kafka import OutMessage
-from servicekit.logging import bind, get_logger
-from servicekit.runtime import Infra, Service
-from sf_poller.app import CDC_SUBSCRIBED, build_client, http_client, supervise
-from sf_poller.client import QuotaGovernor, SalesforceClient
-from sf_poller.config import Quota, SfConnection, parse_connection
-from sf_poller.records import SOURCE, out_message, raw_record, ts_of_ms
-from sf_poller.sync import ConnectionSync
+from servicekit.logging import get_logger
+from sfconnect.client import SalesforceClient
+from sfconnect.config import CDC_SUBSCRIBED, SfConnection
+from sfconnect.reader import RecordReader
+from sfconnect.records import out_message, raw_record, ts_of_ms
 
-__all__ = ["EMPTY_ID", "SERVICE", "CdcListener", "StreamDropped", "run_listener"]
+__all__ = ["EMPTY_ID", "CdcListener", "StreamDropped"]
 
 log = get_logger(__name__)
 
@@ -115,7 +113,7 @@ class CdcListener:
 
     conn: SfConnection
     client: SalesforceClient
-    sync: ConnectionSync
+    sync: RecordReader
     cursors: CursorStore
     session: aiohttp.ClientSession
     replay: dict[str, int | None] = field(default_factory=dict)
@@ -442,50 +440,3 @@ class CdcListener:
                             retry_in_s=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-
-
-def listener_for(cc: SfConnection, client: SalesforceClient, infra: Infra,
-                 session: aiohttp.ClientSession) -> CdcListener:
-    cursors = PgCursorStore(infra.pool)
-    sync = ConnectionSync(cc, client, infra.publisher, cursors, infra.settings)
-    return CdcListener(cc, client, sync, cursors, session)
-
-
-def aiohttp_session(cc: SfConnection) -> aiohttp.ClientSession:
-    ctx = ssl.create_default_context(cafile=cc.ca_bundle) if cc.ca_bundle else ssl.create_default_context()
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=4))
-
-
-async def run_listener(conn: Connection, infra: Infra, stop: asyncio.Event) -> None:
-    """Stream one connection's change events until ``stop``."""
-    bind(tenant_id=conn.tenant_id, connection_id=conn.connection_id, source=SOURCE)
-    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
-    try:
-        cc = parse_connection(conn)
-    except ConfigError as exc:
-        log.warning("connection misconfigured", error=str(exc))
-        return
-    if not cc.cdc:
-        return
-    # the stream only reads (fetch-backs) at the org share; the poller's per-run share does not apply
-    quota = Quota(run_share=1.0, org_share=cc.quota.org_share, pause_s=cc.quota.pause_s,
-                  limit_backoff_s=cc.quota.limit_backoff_s)
-    async with http_client(cc) as http, aiohttp_session(cc) as session:
-        client = build_client(cc, http, infra)
-        client.governor = QuotaGovernor(quota)
-        listener = listener_for(cc, client, infra, session)
-        started = time.monotonic()
-        try:
-            await listener.run(stop)
-        except ConfigError as exc:
-            log.warning("listener stopped: configuration error", error=str(exc))
-            await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-        finally:
-            log.info("listener stopped", seconds=round(time.monotonic() - started, 1), events=listener.stats.events)
-
-
-def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
-    return [supervise(infra, stop, run_listener)]
-
-
-SERVICE = Service("cdc-listener", tasks=_tasks)

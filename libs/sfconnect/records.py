@@ -4,7 +4,7 @@ Every path that reads a record (REST page, Bulk CSV row, CDC fetch-back) publish
 record's JSON text as received (a CSV row as a JSON object of strings, columns named ``Parent.Field``),
 ``source_version`` = ``SystemModstamp`` normalised to ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (so a row read by REST
 and by Bulk gets the same event id), ``op = delete`` when ``IsDeleted`` is true, and ``order_source_id``
-for order-scoped objects (:data:`sf_poller.config.ORDER_PARENT`).
+for order-scoped objects (:data:`sfconnect.config.ORDER_PARENT`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from canonical.topics import raw
 from servicekit.consumer import message_headers
 from servicekit.kafka import OutMessage
 from servicekit.settings import FlashSettings
-from sf_poller.config import FIELDS, ORDER_PARENT
+from sfconnect.config import FIELDS, ORDER_PARENT
 
 __all__ = ["SOURCE", "field_value", "norm_ts", "out_message", "raw_record", "select_soql", "soql_ts"]
 
