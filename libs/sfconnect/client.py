@@ -48,6 +48,7 @@ __all__ = [
     "RecordNotFound",
     "RequestLimited",
     "SalesforceClient",
+    "ShapeMismatch",
     "Token",
     "build_client",
     "classify",
@@ -77,6 +78,11 @@ class RecordNotFound(Poison):
     pass
 
 
+class ShapeMismatch(ConfigError):
+    """400 INVALID_FIELD / INVALID_TYPE: the query names a field or object this org does not have. The
+    caller learns the org's shape again (:mod:`sfconnect.shape`) and retries once before failing."""
+
+
 _CONFIG_CODES = {"MALFORMED_QUERY", "INVALID_FIELD", "INVALID_TYPE", "INVALID_OPERATION", "API_DISABLED_FOR_ORG",
                  "INSUFFICIENT_ACCESS", "FUNCTIONALITY_NOT_ENABLED", "INVALID_QUERY_FILTER_OPERATOR"}
 
@@ -90,6 +96,9 @@ def classify(status: int, code: str, message: str, *, limit_backoff_s: float = 6
         return QueryTimeout(text)
     if code == "INVALID_QUERY_LOCATOR":
         return LocatorExpired(text)
+    if code in ("INVALID_FIELD", "INVALID_TYPE"):
+        return ShapeMismatch(f"{text} (the org's fields or objects differ from the shape learned at verify: run "
+                             "flash connections verify again; check the Run As user's field-level security)")
     if code in _CONFIG_CODES:
         return ConfigError(f"{text} (check the object and field-level security of the Run As user, and that "
                            "the objects exist in this org/edition)")

@@ -44,7 +44,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
                        "Product2.ProductCode", "Product2.Family", "Product2.IsActive"),
     "Order": (*_SYSTEM, "OrderNumber", "AccountId", "Status", "StatusCode", "EffectiveDate", "ActivatedDate",
               "TotalAmount", "CurrencyIsoCode", "BillToContactId", "IsReductionOrder", "OriginalOrderId",
-              "Account.PersonEmail", "BillToContact.Email", "CreatedDate"),
+              "Account.PersonEmail", "Account.IsPersonAccount", "BillToContact.Email", "CreatedDate"),
     "OrderItem": (*_SYSTEM, "OrderId", "Product2Id", "Quantity", "UnitPrice", "TotalPrice", "OriginalOrderItemId",
                   "OrderItemNumber", "Product2.StockKeepingUnit", "Description", "CurrencyIsoCode"),
     "ReturnOrder": (*_SYSTEM, "ReturnOrderNumber", "AccountId", "OrderId", "OrderSummaryId", "Status",
@@ -55,7 +55,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
                             "ReturnOrder.ReturnOrderNumber", "OrderItem.UnitPrice"),
     "OrderSummary": (*_SYSTEM, "OrderNumber", "AccountId", "Status", "OriginalOrderId", "GrandTotalAmount",
                      "TotalAdjustedProductAmount", "TotalAdjustedProductTaxAmount", "BillingEmailAddress",
-                     "CurrencyIsoCode"),
+                     "CurrencyIsoCode", "OrderedDate", "Account.IsPersonAccount", "Account.PersonEmail"),
     "OrderItemSummary": (*_SYSTEM, "OrderSummaryId", "OriginalOrderItemId", "Product2Id", "Quantity",
                          "QuantityOrdered", "QuantityCanceled", "QuantityReturned", "UnitPrice",
                          "AdjustedLineAmount", "CurrencyIsoCode", "OrderSummary.OriginalOrderId",
@@ -101,6 +101,9 @@ class SfConnection:
     mode: Mode = "order"
     status_map: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_STATUS_MAP))
     external_id_field: str = "AccountNumber"
+    own_id_fields: dict[str, str] = field(default_factory=lambda: {"Account": "AccountNumber"})
+    """Object -> the field holding the tenant's own customer id (``settings.external_id_field``: a field name
+    for Accounts, or ``{"Account": .., "Contact": ..}``); selected in every SOQL of that object."""
     bulk_threshold: int = 2000
     bulk_max_records: int = 50_000
     bulk_timeout_s: float = 900.0
@@ -119,6 +122,10 @@ class SfConnection:
     @property
     def data_path(self) -> str:
         return f"/services/data/v{self.api_version}"
+
+    def own_ids(self, obj: str) -> tuple[str, ...]:
+        f = self.own_id_fields.get(obj)
+        return (f,) if f else ()
 
 
 def _float(settings: dict[str, Any], key: str, default: float, *, lo: float = 0.0) -> float:
@@ -165,12 +172,24 @@ def parse_connection(conn: Connection) -> SfConnection:
     )
     if not (0 < quota.run_share <= 1 and 0 < quota.org_share <= 1):
         raise ConfigError("settings.quota.run_share and org_share are fractions in (0, 1]")
+    ext = s.get("external_id_field", "AccountNumber")
+    if isinstance(ext, dict):
+        own = {str(k): str(v) for k, v in ext.items() if v}
+    elif isinstance(ext, str):
+        own = {"Account": ext} if ext else {}
+    else:
+        raise ConfigError(f"settings.external_id_field must be a field name (Accounts) or "
+                          f"{{\"Account\": .., \"Contact\": ..}}, got {ext!r}")
+    bad_own = [f for f in own.values() if not f.replace("_", "").isalnum()]
+    if bad_own:
+        raise ConfigError(f"settings.external_id_field names invalid field(s) {bad_own}: use API names such as "
+                          "AccountNumber or Loyalty_Id__c")
     version = str(s.get("instance_version") or s.get("api_version") or "66.0").lstrip("v")
     return SfConnection(
         tenant_id=conn.tenant_id, connection_id=conn.connection_id, my_domain=endpoint,
         client_id=creds["client_id"], client_secret=creds["client_secret"], api_version=version,
         ca_bundle=s.get("ca_bundle"), objects=objects, mode=mode, status_map=status_map,
-        external_id_field=str(s.get("external_id_field") or "AccountNumber"),
+        external_id_field=str(own.get("Account") or ""), own_id_fields=own,
         bulk_threshold=int(s.get("bulk_threshold", 2000)),
         bulk_max_records=int(s.get("bulk_max_records", 50_000)),
         bulk_timeout_s=_float(s, "bulk_timeout_s", 900.0), bulk_poll_s=_float(s, "bulk_poll_s", 2.0),

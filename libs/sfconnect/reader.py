@@ -21,9 +21,10 @@ from servicekit.errors import Transient
 from servicekit.kafka import OutMessage
 from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings
-from sfconnect.client import SalesforceClient
+from sfconnect.client import SalesforceClient, ShapeMismatch
 from sfconnect.config import SfConnection
 from sfconnect.records import field_value, norm_ts, out_message, raw_record, select_soql, soql_ts
+from sfconnect.shape import OrgShape, learn_shape, load_shape, save_shape
 
 __all__ = ["ID_CHUNK", "Publisher", "RecordReader", "compound_where", "fmt_ts", "parse_ts"]
 
@@ -70,6 +71,8 @@ class RecordReader:
     publisher: Publisher
     cursors: CursorStore
     settings: FlashSettings
+    shape: OrgShape | None = None
+    """The org's shape (:mod:`sfconnect.shape`); None: the full field lists."""
     published: int = 0
     recent: dict[str, dict[str, str]] = field(default_factory=dict)
     """Per object: ``Id -> SystemModstamp`` published within ``overlap_s`` of the cursor (the dedupe of
@@ -78,6 +81,31 @@ class RecordReader:
     @property
     def tenant(self) -> str:
         return self.conn.tenant_id
+
+    async def ensure_shape(self) -> OrgShape:
+        """The shape saved with the connection (by verify), or learned now and saved."""
+        if self.shape is None:
+            self.shape = await load_shape(self.cursors, self.conn.tenant_id, self.conn.connection_id)
+        return self.shape or await self.learn_shape()
+
+    async def learn_shape(self) -> OrgShape:
+        """Describe the org again and save the shape with the connection (after INVALID_FIELD/INVALID_TYPE)."""
+        self.shape = await learn_shape(self.client, self.conn.objects)
+        await save_shape(self.cursors, self.conn.tenant_id, self.conn.connection_id, self.shape)
+        log.warning("org shape learned again", **self.shape.summary())
+        return self.shape
+
+    async def query_shaped(self, obj: str, tail: str, **kw: Any) -> tuple[dict[str, Any], str]:
+        """First page of ``<select of obj><tail>``; a ShapeMismatch learns the shape once and retries."""
+        try:
+            return await self.client.query_page(f"{self.select(obj)}{tail}", **kw)
+        except ShapeMismatch:
+            await self.learn_shape()
+            return await self.client.query_page(f"{self.select(obj)}{tail}", **kw)
+
+    def select(self, obj: str) -> str:
+        """``SELECT .. FROM obj`` from the org's shape, with the connection's own-ID field."""
+        return select_soql(obj, self.shape, self.conn.own_ids(obj))
 
     async def load(self, obj: str) -> dict[str, Any]:
         return await self.cursors.load(self.conn.tenant_id, self.conn.connection_id, obj) or {}
@@ -155,7 +183,7 @@ class RecordReader:
         uniq = list(dict.fromkeys(ids))
         for i in range(0, len(uniq), ID_CHUNK):
             chunk = ", ".join(f"'{x}'" for x in uniq[i:i + ID_CHUNK])
-            body, url = await self.client.query_page(f"{select_soql(obj)} WHERE Id IN ({chunk})", all_rows=True)
+            body, url = await self.query_shaped(obj, f" WHERE Id IN ({chunk})", all_rows=True)
             while True:
                 out.extend(body["records"])
                 if body["done"]:
@@ -170,8 +198,8 @@ class RecordReader:
         n = 0
         started = time.monotonic()
         while True:
-            soql = f"{select_soql(obj)}{compound_where(cur['ts'], cur['id'])} ORDER BY SystemModstamp, Id"
-            body, url = await self.client.query_page(soql, all_rows=True, batch_size=self.conn.page_size)
+            tail = f"{compound_where(cur['ts'], cur['id'])} ORDER BY SystemModstamp, Id"
+            body, url = await self.query_shaped(obj, tail, all_rows=True, batch_size=self.conn.page_size)
             while True:
                 if body["records"]:
                     cur = await self.publish(obj, body["records"], url, cur, save=False)

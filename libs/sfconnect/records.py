@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from canonical.events import RawRecord
@@ -20,8 +20,9 @@ from servicekit.consumer import message_headers
 from servicekit.kafka import OutMessage
 from servicekit.settings import FlashSettings
 from sfconnect.config import FIELDS, ORDER_PARENT
+from sfconnect.shape import OrgShape
 
-__all__ = ["SOURCE", "field_value", "norm_ts", "out_message", "raw_record", "select_soql", "soql_ts"]
+__all__ = ["SOURCE", "field_value", "norm_ts", "out_message", "raw_record", "select_fields", "select_soql", "soql_ts"]
 
 SOURCE: Literal["salesforce"] = "salesforce"
 
@@ -62,8 +63,19 @@ def ts_of_ms(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
-def select_soql(obj: str) -> str:
-    return f"SELECT {', '.join(FIELDS[obj])} FROM {obj}"
+def select_fields(obj: str, shape: OrgShape | None = None, own_ids: Sequence[str] = ()) -> list[str]:
+    """The select list of ``obj``: :data:`sfconnect.config.FIELDS` without what the org lacks, plus the
+    connection's own-ID field(s) (``own_ids``) when the object has them."""
+    out = [f for f in FIELDS[obj] if shape is None or shape.has_field(obj, f)]
+    for f in own_ids:
+        if f not in out and (shape is None or shape.has_field(obj, f)):
+            out.append(f)
+    return out
+
+
+def select_soql(obj: str, shape: OrgShape | None = None, own_ids: Sequence[str] = ()) -> str:
+    """``SELECT <fields> FROM obj`` built from the org's shape (docs/vendor-facts.md, Salesforce)."""
+    return f"SELECT {', '.join(select_fields(obj, shape, own_ids))} FROM {obj}"
 
 
 def _truthy(v: Any) -> bool:

@@ -63,6 +63,7 @@ async def run_listener(conn: Connection, infra: Infra, stop: asyncio.Event) -> N
         client = build_client(cc, http, infra)
         client.governor = QuotaGovernor(quota)
         listener = listener_for(cc, client, infra, session)
+        await listener.sync.ensure_shape()
         started = time.monotonic()
         try:
             await listener.run(stop)

@@ -51,6 +51,7 @@ async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *,
         sync = build_sync(cc, build_client(cc, http, infra), infra)
 
         async def cycle() -> float:
+            await sync.ensure_shape()
             results = await sync.run_cycle()
             log.debug("cycle done", results={k: (v.upserts, v.deletes, v.skipped) for k, v in results.items()})
             waiting = any(r.skipped for r in results.values())

@@ -27,9 +27,9 @@ import httpx
 from servicekit.errors import Transient
 from servicekit.logging import get_logger
 from sf_poller.results import EntityResult
-from sfconnect.client import RecordNotFound, SalesforceClient
+from sfconnect.client import RecordNotFound, SalesforceClient, ShapeMismatch
 from sfconnect.config import SfConnection
-from sfconnect.records import select_soql
+from sfconnect.shape import OrgShape
 
 __all__ = ["BulkHost", "iter_csv_rows", "run_bulk", "start_bulk"]
 
@@ -41,6 +41,10 @@ class BulkHost(Protocol):
     conn: SfConnection
     client: SalesforceClient
     force_bulk: set[str]
+
+    def select(self, obj: str) -> str: ...
+
+    async def learn_shape(self) -> OrgShape: ...
 
     async def save(self, obj: str, cursor: dict[str, Any]) -> None: ...
 
@@ -75,9 +79,17 @@ async def iter_csv_rows(resp: httpx.Response) -> AsyncIterator[dict[str, str]]:
 
 
 async def start_bulk(sync: BulkHost, obj: str, res: EntityResult, *, attempt: int = 1) -> dict[str, Any]:
-    soql = f"{select_soql(obj)} ORDER BY SystemModstamp, Id"
-    resp = await sync.client.request("POST", f"{sync.client.data_path}/jobs/query", json={
-        "operation": "queryAll", "query": soql, "contentType": "CSV", "columnDelimiter": "COMMA", "lineEnding": "LF"})
+    async def create() -> httpx.Response:
+        soql = f"{sync.select(obj)} ORDER BY SystemModstamp, Id"
+        return await sync.client.request("POST", f"{sync.client.data_path}/jobs/query", json={
+            "operation": "queryAll", "query": soql, "contentType": "CSV", "columnDelimiter": "COMMA",
+            "lineEnding": "LF"})
+
+    try:
+        resp = await create()
+    except ShapeMismatch:  # the org changed since verify: learn its shape once, then try again
+        await sync.learn_shape()
+        resp = await create()
     job = resp.json()
     cur: dict[str, Any] = {"phase": "bulk", "ts": None, "id": None, "bulk": {
         "job_id": job["id"], "api_version": sync.client.api_version, "created_at": time.time(), "locator": None,

@@ -39,7 +39,7 @@ from sf_poller.bulk import run_bulk, start_bulk
 from sf_poller.results import EntityResult
 from sfconnect.client import QueryTimeout
 from sfconnect.reader import Publisher, RecordReader, compound_where, fmt_ts, parse_ts
-from sfconnect.records import field_value, norm_ts, select_soql
+from sfconnect.records import field_value, norm_ts
 
 __all__ = ["ConnectionSync", "EntityResult", "Publisher", "compound_where"]
 
@@ -103,8 +103,8 @@ class ConnectionSync(RecordReader):
             window = self.windows.get(obj)
             upper = fmt_ts(parse_ts(ts) + dt.timedelta(seconds=window)) if ts and window else None
             where = compound_where(ts, last_id, upper, overlap_s=self.conn.overlap_s)
-            soql = f"{select_soql(obj)}{where} ORDER BY SystemModstamp, Id"
-            body, url = await self.client.query_page(soql, all_rows=True, batch_size=self.conn.page_size)
+            body, url = await self.query_shaped(obj, f"{where} ORDER BY SystemModstamp, Id", all_rows=True,
+                                                batch_size=self.conn.page_size)
             if (not ts and not cur.get("bulk_failed") and body["totalSize"] > self.conn.bulk_threshold
                     and self.conn.bulk_threshold > 0):
                 res.phase = "bulk"

@@ -20,6 +20,7 @@ from sfconnect.client import (
     RecordNotFound,
     RequestLimited,
     SalesforceClient,
+    ShapeMismatch,
     classify,
 )
 from sfconnect.config import Quota
@@ -71,8 +72,8 @@ def _client(org: FakeOrg, **kw: Any) -> tuple[SalesforceClient, list[float]]:
         (400, "QUERY_TIMEOUT", QueryTimeout),
         (400, "INVALID_QUERY_LOCATOR", LocatorExpired),
         (400, "MALFORMED_QUERY", ConfigError),
-        (400, "INVALID_FIELD", ConfigError),
-        (400, "INVALID_TYPE", ConfigError),
+        (400, "INVALID_FIELD", ShapeMismatch),
+        (400, "INVALID_TYPE", ShapeMismatch),
         (404, "NOT_FOUND", RecordNotFound),
         (400, "MALFORMED_ID", RecordNotFound),
         (400, "UNABLE_TO_LOCK_ROW", Transient),

@@ -189,6 +189,12 @@ def _external_id(obj: str, rec: Mapping[str, Any], settings: Mapping[str, Any]) 
     return _str(rec, str(field)) if field else None
 
 
+def _customer_kind(rec: Mapping[str, Any]) -> str:
+    """``person_account`` when the order's Account is a person account (``Account.IsPersonAccount``, selected
+    when the org has person accounts), else ``account`` (docs/vendor-facts.md, Salesforce)."""
+    return "person_account" if _bool(rec, "Account.IsPersonAccount") else "account"
+
+
 # ------------------------------------------------------------------------------------------------ entities
 
 
@@ -213,7 +219,7 @@ def _order(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) 
     order = OrderData(
         order_number=_str(rec, "OrderNumber"),
         customer_source_id=_str(rec, "AccountId"),
-        customer_entity="Account" if _get(rec, "AccountId") else None,
+        customer_entity=_customer_kind(rec) if _get(rec, "AccountId") else None,
         email=_str(rec, "Account.PersonEmail") or _str(rec, "BillToContact.Email"),
         status=status or "",
         status_label=status,
