@@ -23,7 +23,8 @@ from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings
 from sfconnect.client import SalesforceClient, ShapeMismatch
 from sfconnect.config import SfConnection
-from sfconnect.records import field_value, norm_ts, out_message, raw_record, select_soql, soql_ts
+from sfconnect.published import FakePublishedStore, Published, PublishedStore
+from sfconnect.records import field_value, norm_ts, out_message, raw_record, select_soql, soql_ts, version_of
 from sfconnect.shape import OrgShape, learn_shape, load_shape, save_shape
 
 __all__ = ["ID_CHUNK", "Publisher", "RecordReader", "compound_where", "fmt_ts", "parse_ts"]
@@ -31,9 +32,6 @@ __all__ = ["ID_CHUNK", "Publisher", "RecordReader", "compound_where", "fmt_ts", 
 log = get_logger(__name__)
 
 ID_CHUNK = 200
-RECENT_MAX = 10_000
-"""Most rows per object remembered for the overlap dedupe; a row forgotten early is only published again
-(same event id), never lost."""
 
 
 class Publisher(Protocol):
@@ -73,10 +71,12 @@ class RecordReader:
     settings: FlashSettings
     shape: OrgShape | None = None
     """The org's shape (:mod:`sfconnect.shape`); None: the full field lists."""
+    store: PublishedStore = field(default_factory=FakePublishedStore)
+    """Versions and payloads already published (services pass the PostgreSQL store)."""
     published: int = 0
-    recent: dict[str, dict[str, str]] = field(default_factory=dict)
-    """Per object: ``Id -> SystemModstamp`` published within ``overlap_s`` of the cursor (the dedupe of
-    the overlap window)."""
+    skipped: int = 0
+    """Records read again whose version was already published (not sent)."""
+    last_published: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tenant(self) -> str:
@@ -113,16 +113,30 @@ class RecordReader:
     async def save(self, obj: str, cursor: dict[str, Any]) -> None:
         await self.cursors.save(self.conn.tenant_id, self.conn.connection_id, obj, cursor)
 
+    async def fresh(self, obj: str, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records whose version was not published yet, by any process (:mod:`sfconnect.published`)."""
+        if not records:
+            return []
+        known = await self.store.load(self.conn.tenant_id, self.conn.connection_id, obj,
+                                      [str(field_value(r, "Id")) for r in records])
+        out = []
+        for r in records:
+            got = known.get(str(field_value(r, "Id")))
+            if got is None or got.version < version_of(r):
+                out.append(r)
+        self.skipped += len(records) - len(out)
+        return out
+
     async def publish(self, obj: str, records: Sequence[dict[str, Any]], url: str | None,
                       cur: dict[str, Any] | None = None, *, save: bool = True) -> dict[str, Any]:
-        """Publish records, wait for the broker's acks, THEN move the cursor to the last record (never
-        back: rows of the overlap window sort before it)."""
-        raws = await self.to_raw(obj, records, url)
-        await self.publisher.send_all([out_message(self.settings, r) for r in raws])
-        self.published += len(raws)
-        if self.conn.overlap_s > 0:
-            self._remember(obj, records)
+        """Publish the records not published yet (:meth:`fresh`), wait for the broker's acks, remember them,
+        THEN move the cursor to the last record read (published or not; never back: rows of the overlap
+        window sort before it). ``last_published`` holds what went out."""
+        fresh = await self.fresh(obj, records)
+        await self.send(obj, fresh, url)
         new = dict(cur or {})
+        if not records:
+            return new
         last = records[-1]
         key = (norm_ts(field_value(last, "SystemModstamp")) or "", str(field_value(last, "Id") or ""))
         held = (str(new.get("ts") or ""), str(new.get("id") or ""))
@@ -130,24 +144,22 @@ class RecordReader:
             key = held
         new.update(phase="incremental", ts=key[0] or None, id=key[1] or None)
         new.pop("bulk", None)
-        if save:
+        if save and new != (cur or {}):
             await self.save(obj, new)
         return new
 
-    def _remember(self, obj: str, records: Sequence[dict[str, Any]]) -> None:
-        recent = self.recent.setdefault(obj, {})
-        newest = ""
-        for r in records:
-            stamp = norm_ts(field_value(r, "SystemModstamp")) or ""
-            recent[str(field_value(r, "Id"))] = stamp
-            newest = max(newest, stamp)
-        if len(recent) > 2 * len(records) and newest:  # forget what fell out of the window
-            floor = fmt_ts(parse_ts(newest) - dt.timedelta(seconds=self.conn.overlap_s))
-            for rid in [rid for rid, stamp in recent.items() if stamp < floor]:
-                del recent[rid]
-        if len(recent) > 2 * RECENT_MAX:  # bounded memory (a dense backfill): forgotten rows are re-sent once
-            keep = sorted(recent.items(), key=lambda kv: kv[1])[-RECENT_MAX:]
-            self.recent[obj] = dict(keep)
+    async def send(self, obj: str, records: Sequence[dict[str, Any]], url: str | None) -> list[RawRecord]:
+        """Publish records as they are (no dedupe), wait for the acks, then remember their versions and
+        payloads in the published-version store."""
+        self.last_published = list(records)
+        if not records:
+            return []
+        raws = await self.to_raw(obj, records, url)
+        await self.publisher.send_all([out_message(self.settings, r) for r in raws])
+        self.published += len(raws)
+        await self.store.remember(self.conn.tenant_id, self.conn.connection_id, obj,
+                                  [Published(r.source_id, r.source_version, r.payload) for r in raws])
+        return raws
 
     async def to_raw(self, obj: str, records: Sequence[dict[str, Any]], url: str | None) -> list[RawRecord]:
         anchors = await self.anchors(obj, records)

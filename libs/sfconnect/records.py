@@ -22,7 +22,8 @@ from servicekit.settings import FlashSettings
 from sfconnect.config import FIELDS, ORDER_PARENT
 from sfconnect.shape import OrgShape
 
-__all__ = ["SOURCE", "field_value", "norm_ts", "out_message", "raw_record", "select_fields", "select_soql", "soql_ts"]
+__all__ = ["SOURCE", "field_value", "norm_ts", "out_message", "raw_record", "select_fields", "select_soql", "soql_ts",
+           "version_of"]
 
 SOURCE: Literal["salesforce"] = "salesforce"
 
@@ -93,12 +94,17 @@ def order_of(obj: str, rec: Mapping[str, Any]) -> str | None:
     return None
 
 
+def version_of(rec: Mapping[str, Any]) -> str:
+    """A record's version: ``SystemModstamp`` (else ``LastModifiedDate``) as ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
+    return norm_ts(field_value(rec, "SystemModstamp")) or norm_ts(field_value(rec, "LastModifiedDate")) or "0"
+
+
 def raw_record(
     tenant_id: str, connection_id: str, obj: str, rec: Mapping[str, Any], *, text: str | None = None,
     request_url: str | None = None, order_source_id: str | None = None,
 ) -> RawRecord:
     payload = text if text is not None else json.dumps(rec, separators=(",", ":"))
-    version = norm_ts(field_value(rec, "SystemModstamp")) or norm_ts(field_value(rec, "LastModifiedDate")) or "0"
+    version = version_of(rec)
     return RawRecord(
         tenant_id=tenant_id, connection_id=connection_id, source=SOURCE, entity=obj,
         source_id=str(field_value(rec, "Id")), source_version=version,

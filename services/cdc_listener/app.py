@@ -13,11 +13,14 @@ import aiohttp
 from cdc_listener.listener import CdcListener
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
 from servicekit.connectors import supervise_connections
+from servicekit.db import migrate
 from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
 from sfconnect.client import QuotaGovernor, SalesforceClient, build_client, http_client
 from sfconnect.config import Quota, SfConnection, parse_connection
+from sfconnect.deadletters import PgDeadLetters
+from sfconnect.published import MIGRATIONS, PgPublishedStore
 from sfconnect.reader import RecordReader
 from sfconnect.records import SOURCE
 
@@ -30,14 +33,16 @@ RELIST_S = 5.0
 
 async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELIST_S) -> None:
     """Keep one listener task per live salesforce connection."""
+    await migrate(infra.pool, [MIGRATIONS])  # idempotent; lets embedders (demo, tests, bench) skip it
     await supervise_connections(infra, stop, source=SOURCE, runner=run_listener, relist_s=relist_s)
 
 
 def listener_for(cc: SfConnection, client: SalesforceClient, infra: Infra,
                  session: aiohttp.ClientSession) -> CdcListener:
     cursors = PgCursorStore(infra.pool)
-    sync = RecordReader(cc, client, infra.publisher, cursors, infra.settings)
-    return CdcListener(cc, client, sync, cursors, session)
+    sync = RecordReader(cc, client, infra.publisher, cursors, infra.settings, store=PgPublishedStore(infra.pool))
+    return CdcListener(cc, client, sync, cursors, session,
+                       dead_letters=PgDeadLetters(infra.pool, infra.publisher, infra.settings))
 
 
 def aiohttp_session(cc: SfConnection) -> aiohttp.ClientSession:
@@ -78,4 +83,4 @@ def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
     return [supervise(infra, stop)]
 
 
-SERVICE = Service("cdc-listener", tasks=_tasks)
+SERVICE = Service("cdc-listener", migrations=[MIGRATIONS], tasks=_tasks)

@@ -37,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,15 +46,15 @@ from typing import Any
 import aiohttp
 from prometheus_client import Histogram
 
-from canonical.events import RawRecord
 from servicekit.connections import CursorStore
 from servicekit.errors import ConfigError, Transient
-from servicekit.kafka import OutMessage
 from servicekit.logging import get_logger
 from sfconnect.client import SalesforceClient
 from sfconnect.config import CDC_SUBSCRIBED, SfConnection
+from sfconnect.deadletters import DeadLetterSink, FakeDeadLetters, SourceLetter
 from sfconnect.reader import RecordReader
-from sfconnect.records import out_message, raw_record, ts_of_ms
+from sfconnect.records import field_value, select_fields, ts_of_ms
+from sfconnect.shape import PARENT_OBJECT
 
 __all__ = ["EMPTY_ID", "CdcListener", "StreamDropped"]
 
@@ -99,9 +100,73 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
         fut.exception()  # the failure surfaces through the batch's task; don't log it twice
 
 
+_Item = tuple[str, dict[str, Any], str | None]
+"""(object, record as REST would return it, request url of a fetch-back or None)."""
+
+
+def _replay_of(ev: Any) -> int | None:
+    try:
+        return int(ev["data"]["event"]["replayId"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _commit_of(ev: Any) -> int | None:
+    try:
+        return int(ev["data"]["payload"]["ChangeEventHeader"]["commitTimestamp"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _read_event(ev: Any) -> tuple[dict[str, Any], dict[str, Any]] | str:
+    """(header, body) of a change event message, or why it cannot be read."""
+    if not isinstance(ev, dict) or not isinstance(ev.get("data"), dict):
+        return "not a CometD data message"
+    payload = ev["data"].get("payload")
+    if not isinstance(payload, dict):
+        return "data.payload is missing or not an object"
+    header = payload.get("ChangeEventHeader")
+    if not isinstance(header, dict):
+        return "no ChangeEventHeader in data.payload"
+    if not header.get("entityName") or not header.get("changeType"):
+        return "ChangeEventHeader without entityName or changeType"
+    if not isinstance(header.get("recordIds"), list):
+        return "ChangeEventHeader.recordIds is not a list"
+    if _replay_of(ev) is None:
+        return "data.event.replayId is missing"
+    return header, {k: v for k, v in payload.items() if k != "ChangeEventHeader"}
+
+
+def _apply(base: dict[str, Any], rid: str, header: dict[str, Any], body: dict[str, Any], *,
+           created: bool = False) -> dict[str, Any]:
+    """``base`` with the event's fields applied (compound ``Name`` flattened as REST returns it) and its
+    ``nulledFields`` set to null; the version is the body's ``SystemModstamp``, else ``LastModifiedDate``,
+    else the commit time."""
+    rec = dict(base)
+    for k, v in body.items():
+        if k == "Name" and isinstance(v, dict):
+            for part, pv in v.items():
+                rec[part] = pv
+            full = " ".join(str(v[x]) for x in ("FirstName", "LastName") if v.get(x))
+            if full:
+                rec["Name"] = full
+            continue
+        rec[k] = v
+    for f in header.get("nulledFields") or []:
+        rec[str(f)] = None
+    rec["Id"] = rid
+    if created:
+        rec["IsDeleted"] = False
+    stamp = body.get("SystemModstamp") or body.get("LastModifiedDate")
+    rec["SystemModstamp"] = stamp or ts_of_ms(int(header.get("commitTimestamp") or 0))
+    return rec
+
+
 @dataclass
 class BatchStats:
     events: int = 0
+    from_events: int = 0
+    """Records built from the event alone (no API call)."""
     fetched: int = 0
     reconciled: int = 0
     tombstones: int = 0
@@ -124,6 +189,7 @@ class CdcListener:
     reconciles: list[tuple[str, str]] = field(default_factory=list)
     stats: BatchStats = field(default_factory=BatchStats)
     advice_timeout_s: float = 110.0
+    dead_letters: DeadLetterSink = field(default_factory=FakeDeadLetters)
     on_batch: Any = None
     """Test hook: ``async (events) -> None`` called after a batch was published, before the save."""
 
@@ -280,7 +346,7 @@ class CdcListener:
                 STAGE_SECONDS.labels("wait").observe(time.time() - received_at)
                 delivery = STAGE_SECONDS.labels("delivery")
                 for ev in events:
-                    commit = ev["data"]["payload"].get("ChangeEventHeader", {}).get("commitTimestamp")
+                    commit = _commit_of(ev)
                     if commit:
                         delivery.observe(max(0.0, received_at - int(commit) / 1000))
             steps = self._plan(events)
@@ -292,18 +358,20 @@ class CdcListener:
                 after = None
             prepared: list[tuple[str, Any]] = []
             for kind, arg in steps:
-                if kind == "reconcile" or serial:
+                if kind in ("reconcile", "dead") or serial:
                     prepared.append((kind, arg))
                 else:
-                    prepared.append(("publish", await self._fetch(arg)))
+                    prepared.append(("publish", await self._build(arg)))
             if after is not None:
                 await after.published
             publishing = time.time()
             for kind, arg in prepared:
                 if kind == "publish":
-                    await self.sync.publisher.send_all(arg)
-                elif kind == "fetch":  # serial: fetched only now, between the reconciles
-                    await self.sync.publisher.send_all(await self._fetch(arg))
+                    await self._publish(arg)
+                elif kind == "fetch":  # serial: built only now, between the reconciles
+                    await self._publish(await self._build(arg))
+                elif kind == "dead":  # before the replay id that covers it is saved
+                    await self.dead_letters.write(arg)
                 else:
                     await self._reconcile_from(*arg)
             STAGE_SECONDS.labels("publish").observe(time.time() - publishing)
@@ -323,22 +391,30 @@ class CdcListener:
             raise
 
     def _plan(self, events: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
-        """The batch as steps: ``("fetch", [(object, record id, header)..])`` for runs of record changes and
-        ``("reconcile", (object, since_ms))`` for overflow / wildcard events, transactions in arrival order
-        and the changes of one transaction in ``sequenceNumber`` order."""
+        """The batch as steps: ``("fetch", [(object, record id, header, body)..])`` for runs of record
+        changes, ``("reconcile", (object, since_ms))`` for overflow / wildcard events and ``("dead",
+        [SourceLetter])`` for messages that cannot be read (no ``ChangeEventHeader``, no entity, change type
+        or record ids); transactions in arrival order and the changes of one transaction in
+        ``sequenceNumber`` order."""
         first_seen: dict[str, int] = {}
         keyed = []
+        steps: list[tuple[str, Any]] = []
+        dead: list[SourceLetter] = []
         for i, ev in enumerate(events):
-            header = ev["data"]["payload"].get("ChangeEventHeader", {})
+            read = _read_event(ev)
+            if isinstance(read, str):
+                dead.append(self._letter(ev, read))
+                continue
+            header = read[0]
             tx = str(header.get("transactionKey") or f"#{i}")
             first_seen.setdefault(tx, i)
-            keyed.append(((first_seen[tx], int(header.get("sequenceNumber") or 0), i), ev))
-        ordered = [ev for _, ev in sorted(keyed, key=lambda p: p[0])]
-        steps: list[tuple[str, Any]] = []
-        segment: list[tuple[str, str, dict[str, Any]]] = []  # (object, record id, header)
-        for ev in ordered:
-            header = ev["data"]["payload"].get("ChangeEventHeader", {})
-            obj = str(header.get("entityName") or "")
+            keyed.append(((first_seen[tx], int(header.get("sequenceNumber") or 0), i), read))
+        if dead:
+            steps.append(("dead", dead))
+        ordered = [read for _, read in sorted(keyed, key=lambda p: p[0])]
+        segment: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []  # (object, record id, header, body)
+        for header, body in ordered:
+            obj = str(header["entityName"])
             if obj not in self.conn.objects:
                 continue
             self.stats.events += 1
@@ -349,18 +425,33 @@ class CdcListener:
                 segment = []
                 steps.append(("reconcile", (obj, header.get("commitTimestamp"))))
                 continue
-            segment.extend((obj, rid, header) for rid in ids)
+            segment.extend((obj, rid, header, body) for rid in ids)
         if segment:
             steps.append(("fetch", segment))
         return steps
+
+    def _letter(self, ev: Any, reason: str) -> SourceLetter:
+        channel = str(ev.get("channel") or "") if isinstance(ev, dict) else ""
+        obj = channel[len("/data/"):-len("ChangeEvent")] if channel.startswith("/data/") and channel.endswith(
+            "ChangeEvent") else ""
+        try:
+            body = json.dumps(ev, default=str)
+        except (TypeError, ValueError):
+            body = repr(ev)
+        return SourceLetter("cdc-listener", self.conn.tenant_id, self.conn.connection_id, obj,
+                            f"change event cannot be read: {reason}", error_class="UnreadableChangeEvent",
+                            channel=channel or None, replay_id=_replay_of(ev), since_ms=self.commit_ms.get(channel),
+                            body=body)
 
     async def _save(self, events: Sequence[dict[str, Any]]) -> None:
         """The newest replay id (and commit time) of each channel in the batch, one upsert each, at once."""
         latest: dict[str, tuple[int, int]] = {}
         for ev in events:
+            rid = _replay_of(ev)
+            if rid is None or not isinstance(ev, dict) or not ev.get("channel"):
+                continue  # dead-lettered; nothing to position on
             ch = str(ev["channel"])
-            rid = int(ev["data"]["event"]["replayId"])
-            commit = int(ev["data"]["payload"].get("ChangeEventHeader", {}).get("commitTimestamp") or 0)
+            commit = _commit_of(ev) or 0
             prev = latest.get(ch)
             latest[ch] = (max(rid, prev[0]) if prev else rid, max(commit, prev[1]) if prev else commit)
         t, c = self.conn.tenant_id, self.conn.connection_id
@@ -374,42 +465,140 @@ class CdcListener:
             for ch in latest))
         STAGE_SECONDS.labels("save").observe(time.time() - saving)
 
-    async def _fetch(self, segment: list[tuple[str, str, dict[str, Any]]]) -> list[OutMessage]:
-        """The current records of a run of changes (one query per object per 200 ids, all at once), as
-        messages in the order of each record's last change; a record gone for good becomes a tombstone."""
-        last_pos: dict[tuple[str, str], int] = {}
+    async def _build(self, segment: list[tuple[str, str, dict[str, Any], dict[str, Any]]]) -> list[_Item]:
+        """The records a run of changes leaves, in the order of each record's last change.
+
+        CREATE / UNDELETE: the event body is the record (docs/vendor-facts.md, Salesforce: body by
+        operation), parent fields filled from the parents' last published state. UPDATE: changed and nulled
+        fields applied to the record's last published state. DELETE: that state marked deleted. A record is
+        fetched back (one query per object per 200 ids) only when the event cannot give it: a gap event, no
+        last known state, a changed lookup whose parent fields we read, ``diffFields``, or a parent whose
+        state we do not hold. A record gone for good after a delete becomes a tombstone."""
+        t, c = self.conn.tenant_id, self.conn.connection_id
+        keys_needing_state: dict[str, set[str]] = {}
+        for obj, rid, header, _ in segment:
+            if header.get("changeType") in ("UPDATE", "DELETE"):
+                keys_needing_state.setdefault(obj, set()).add(rid)
+        states: dict[tuple[str, str], dict[str, Any]] = {}
+        for obj, ids in keys_needing_state.items():
+            for rid, pub in (await self.sync.store.load(t, c, obj, sorted(ids))).items():
+                if pub.payload:
+                    with contextlib.suppress(ValueError):
+                        states[(obj, rid)] = json.loads(pub.payload)
+        work: dict[tuple[str, str], dict[str, Any] | None] = {}
         headers: dict[tuple[str, str], dict[str, Any]] = {}
-        for pos, (obj, rid, header) in enumerate(segment):
-            last_pos[(obj, rid)] = pos
-            headers[(obj, rid)] = header
-        by_obj: dict[str, list[str]] = {}
-        for obj, rid in last_pos:
-            by_obj.setdefault(obj, []).append(rid)
-        found: dict[tuple[str, str], RawRecord] = {}
+        last_pos: dict[tuple[str, str], int] = {}
+        need: dict[tuple[str, str], None] = {}  # ordered: fetch-backs in the order of the changes
+        for pos, (obj, rid, header, body) in enumerate(segment):
+            key = (obj, rid)
+            last_pos[key], headers[key] = pos, header
+            ct = str(header.get("changeType") or "")
+            base = work.get(key) if key in work else states.get(key)
+            if ct in ("CREATE", "UNDELETE"):
+                work[key] = _apply({}, rid, header, body, created=True)
+                need.pop(key, None)
+            elif ct == "UPDATE" and base is not None and key not in need and not self._needs_fetch(obj, header):
+                work[key] = _apply(base, rid, header, body)
+            elif ct == "DELETE" and base is not None and key not in need:
+                work[key] = {**base, "Id": rid, "IsDeleted": True,
+                             "SystemModstamp": ts_of_ms(int(header.get("commitTimestamp") or 0))}
+            else:  # gap events, or nothing known to apply the change to: read it
+                work[key] = None
+                need[key] = None
+        # parent fields (``Account.PersonEmail``..) of records built from events, from the parents' state
+        for key, rec in work.items():
+            if rec is not None and key not in need and not await self._fill_parents(key[0], rec):
+                need[key] = None
+        if need:
+            by_obj: dict[str, list[str]] = {}
+            for obj, rid in need:
+                by_obj.setdefault(obj, []).append(rid)
+            fetching = time.time()
+            found: dict[tuple[str, str], dict[str, Any]] = {}
+            urls: dict[str, str | None] = {}
 
-        async def fetch(obj: str, ids: list[str]) -> None:
-            records, url = await self.sync.fetch_by_ids(obj, ids)
-            for raw in await self.sync.to_raw(obj, records, url):
-                found[(obj, raw.source_id)] = raw
-            self.stats.fetched += len(records)
+            async def fetch(obj: str, ids: list[str]) -> None:
+                records, url = await self.sync.fetch_by_ids(obj, ids)
+                urls[obj] = url
+                for r in records:
+                    found[(obj, str(field_value(r, "Id")))] = r
+                self.stats.fetched += len(records)
 
-        fetching = time.time()
-        await asyncio.gather(*(fetch(obj, ids) for obj, ids in by_obj.items()))
-        STAGE_SECONDS.labels("fetch").observe(time.time() - fetching)
-        out = []
+            await asyncio.gather(*(fetch(obj, ids) for obj, ids in by_obj.items()))
+            STAGE_SECONDS.labels("fetch").observe(time.time() - fetching)
+            for key in need:
+                work[key] = found.get(key)
+        else:
+            urls = {}
+        out: list[_Item] = []
         for key in sorted(last_pos, key=lambda k: last_pos[k]):
-            got = found.get(key)
-            if got is None:
+            rec = work.get(key)
+            if rec is None:
                 header = headers[key]
-                if not str(header.get("changeType", "")).endswith("DELETE"):
-                    log.info("changed record no longer readable; skipped", entity=key[0], id=key[1])
+                ct = str(header.get("changeType", ""))
+                if ct not in ("DELETE", "GAP_DELETE"):  # UNDELETE is not a delete
+                    log.info("changed record no longer readable; skipped", entity=key[0], id=key[1], change=ct)
                     continue
-                commit = int(header.get("commitTimestamp") or 0)
-                got = raw_record(self.conn.tenant_id, self.conn.connection_id, key[0],
-                                 {"Id": key[1], "IsDeleted": True, "SystemModstamp": ts_of_ms(commit)})
+                rec = {"Id": key[1], "IsDeleted": True,
+                       "SystemModstamp": ts_of_ms(int(header.get("commitTimestamp") or 0))}
                 self.stats.tombstones += 1
-            out.append(out_message(self.sync.settings, got))
+            else:
+                self.stats.from_events += key not in need
+            out.append((key[0], rec, urls.get(key[0]) if key in need else None))
         return out
+
+    def _needs_fetch(self, obj: str, header: dict[str, Any]) -> bool:
+        """An UPDATE the event cannot give: ``diffFields`` (text diffs), or a changed lookup whose parent
+        fields the connector reads (``AccountId`` changed on an Order: ``Account.PersonEmail`` is stale)."""
+        if header.get("diffFields"):
+            return True
+        changed = {str(f) for f in (header.get("changedFields") or []) + (header.get("nulledFields") or [])}
+        rels = {p.split(".", 1)[0] for p in select_fields(obj, self.sync.shape, self.conn.own_ids(obj)) if "." in p}
+        return any(f"{rel}Id" in changed for rel in rels)
+
+    async def _fill_parents(self, obj: str, rec: dict[str, Any]) -> bool:
+        """Set the ``Parent.Field`` values of the select list from the parents' last published state;
+        False when a parent's state is not held (the record is then fetched back)."""
+        paths = [p for p in select_fields(obj, self.sync.shape, self.conn.own_ids(obj)) if "." in p]
+        if not paths:
+            return True
+        t, c = self.conn.tenant_id, self.conn.connection_id
+        for path in paths:
+            rel, _, name = path.partition(".")
+            if field_value(rec, path) is not None:
+                continue
+            parent_id = rec.get(f"{rel}Id")
+            if not parent_id:
+                continue  # no parent: the value is null, as SOQL would return it
+            parent_obj = PARENT_OBJECT.get(rel)
+            if parent_obj is None:
+                return False
+            got = (await self.sync.store.load(t, c, parent_obj, [str(parent_id)])).get(str(parent_id))
+            if got is None or not got.payload:
+                return False
+            try:
+                parent = json.loads(got.payload)
+            except ValueError:
+                return False
+            if name not in parent:
+                return False
+            nested = rec.setdefault(rel, {})
+            if isinstance(nested, dict):
+                nested[name] = parent[name]
+        return True
+
+    async def _publish(self, items: Sequence[_Item]) -> None:
+        """Publish in order, one run of the same object at a time, skipping versions already published."""
+        i = 0
+        while i < len(items):
+            obj = items[i][0]
+            j = i
+            while j < len(items) and items[j][0] == obj:
+                j += 1
+            run = items[i:j]
+            fresh = await self.sync.fresh(obj, [rec for _, rec, _ in run])
+            await self.sync.send(obj, fresh, run[-1][2])
+            i = j
 
     async def _reconcile_from(self, obj: str, commit_ms: Any) -> None:
         ch = f"/data/{obj}ChangeEvent"

@@ -12,12 +12,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from servicekit.connections import Connection, PgCursorStore
 from servicekit.connectors import mark_failed, poll_forever, supervise_connections
+from servicekit.db import migrate
 from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
 from sf_poller.sync import ConnectionSync
 from sfconnect.client import SalesforceClient, build_client, http_client
 from sfconnect.config import CDC_SUBSCRIBED, SfConnection, parse_connection
+from sfconnect.published import MIGRATIONS, PgPublishedStore
 
 __all__ = ["CDC_SUBSCRIBED", "RELIST_S", "SERVICE", "build_client", "build_sync", "http_client",
            "run_connection", "supervise"]
@@ -35,7 +37,7 @@ def build_sync(cc: SfConnection, client: SalesforceClient, infra: Infra) -> Conn
     async def cdc_ready() -> bool:
         return await cursors.load(cc.tenant_id, cc.connection_id, CDC_SUBSCRIBED) is not None
 
-    return ConnectionSync(cc, client, infra.publisher, cursors, infra.settings,
+    return ConnectionSync(cc, client, infra.publisher, cursors, infra.settings, store=PgPublishedStore(infra.pool),
                           ready_for_backfill=cdc_ready if cc.cdc else None)
 
 
@@ -65,6 +67,7 @@ async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *,
 async def supervise(infra: Infra, stop: asyncio.Event, runner: Runner = run_connection, *,
                     relist_s: float = RELIST_S) -> None:
     """Keep one ``runner`` task per live salesforce connection."""
+    await migrate(infra.pool, [MIGRATIONS])  # idempotent; lets embedders (demo, tests, bench) skip it
     await supervise_connections(infra, stop, source=SOURCE, runner=runner, relist_s=relist_s)
 
 
@@ -72,4 +75,4 @@ def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
     return [supervise(infra, stop)]
 
 
-SERVICE = Service("sf-poller", tasks=_tasks)
+SERVICE = Service("sf-poller", migrations=[MIGRATIONS], tasks=_tasks)

@@ -13,10 +13,11 @@ record it covers)::
   the rest of a batch committed in the same millisecond), and the cursor moves after every acknowledged page.
 * Overlap: a transaction stamps its rows with its start time but they become visible at its commit, so a
   long one can commit rows *behind* a cursor that already moved past that time. With ``overlap_s`` > 0
-  the query starts ``overlap_s`` before the cursor (``WHERE SystemModstamp >= :ts - overlap``); rows at or
-  behind the cursor that this process already published at that ``(Id, SystemModstamp)`` are dropped, the
-  others (late commits) are published, and the cursor never moves back. The dedupe memory is this
-  process's own: after a restart the window is published once more, with the same event ids.
+  the query starts ``overlap_s`` before the cursor (``WHERE SystemModstamp >= :ts - overlap``). Every row
+  read is checked against the published-version store (:mod:`sfconnect.published`, PostgreSQL): a row whose
+  version was already published, by this or any other process (the CDC listener included), is not sent
+  again, whatever the table size and across restarts; late commits are published; the cursor moves to the
+  last row read and never back.
 * A page that is empty while the server says more rows exist (``done`` false, or fewer rows than
   ``totalSize``) is never taken as the end: the cycle fails as Transient without saving.
 * ``QUERY_TIMEOUT``: the object's window narrows (1 day, then halves) and the cycle fails as Transient; the
@@ -29,7 +30,7 @@ record it covers)::
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,13 +120,18 @@ class ConnectionSync(RecordReader):
                 if not records and (not body["done"] or seen < total):
                     raise Transient(f"{obj}: empty page while {total - seen} of {total} rows are outstanding; "
                                     "not treating it as the end of the query")
-                fresh = self._unseen(obj, records, cur) if ts and self.conn.overlap_s > 0 else records
                 seen += len(records)
-                if fresh:
-                    cur = await self.publish(obj, fresh, url, cur)
+                if records:
+                    mark = (norm_ts(cur.get("ts")) or "", str(cur.get("id") or ""))
+                    cur = await self.publish(obj, records, url, cur)
+                    fresh = self.last_published
                     advanced += len(fresh)
                     res.pages += 1
                     for r in fresh:
+                        if (norm_ts(field_value(r, "SystemModstamp")) or "", str(field_value(r, "Id"))) <= mark:
+                            self.late += 1
+                            log.info("row committed behind the cursor; publishing it", entity=obj,
+                                     id=field_value(r, "Id"), system_modstamp=field_value(r, "SystemModstamp"))
                         if field_value(r, "IsDeleted") is True:
                             res.deletes += 1
                         else:
@@ -144,20 +150,3 @@ class ConnectionSync(RecordReader):
             self.windows[obj] = window * 2 if window else _DAY
             if self.windows[obj] >= 30 * _DAY:
                 del self.windows[obj]
-
-    def _unseen(self, obj: str, records: Sequence[dict[str, Any]], cur: dict[str, Any]) -> list[dict[str, Any]]:
-        """The rows of an overlapping read not yet published: everything past the cursor, and rows at or
-        behind it that this process has not published at that version (late commits)."""
-        mark = (norm_ts(cur.get("ts")) or "", str(cur.get("id") or ""))
-        recent = self.recent.get(obj, {})
-        out = []
-        for r in records:
-            stamp, rid = norm_ts(field_value(r, "SystemModstamp")) or "", str(field_value(r, "Id"))
-            if (stamp, rid) > mark:
-                out.append(r)
-            elif recent.get(rid) != stamp:
-                self.late += 1
-                log.info("row committed behind the cursor; publishing it", entity=obj, id=rid, system_modstamp=stamp)
-                out.append(r)
-        return out
-

@@ -24,9 +24,11 @@ from sandbox.salesforce import (
 )
 from sandbox.server import serve
 from servicekit.connections import PgCursorStore
+from servicekit.db import migrate
 from servicekit.runtime import Infra
 from sfconnect.client import build_client, http_client
 from sfconnect.config import CDC_SUBSCRIBED, SfConnection, parse_connection
+from sfconnect.published import MIGRATIONS as SF_MIGRATIONS
 from sfconnect.records import norm_ts
 
 
@@ -67,6 +69,7 @@ class Running:
 
 @pytest.mark.timeout(120)
 async def test_cdc_listener_end_to_end_on_the_broker(infra: Infra) -> None:
+    await migrate(infra.pool, [SF_MIGRATIONS])
     state = SalesforceState(cometd_timeout_s=0.5)
     org = state.add_org("acme")
     seed_org(state, org, orders=40, seed=31)
