@@ -20,6 +20,7 @@ from servicekit.runtime import Infra, Service
 from sfconnect.client import QuotaGovernor, SalesforceClient, build_client, http_client
 from sfconnect.config import Quota, SfConnection, parse_connection
 from sfconnect.deadletters import PgDeadLetters
+from sfconnect.guarded import GuardedCursorStore
 from sfconnect.published import MIGRATIONS, PgPublishedStore
 from sfconnect.reader import RecordReader
 from sfconnect.records import SOURCE
@@ -39,7 +40,7 @@ async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELI
 
 def listener_for(cc: SfConnection, client: SalesforceClient, infra: Infra,
                  session: aiohttp.ClientSession) -> CdcListener:
-    cursors = PgCursorStore(infra.pool)
+    cursors = GuardedCursorStore(PgCursorStore(infra.pool))
     sync = RecordReader(cc, client, infra.publisher, cursors, infra.settings, store=PgPublishedStore(infra.pool))
     return CdcListener(cc, client, sync, cursors, session,
                        dead_letters=PgDeadLetters(infra.pool, infra.publisher, infra.settings))

@@ -19,6 +19,7 @@ from servicekit.runtime import Infra, Service
 from sf_poller.sync import ConnectionSync
 from sfconnect.client import SalesforceClient, build_client, http_client
 from sfconnect.config import CDC_SUBSCRIBED, SfConnection, parse_connection
+from sfconnect.guarded import GuardedCursorStore
 from sfconnect.published import MIGRATIONS, PgPublishedStore
 
 __all__ = ["CDC_SUBSCRIBED", "RELIST_S", "SERVICE", "build_client", "build_sync", "http_client",
@@ -32,7 +33,7 @@ Runner = Callable[[Connection, Infra, asyncio.Event], Awaitable[None]]
 
 
 def build_sync(cc: SfConnection, client: SalesforceClient, infra: Infra) -> ConnectionSync:
-    cursors = PgCursorStore(infra.pool)
+    cursors = GuardedCursorStore(PgCursorStore(infra.pool))
 
     async def cdc_ready() -> bool:
         return await cursors.load(cc.tenant_id, cc.connection_id, CDC_SUBSCRIBED) is not None
