@@ -23,7 +23,9 @@ of the token response.
     {"instance_version": "66.0",            # API version pinned for REST, Bulk and CometD
      "ca_bundle": "/path/ca.pem",           # CA file (sandbox / TLS-inspecting proxies)
      "objects": ["Account", "Contact", ...],  # default by mode (sfconnect.config.DEFAULT_OBJECTS)
-     "mode": "order" | "order_management",
+     "mode": "order" | "order_management" | "order_summary",   # order_summary: orders from OrderSummary
+     "summary_status_map": {"Created": "pending", "Fulfilled": "awardable", "Canceled": "cancelled"},
+     "default_currency": "EUR",             # required when the org has no multicurrency (no CurrencyIsoCode)
      "status_map": {"Cancelled": "cancelled", "Fulfilled": "awardable", "Activated": "pending"},
      "external_id_field": "AccountNumber",  # the tenant's own customer id on Account / Contact
      "price_currency": "EUR",               # PricebookEntry currency that prices products (default any)

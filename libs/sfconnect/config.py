@@ -8,9 +8,10 @@ from typing import Any, Literal
 from servicekit.connections import Connection
 from servicekit.errors import ConfigError
 
-__all__ = ["CDC_SUBSCRIBED", "DEFAULT_OBJECTS", "DEFAULT_STATUS_MAP", "FIELDS", "SfConnection", "parse_connection"]
+__all__ = ["CDC_SUBSCRIBED", "DEFAULT_OBJECTS", "DEFAULT_STATUS_MAP", "DEFAULT_SUMMARY_STATUS_MAP", "FIELDS",
+           "SfConnection", "parse_connection"]
 
-Mode = Literal["order", "order_management"]
+Mode = Literal["order", "order_management", "order_summary"]
 
 CDC_SUBSCRIBED = "cdc:subscribed"
 """Cursor entity the CDC listener writes once its first subscription succeeded; the poller's backfill waits
@@ -21,6 +22,10 @@ DEFAULT_OBJECTS: dict[str, tuple[str, ...]] = {
     "order_management": (
         "Account", "Contact", "Product2", "PricebookEntry", "Order", "OrderItem", "OrderItemSummary", "CreditMemo",
     ),
+    "order_summary": (
+        "Account", "Contact", "Product2", "PricebookEntry", "OrderSummary", "OrderItem", "OrderItemSummary",
+        "CreditMemo",
+    ),
 }
 """Objects synced by mode. ``ReturnOrder`` headers carry no amounts: their lines are read with
 ``ReturnOrder.*`` parent fields instead. ``OrderSummary`` can be added but maps to nothing (its totals are net
@@ -30,6 +35,14 @@ DEFAULT_STATUS_MAP: dict[str, str] = {
     "Draft": "pending", "Activated": "pending", "Fulfilled": "awardable", "Cancelled": "cancelled",
     "Canceled": "cancelled",
 }
+
+DEFAULT_SUMMARY_STATUS_MAP: dict[str, str] = {
+    "Created": "pending", "Approved": "pending", "Waiting to Fulfill": "pending", "Fulfilled": "awardable",
+    "Canceled": "cancelled", "Cancelled": "cancelled",
+}
+"""OrderSummary.Status -> lifecycle in ``order_summary`` mode. OrderSummary.Status has no status category and
+its values are org-defined (docs/vendor-facts.md, Salesforce: only ``Created`` is documented): UNCONFIRMED
+defaults, overridden per connection by ``settings.summary_status_map``."""
 
 _SYSTEM = ("Id", "IsDeleted", "SystemModstamp", "LastModifiedDate")
 
@@ -55,7 +68,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
                             "ReturnOrder.ReturnOrderNumber", "OrderItem.UnitPrice"),
     "OrderSummary": (*_SYSTEM, "OrderNumber", "AccountId", "Status", "OriginalOrderId", "GrandTotalAmount",
                      "TotalAdjustedProductAmount", "TotalAdjustedProductTaxAmount", "BillingEmailAddress",
-                     "CurrencyIsoCode", "OrderedDate", "Account.IsPersonAccount", "Account.PersonEmail"),
+                     "CurrencyIsoCode", "OrderedDate", "Account.IsPersonAccount", "Account.PersonEmail",
+                     "OriginalOrder.TotalAmount", "OriginalOrder.OrderNumber"),
     "OrderItemSummary": (*_SYSTEM, "OrderSummaryId", "OriginalOrderItemId", "Product2Id", "Quantity",
                          "QuantityOrdered", "QuantityCanceled", "QuantityReturned", "UnitPrice",
                          "AdjustedLineAmount", "CurrencyIsoCode", "OrderSummary.OriginalOrderId",
@@ -155,8 +169,12 @@ def parse_connection(conn: Connection) -> SfConnection:
         raise ConfigError("use the org's My Domain URL (https://<mydomain>.my.salesforce.com), not "
                           f"{host}: the client credentials grant is rejected there")
     mode = s.get("mode", "order")
-    if mode not in ("order", "order_management"):
-        raise ConfigError(f"settings.mode must be 'order' or 'order_management', got {mode!r}")
+    if mode not in ("order", "order_management", "order_summary"):
+        raise ConfigError(f"settings.mode must be 'order', 'order_management' or 'order_summary', got {mode!r}")
+    summary_map = {**DEFAULT_SUMMARY_STATUS_MAP, **dict(s.get("summary_status_map") or {})}
+    bad_summary = {k: v for k, v in summary_map.items() if v not in ("pending", "awardable", "cancelled")}
+    if bad_summary:
+        raise ConfigError(f"settings.summary_status_map values must be pending|awardable|cancelled, got {bad_summary}")
     objects = tuple(s.get("objects") or DEFAULT_OBJECTS[mode])
     unknown = [o for o in objects if o not in FIELDS]
     if unknown:

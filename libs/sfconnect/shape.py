@@ -31,7 +31,7 @@ OM_OBJECTS = frozenset({"OrderSummary", "OrderItemSummary", "CreditMemo"})
 
 PARENT_OBJECT: dict[str, str] = {
     "Account": "Account", "BillToContact": "Contact", "ReturnOrder": "ReturnOrder", "OrderItem": "OrderItem",
-    "Pricebook2": "Pricebook2", "Product2": "Product2", "OrderSummary": "OrderSummary",
+    "Pricebook2": "Pricebook2", "Product2": "Product2", "OrderSummary": "OrderSummary", "OriginalOrder": "Order",
 }
 """Relationship name -> object, for the parent paths in :data:`sfconnect.config.FIELDS`."""
 

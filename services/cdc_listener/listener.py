@@ -49,6 +49,10 @@ from prometheus_client import Histogram
 from servicekit.connections import CursorStore
 from servicekit.errors import ConfigError, Transient
 from servicekit.logging import get_logger
+from sfconnect.cdc import apply_event as _apply
+from sfconnect.cdc import commit_of as _commit_of
+from sfconnect.cdc import read_event as _read_event
+from sfconnect.cdc import replay_of as _replay_of
 from sfconnect.client import SalesforceClient
 from sfconnect.config import CDC_SUBSCRIBED, SfConnection
 from sfconnect.deadletters import DeadLetterSink, FakeDeadLetters, SourceLetter
@@ -102,64 +106,6 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
 
 _Item = tuple[str, dict[str, Any], str | None]
 """(object, record as REST would return it, request url of a fetch-back or None)."""
-
-
-def _replay_of(ev: Any) -> int | None:
-    try:
-        return int(ev["data"]["event"]["replayId"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _commit_of(ev: Any) -> int | None:
-    try:
-        return int(ev["data"]["payload"]["ChangeEventHeader"]["commitTimestamp"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _read_event(ev: Any) -> tuple[dict[str, Any], dict[str, Any]] | str:
-    """(header, body) of a change event message, or why it cannot be read."""
-    if not isinstance(ev, dict) or not isinstance(ev.get("data"), dict):
-        return "not a CometD data message"
-    payload = ev["data"].get("payload")
-    if not isinstance(payload, dict):
-        return "data.payload is missing or not an object"
-    header = payload.get("ChangeEventHeader")
-    if not isinstance(header, dict):
-        return "no ChangeEventHeader in data.payload"
-    if not header.get("entityName") or not header.get("changeType"):
-        return "ChangeEventHeader without entityName or changeType"
-    if not isinstance(header.get("recordIds"), list):
-        return "ChangeEventHeader.recordIds is not a list"
-    if _replay_of(ev) is None:
-        return "data.event.replayId is missing"
-    return header, {k: v for k, v in payload.items() if k != "ChangeEventHeader"}
-
-
-def _apply(base: dict[str, Any], rid: str, header: dict[str, Any], body: dict[str, Any], *,
-           created: bool = False) -> dict[str, Any]:
-    """``base`` with the event's fields applied (compound ``Name`` flattened as REST returns it) and its
-    ``nulledFields`` set to null; the version is the body's ``SystemModstamp``, else ``LastModifiedDate``,
-    else the commit time."""
-    rec = dict(base)
-    for k, v in body.items():
-        if k == "Name" and isinstance(v, dict):
-            for part, pv in v.items():
-                rec[part] = pv
-            full = " ".join(str(v[x]) for x in ("FirstName", "LastName") if v.get(x))
-            if full:
-                rec["Name"] = full
-            continue
-        rec[k] = v
-    for f in header.get("nulledFields") or []:
-        rec[str(f)] = None
-    rec["Id"] = rid
-    if created:
-        rec["IsDeleted"] = False
-    stamp = body.get("SystemModstamp") or body.get("LastModifiedDate")
-    rec["SystemModstamp"] = stamp or ts_of_ms(int(header.get("commitTimestamp") or 0))
-    return rec
 
 
 @dataclass
