@@ -57,7 +57,7 @@ async def test_simple_salesforce_query_paging_describe_and_limits(sim: Any) -> N
                 "account": sf.Account.describe(), "limits": sf.limits()}
 
     got = await asyncio.to_thread(run)
-    live = [a for a in org.records("Account")]
+    live = list(org.records("Account"))
     assert got["first"]["done"] is False and len(got["first"]["records"]) == 200
     assert got["every"]["totalSize"] == len(live) == len(got["every"]["records"])
     assert {r["Id"] for r in got["every"]["records"]} == {a["Id"] for a in live}
