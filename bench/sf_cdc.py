@@ -393,13 +393,17 @@ async def backfill(infra: Infra, info: dict[str, Any], orders: int) -> dict[str,
     from sf_poller.sync import ConnectionSync
     from sfconnect.client import build_client, http_client
     from sfconnect.config import parse_connection
+    from sfconnect.published import MIGRATIONS as SF_MIGRATIONS
+    from sfconnect.published import PgPublishedStore
+
+    await migrate(infra.pool, [SF_MIGRATIONS])  # the published-version store, as the service uses it
 
     conn = await add_conn(infra, "bulk", "sf-bulk", info, "bulk", {
         "objects": ["Order"], "bulk_threshold": 2000, "bulk_poll_s": 0.2, "cdc": False})
     conn_cc = parse_connection(conn)
     async with http_client(conn_cc) as http:
         sync = ConnectionSync(conn_cc, build_client(conn_cc, http, infra), infra.publisher,
-                              PgCursorStore(infra.pool), infra.settings)
+                              PgCursorStore(infra.pool), infra.settings, store=PgPublishedStore(infra.pool))
         base = rss_mb()
         with RssSampler() as sampler:
             t0 = time.perf_counter()
