@@ -23,6 +23,7 @@ from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings
 from sfconnect.client import SalesforceClient, ShapeMismatch
 from sfconnect.config import SfConnection
+from sfconnect.deadletters import DeadLetterSink, FakeDeadLetters, SourceLetter
 from sfconnect.published import FakePublishedStore, Published, PublishedStore
 from sfconnect.records import field_value, norm_ts, out_message, raw_record, select_soql, soql_ts, version_of
 from sfconnect.shape import OrgShape, learn_shape, load_shape, save_shape
@@ -77,6 +78,10 @@ class RecordReader:
     skipped: int = 0
     """Records read again whose version was already published (not sent)."""
     last_published: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: DeadLetterSink = field(default_factory=FakeDeadLetters)
+    """Where records that cannot be published go (services pass the PostgreSQL + DLQ sink)."""
+    consumer: str = "sf-poller"
+    """The dead-letter consumer name (``sf-poller`` or ``cdc-listener``)."""
 
     @property
     def tenant(self) -> str:
@@ -150,25 +155,54 @@ class RecordReader:
 
     async def send(self, obj: str, records: Sequence[dict[str, Any]], url: str | None) -> list[RawRecord]:
         """Publish records as they are (no dedupe), wait for the acks, then remember their versions and
-        payloads in the published-version store."""
+        payloads in the published-version store. A record that cannot be published (no ``Id``, or a credit
+        memo whose OrderSummary cannot be resolved to its order) is dead-lettered instead
+        (:mod:`sfconnect.deadletters`), before the caller's cursor moves past it."""
         self.last_published = list(records)
         if not records:
             return []
-        raws = await self.to_raw(obj, records, url)
-        await self.publisher.send_all([out_message(self.settings, r) for r in raws])
-        self.published += len(raws)
-        await self.store.remember(self.conn.tenant_id, self.conn.connection_id, obj,
-                                  [Published(r.source_id, r.source_version, r.payload) for r in raws])
+        raws, letters = await self.to_raw_checked(obj, records, url)
+        if raws:
+            await self.publisher.send_all([out_message(self.settings, r) for r in raws])
+            self.published += len(raws)
+            await self.store.remember(self.conn.tenant_id, self.conn.connection_id, obj,
+                                      [Published(r.source_id, r.source_version, r.payload) for r in raws])
+        if letters:
+            await self.dead_letters.write(letters)
+            # a re-read of the same version (overlap window, reconcile) does not dead-letter it again; a
+            # replay re-reads it and publishes whatever Salesforce holds then
+            await self.store.remember(self.conn.tenant_id, self.conn.connection_id, obj, [
+                Published(str(field_value(r, "Id")), version_of(r)) for r in records
+                if field_value(r, "Id") and str(field_value(r, "Id")) in {x.source_id for x in letters}])
         return raws
 
     async def to_raw(self, obj: str, records: Sequence[dict[str, Any]], url: str | None) -> list[RawRecord]:
+        return (await self.to_raw_checked(obj, records, url))[0]
+
+    async def to_raw_checked(self, obj: str, records: Sequence[dict[str, Any]],
+                             url: str | None) -> tuple[list[RawRecord], list[SourceLetter]]:
         anchors = await self.anchors(obj, records)
-        out = []
+        out: list[RawRecord] = []
+        letters: list[SourceLetter] = []
         for r in records:
             text = json.dumps(r, separators=(",", ":"))
+            rid = field_value(r, "Id")
+            reason = None
+            if not rid:
+                reason = f"{obj} record without Id: cannot be keyed or re-read"
+            elif obj == "CreditMemo" and str(field_value(r, "ReferenceEntityId") or "").startswith("1Os") and (
+                    str(rid) not in anchors):
+                reason = (f"CreditMemo {rid} references OrderSummary {field_value(r, 'ReferenceEntityId')}, which "
+                          "this connection cannot read (not visible to the Run As user, or not there yet): "
+                          "grant access to OrderSummary, then replay this dead letter (it is read again)")
+            if reason is not None:
+                letters.append(SourceLetter(self.consumer, self.conn.tenant_id, self.conn.connection_id, obj, reason,
+                                            error_class="SourceUnreadable", source_id=str(rid) if rid else None,
+                                            body=text))
+                continue
             out.append(raw_record(self.conn.tenant_id, self.conn.connection_id, obj, r, text=text,
-                                  request_url=url, order_source_id=anchors.get(str(field_value(r, "Id")))))
-        return out
+                                  request_url=url, order_source_id=anchors.get(str(rid))))
+        return out, letters
 
     async def anchors(self, obj: str, records: Sequence[dict[str, Any]]) -> dict[str, str]:
         """Order Management credit memos reference an OrderSummary: key them by its original order."""

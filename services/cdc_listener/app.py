@@ -41,7 +41,8 @@ async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELI
 def listener_for(cc: SfConnection, client: SalesforceClient, infra: Infra,
                  session: aiohttp.ClientSession) -> CdcListener:
     cursors = GuardedCursorStore(PgCursorStore(infra.pool))
-    sync = RecordReader(cc, client, infra.publisher, cursors, infra.settings, store=PgPublishedStore(infra.pool))
+    sync = RecordReader(cc, client, infra.publisher, cursors, infra.settings, store=PgPublishedStore(infra.pool),
+                    dead_letters=PgDeadLetters(infra.pool, infra.publisher, infra.settings), consumer="cdc-listener")
     return CdcListener(cc, client, sync, cursors, session,
                        dead_letters=PgDeadLetters(infra.pool, infra.publisher, infra.settings))
 

@@ -19,6 +19,7 @@ from servicekit.runtime import Infra, Service
 from sf_poller.sync import ConnectionSync
 from sfconnect.client import SalesforceClient, build_client, http_client
 from sfconnect.config import CDC_SUBSCRIBED, SfConnection, parse_connection
+from sfconnect.deadletters import PgDeadLetters
 from sfconnect.guarded import GuardedCursorStore
 from sfconnect.published import MIGRATIONS, PgPublishedStore
 
@@ -39,6 +40,7 @@ def build_sync(cc: SfConnection, client: SalesforceClient, infra: Infra) -> Conn
         return await cursors.load(cc.tenant_id, cc.connection_id, CDC_SUBSCRIBED) is not None
 
     return ConnectionSync(cc, client, infra.publisher, cursors, infra.settings, store=PgPublishedStore(infra.pool),
+                      dead_letters=PgDeadLetters(infra.pool, infra.publisher, infra.settings), consumer="sf-poller",
                           ready_for_backfill=cdc_ready if cc.cdc else None)
 
 
