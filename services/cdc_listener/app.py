@@ -11,15 +11,15 @@ from collections.abc import Awaitable, Sequence
 import aiohttp
 
 from cdc_listener.listener import CdcListener
+from connectorkit.runner import supervise_connections
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
-from servicekit.connectors import supervise_connections
 from servicekit.db import migrate
 from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
 from sfconnect.client import QuotaGovernor, SalesforceClient, build_client, http_client
 from sfconnect.config import Quota, SfConnection, parse_connection
-from sfconnect.deadletters import PgDeadLetters
+from sfconnect.deadletters import KitDeadLetters
 from sfconnect.guarded import GuardedCursorStore
 from sfconnect.published import MIGRATIONS, PgPublishedStore
 from sfconnect.reader import RecordReader
@@ -30,6 +30,8 @@ __all__ = ["SERVICE", "aiohttp_session", "listener_for", "run_listener", "superv
 log = get_logger(__name__)
 
 RELIST_S = 5.0
+PRODUCER = "cdc-listener"
+"""Dead-letter topic (``dlq.cdc-listener.v1``) and service name."""
 
 
 async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELIST_S) -> None:
@@ -41,10 +43,10 @@ async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELI
 def listener_for(cc: SfConnection, client: SalesforceClient, infra: Infra,
                  session: aiohttp.ClientSession) -> CdcListener:
     cursors = GuardedCursorStore(PgCursorStore(infra.pool))
+    letters = KitDeadLetters(infra.pool, infra.publisher, infra.settings, PRODUCER)
     sync = RecordReader(cc, client, infra.publisher, cursors, infra.settings, store=PgPublishedStore(infra.pool),
-                    dead_letters=PgDeadLetters(infra.pool, infra.publisher, infra.settings), consumer="cdc-listener")
-    return CdcListener(cc, client, sync, cursors, session,
-                       dead_letters=PgDeadLetters(infra.pool, infra.publisher, infra.settings))
+                        dead_letters=letters, consumer=PRODUCER)
+    return CdcListener(cc, client, sync, cursors, session, dead_letters=letters)
 
 
 def aiohttp_session(cc: SfConnection) -> aiohttp.ClientSession:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
+from connectorkit.runner import mark_failed, poll_forever, supervise_connections
 from servicekit.connections import Connection, PgCursorStore
-from servicekit.connectors import mark_failed, poll_forever, supervise_connections
 from servicekit.db import migrate
 from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
@@ -19,7 +19,7 @@ from servicekit.runtime import Infra, Service
 from sf_poller.sync import ConnectionSync
 from sfconnect.client import SalesforceClient, build_client, http_client
 from sfconnect.config import CDC_SUBSCRIBED, SfConnection, parse_connection
-from sfconnect.deadletters import PgDeadLetters
+from sfconnect.deadletters import KitDeadLetters
 from sfconnect.guarded import GuardedCursorStore
 from sfconnect.published import MIGRATIONS, PgPublishedStore
 
@@ -29,6 +29,8 @@ __all__ = ["CDC_SUBSCRIBED", "RELIST_S", "SERVICE", "build_client", "build_sync"
 log = get_logger(__name__)
 
 RELIST_S = 5.0
+PRODUCER = "sf-poller"
+"""Dead-letter topic (``dlq.sf-poller.v1``) and service name."""
 SOURCE = "salesforce"
 Runner = Callable[[Connection, Infra, asyncio.Event], Awaitable[None]]
 
@@ -40,8 +42,8 @@ def build_sync(cc: SfConnection, client: SalesforceClient, infra: Infra) -> Conn
         return await cursors.load(cc.tenant_id, cc.connection_id, CDC_SUBSCRIBED) is not None
 
     return ConnectionSync(cc, client, infra.publisher, cursors, infra.settings, store=PgPublishedStore(infra.pool),
-                      dead_letters=PgDeadLetters(infra.pool, infra.publisher, infra.settings), consumer="sf-poller",
-                          ready_for_backfill=cdc_ready if cc.cdc else None)
+                          dead_letters=KitDeadLetters(infra.pool, infra.publisher, infra.settings, PRODUCER),
+                          consumer=PRODUCER, ready_for_backfill=cdc_ready if cc.cdc else None)
 
 
 async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *, once: bool = False) -> None:

@@ -70,8 +70,9 @@ def test_salesforce_connection_add_verify_dry_run_go_live(
     assert main(["connections", "add", "--tenant", "acme", "--id", "sf-bad", "--source", "salesforce",
                  "--endpoint", sb.base_url, "--credentials", bad, "--settings", json.dumps(settings)]) == 0
     assert main(["connections", "verify", "--tenant", "acme", "--id", "sf-bad"]) == 1
-    err = capsys.readouterr().err
-    assert "consumer key and secret" in err and "wrong" not in err, "says what to fix, shows no secret"
+    captured = capsys.readouterr()
+    assert "consumer key and secret" in captured.err and "FAIL  auth" in captured.out
+    assert "wrong" not in captured.err + captured.out, "says what to fix, shows no secret"
 
     creds = json.dumps({"client_id": org.client_id, "client_secret": org.client_secret})
     assert main(["connections", "add", "--tenant", "acme", "--id", "sf-main", "--source", "salesforce",
@@ -79,9 +80,9 @@ def test_salesforce_connection_add_verify_dry_run_go_live(
     assert main(["connections", "go-live", "--tenant", "acme", "--id", "sf-main"]) == 2  # verify first
     capsys.readouterr()
     assert main(["connections", "verify", "--tenant", "acme", "--id", "sf-main"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["ok"] and report["org_shape"] == {"multi_currency": False, "person_accounts": False,
-                                                    "order_management": False}
+    lines = capsys.readouterr().out.splitlines()
+    assert "ok    org shape: multi_currency=False, person_accounts=False, order_management=False" in lines
+    assert any(line.startswith("ok    read Order:") for line in lines) and "verified" in lines[-1]
     shape = sql(database_url, cli_env, "SELECT cursor FROM cursors WHERE connection_id = 'sf-main' AND "
                                        "entity = 'org:shape'")
     assert len(shape) == 1
@@ -89,9 +90,8 @@ def test_salesforce_connection_add_verify_dry_run_go_live(
     before = sql(database_url, cli_env, "SELECT entity, cursor FROM cursors ORDER BY entity")
     assert main(["connections", "dry-run", "--tenant", "acme", "--id", "sf-main"]) == 0
     preview = json.loads(capsys.readouterr().out)
-    orders = preview["preview"]["Order"]
-    assert orders and all(o["events"] and not o.get("dead") for o in orders), orders
-    assert all(e["order"]["currency"] == "EUR" for o in orders for e in o["events"] if "order" in e)
+    assert preview["records"]["Order"] > 0 and not preview["would_dead_letter"], preview
+    assert any("order" in topic for topic in preview["canonical"]), preview["canonical"]
     assert sql(database_url, cli_env, "SELECT entity, cursor FROM cursors ORDER BY entity") == before
 
     assert main(["connections", "go-live", "--tenant", "acme", "--id", "sf-main"]) == 0
