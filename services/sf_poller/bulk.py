@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from connectorkit.http import Response
 from servicekit.errors import Transient
 from servicekit.logging import get_logger
 from sf_poller.results import EntityResult
@@ -79,7 +80,7 @@ async def iter_csv_rows(resp: httpx.Response) -> AsyncIterator[dict[str, str]]:
 
 
 async def start_bulk(sync: BulkHost, obj: str, res: EntityResult, *, attempt: int = 1) -> dict[str, Any]:
-    async def create() -> httpx.Response:
+    async def create() -> Response:
         soql = f"{sync.select(obj)} ORDER BY SystemModstamp, Id"
         return await sync.client.request("POST", f"{sync.client.data_path}/jobs/query", json={
             "operation": "queryAll", "query": soql, "contentType": "CSV", "columnDelimiter": "COMMA",
