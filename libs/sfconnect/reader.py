@@ -23,6 +23,7 @@ from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings
 from sfconnect.client import SalesforceClient, ShapeMismatch
 from sfconnect.config import SfConnection
+from sfconnect.cursors import SfCursor, checked
 from sfconnect.deadletters import DeadLetterSink, FakeDeadLetters, SourceLetter
 from sfconnect.published import FakePublishedStore, Published, PublishedStore
 from sfconnect.records import field_value, norm_ts, out_message, raw_record, select_soql, soql_ts, version_of
@@ -113,10 +114,14 @@ class RecordReader:
         return select_soql(obj, self.shape, self.conn.own_ids(obj))
 
     async def load(self, obj: str) -> dict[str, Any]:
-        return await self.cursors.load(self.conn.tenant_id, self.conn.connection_id, obj) or {}
+        """The object's cursor (:class:`sfconnect.cursors.SfCursor`, validated), or ``{}`` on the first run."""
+        raw = await self.cursors.load(self.conn.tenant_id, self.conn.connection_id, obj)
+        return checked(SfCursor, raw, where=f"{self.conn.connection_id}/{obj}") if raw else {}
 
     async def save(self, obj: str, cursor: dict[str, Any]) -> None:
-        await self.cursors.save(self.conn.tenant_id, self.conn.connection_id, obj, cursor)
+        """Save a cursor, validated as :class:`sfconnect.cursors.SfCursor`."""
+        await self.cursors.save(self.conn.tenant_id, self.conn.connection_id, obj,
+                                checked(SfCursor, cursor, where=f"{self.conn.connection_id}/{obj}"))
 
     async def fresh(self, obj: str, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """The records whose version was not published yet, by any process (:mod:`sfconnect.published`)."""

@@ -55,6 +55,7 @@ from sfconnect.cdc import read_event as _read_event
 from sfconnect.cdc import replay_of as _replay_of
 from sfconnect.client import SalesforceClient
 from sfconnect.config import CDC_SUBSCRIBED, SfConnection
+from sfconnect.cursors import ReplayPosition, checked
 from sfconnect.deadletters import DeadLetterSink, FakeDeadLetters, SourceLetter
 from sfconnect.reader import RecordReader
 from sfconnect.records import field_value, select_fields, ts_of_ms
@@ -154,7 +155,8 @@ class CdcListener:
     async def load(self) -> None:
         t, c = self.conn.tenant_id, self.conn.connection_id
         for ch in self.channels:
-            cur = await self.cursors.load(t, c, self._key(ch)) or {}
+            raw = await self.cursors.load(t, c, self._key(ch))
+            cur = checked(ReplayPosition, raw, where=f"{c}/{ch}") if raw else {}
             self.replay[ch] = cur.get("replay_id")
             if cur.get("commit_ms"):
                 self.commit_ms[ch] = int(cur["commit_ms"])
@@ -407,7 +409,8 @@ class CdcListener:
             if commit:
                 self.commit_ms[ch] = commit
         await asyncio.gather(*(
-            self.cursors.save(t, c, self._key(ch), {"replay_id": self.replay[ch], "commit_ms": self.commit_ms.get(ch)})
+            self.cursors.save(t, c, self._key(ch), checked(ReplayPosition, {
+                "replay_id": self.replay[ch], "commit_ms": self.commit_ms.get(ch)}, where=f"{c}/{ch}"))
             for ch in latest))
         STAGE_SECONDS.labels("save").observe(time.time() - saving)
 
