@@ -1,6 +1,6 @@
 """Issue 10: ``flash connections add / verify / dry-run / go-live`` on a Salesforce sandbox connection, from a
 fresh database, as an operator runs them; verify learns and saves the org's shape; its failures say what to
-fix; dry-run writes nothing (cursors unchanged)."""
+fix; dry-run writes nothing (every table unchanged)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ def sandbox() -> Iterator[tuple[SalesforceState, RunningSandbox]]:
     thread.join(10)
 
 
+def _snapshot(dsn: str, schema: str) -> dict[str, str]:
+    """A digest of every table of the schema (a dry-run must change none)."""
+    tables = [r["tablename"] for r in sql(dsn, schema, "SELECT tablename FROM pg_tables WHERE schemaname = $1 "
+                                                       "ORDER BY 1", schema)]
+    return {t: str(sql(dsn, schema, f'SELECT md5(coalesce(string_agg(x::text, \'|\' ORDER BY x::text), \'\')) '
+                                    f'FROM "{t}" x')[0][0]) for t in tables}
+
+
 def test_salesforce_connection_add_verify_dry_run_go_live(
     cli_env: str, database_url: str, sandbox: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -87,12 +95,12 @@ def test_salesforce_connection_add_verify_dry_run_go_live(
                                        "entity = 'org:shape'")
     assert len(shape) == 1
 
-    before = sql(database_url, cli_env, "SELECT entity, cursor FROM cursors ORDER BY entity")
+    before = _snapshot(database_url, cli_env)
     assert main(["connections", "dry-run", "--tenant", "acme", "--id", "sf-main"]) == 0
     preview = json.loads(capsys.readouterr().out)
     assert preview["records"]["Order"] > 0 and not preview["would_dead_letter"], preview
     assert any("order" in topic for topic in preview["canonical"]), preview["canonical"]
-    assert sql(database_url, cli_env, "SELECT entity, cursor FROM cursors ORDER BY entity") == before
+    assert _snapshot(database_url, cli_env) == before, "a dry-run changed the database"
 
     assert main(["connections", "go-live", "--tenant", "acme", "--id", "sf-main"]) == 0
     state_row = sql(database_url, cli_env, "SELECT state FROM connections WHERE connection_id = 'sf-main'")
