@@ -455,8 +455,10 @@ class CdcListener:
                 work[key] = None
                 need[key] = None
         # parent fields (``Account.PersonEmail``..) of records built from events, from the parents' state
-        for key, rec in work.items():
-            if rec is not None and key not in need and not await self._fill_parents(key[0], rec):
+        built = {key: rec for key, rec in work.items() if rec is not None and key not in need}
+        parents = await self._parent_states(built)
+        for key, record in built.items():
+            if not self._fill_parents(key[0], record, parents):
                 need[key] = None
         if need:
             by_obj: dict[str, list[str]] = {}
@@ -505,31 +507,40 @@ class CdcListener:
         rels = {p.split(".", 1)[0] for p in select_fields(obj, self.sync.shape, self.conn.own_ids(obj)) if "." in p}
         return any(f"{rel}Id" in changed for rel in rels)
 
-    async def _fill_parents(self, obj: str, rec: dict[str, Any]) -> bool:
+    def _parent_paths(self, obj: str) -> list[str]:
+        return [p for p in select_fields(obj, self.sync.shape, self.conn.own_ids(obj)) if "." in p]
+
+    async def _parent_states(self, records: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], Any]:
+        """The last published state of every parent the records' ``Parent.Field`` paths name: one
+        published-store read per parent object for the whole batch."""
+        wanted: dict[str, set[str]] = {}
+        for (obj, _), rec in records.items():
+            for path in self._parent_paths(obj):
+                rel = path.split(".", 1)[0]
+                parent_obj, parent_id = PARENT_OBJECT.get(rel), rec.get(f"{rel}Id")
+                if parent_obj and parent_id and field_value(rec, path) is None:
+                    wanted.setdefault(parent_obj, set()).add(str(parent_id))
+        out: dict[tuple[str, str], Any] = {}
+        t, c = self.conn.tenant_id, self.conn.connection_id
+        for parent_obj, ids in wanted.items():
+            for rid, got in (await self.sync.store.load(t, c, parent_obj, sorted(ids))).items():
+                if got.payload:
+                    with contextlib.suppress(ValueError):
+                        out[(parent_obj, rid)] = json.loads(got.payload)
+        return out
+
+    def _fill_parents(self, obj: str, rec: dict[str, Any], parents: dict[tuple[str, str], Any]) -> bool:
         """Set the ``Parent.Field`` values of the select list from the parents' last published state;
         False when a parent's state is not held (the record is then fetched back)."""
-        paths = [p for p in select_fields(obj, self.sync.shape, self.conn.own_ids(obj)) if "." in p]
-        if not paths:
-            return True
-        t, c = self.conn.tenant_id, self.conn.connection_id
-        for path in paths:
+        for path in self._parent_paths(obj):
             rel, _, name = path.partition(".")
             if field_value(rec, path) is not None:
                 continue
             parent_id = rec.get(f"{rel}Id")
             if not parent_id:
                 continue  # no parent: the value is null, as SOQL would return it
-            parent_obj = PARENT_OBJECT.get(rel)
-            if parent_obj is None:
-                return False
-            got = (await self.sync.store.load(t, c, parent_obj, [str(parent_id)])).get(str(parent_id))
-            if got is None or not got.payload:
-                return False
-            try:
-                parent = json.loads(got.payload)
-            except ValueError:
-                return False
-            if name not in parent:
+            parent = parents.get((PARENT_OBJECT.get(rel) or "", str(parent_id)))
+            if not isinstance(parent, dict) or name not in parent:
                 return False
             nested = rec.setdefault(rel, {})
             if isinstance(nested, dict):
