@@ -66,3 +66,13 @@ def test_flash_normalize_cli_reads_a_query_response(capsys: pytest.CaptureFixtur
     ids = {x["event"]["source_id"] for x in lines}
     assert ids == {"801xx000003GZh1AAG", "801xx000003GZh2AAG"}
     assert len({x["event"]["event_id"] for x in lines}) == 2
+
+
+def test_credit_memo_status_follows_the_connections_map() -> None:
+    raws = records_from_file(HERE / "query_credit_memo.json", source="salesforce", entity=None)
+    memo = raws[0].model_copy(update={"payload": raws[0].payload.replace('"Posted"', '"Pending Approval"')})
+    result = map_raw(memo, {"mode": "order_summary"})
+    assert result.dead and "memo_status_map" in result.dead[0]  # never silently "effective"
+    mapped = map_raw(memo, {"mode": "order_summary", "memo_status_map": {"Pending Approval": "pending"}})
+    (_, ev), = mapped.events
+    assert ev.return_.lifecycle == "pending"

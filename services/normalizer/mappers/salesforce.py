@@ -311,6 +311,19 @@ _MEMO_STATUS = {"Posted": "effective", "Draft": "pending", "Canceled": "cancelle
                 "Void": "cancelled", "Voided": "cancelled"}
 
 
+def _memo_lifecycle(status: str, settings: Mapping[str, Any], what: str) -> str:
+    """CreditMemo.Status -> return lifecycle: ``settings.memo_status_map`` over the defaults (the picklist's
+    values are UNCONFIRMED in the reference; docs/vendor-facts.md, Salesforce)."""
+    table = {**_MEMO_STATUS, **dict(settings.get("memo_status_map") or {})}
+    value = table.get(status)
+    if value is None:
+        raise Unmappable(f"{what}: Status {status!r} is not in settings.memo_status_map; map it to pending, "
+                         "effective or cancelled")
+    if value not in ("pending", "effective", "cancelled"):
+        raise Unmappable(f"settings.memo_status_map[{status!r}] is {value!r}; use pending, effective or cancelled")
+    return str(value)
+
+
 def _credit_memo(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) -> Events:
     if _refunds(settings) != "credit_memo":
         return []
@@ -325,7 +338,7 @@ def _credit_memo(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, 
     ret = ReturnData(
         return_number=_str(rec, "DocumentNumber"), original_order_source_id=order_id,
         customer_source_id=_str(rec, "BillingAccountId"), status=status,
-        lifecycle=_MEMO_STATUS.get(status, "effective"),
+        lifecycle=_memo_lifecycle(status, settings, what),
         currency=_currency(rec, settings, what), amount=_dec(rec, "TotalAmount", required=True, what=what) or _ZERO,
     )
     return [(CANONICAL_RETURN, ReturnUpserted(**_envelope(raw), return_=ret))]
