@@ -27,7 +27,10 @@ of the token response.
      "summary_status_map": {"Created": "pending", "Fulfilled": "awardable", "Canceled": "cancelled"},
      "default_currency": "EUR",             # required when the org has no multicurrency (no CurrencyIsoCode)
      "status_map": {"Cancelled": "cancelled", "Fulfilled": "awardable", "Activated": "pending"},
-     "external_id_field": "AccountNumber",  # the tenant's own customer id on Account / Contact
+     "external_id_field": "AccountNumber",  # the tenant's own customer id: a field of Account, or
+                                            #   {"Account": "Loyalty_Id__c", "Contact": "Member_No__c"}; selected
+                                            #   in every SOQL of those objects, checked at verify
+     "memo_status_map": {"Posted": "effective"},  # CreditMemo.Status -> pending|effective|cancelled
      "price_currency": "EUR",               # PricebookEntry currency that prices products (default any)
      "refunds": "return_order" | "credit_memo",   # default: order -> return_order, OM -> credit_memo
      "bulk_threshold": 2000,                # initial loads above this many rows use Bulk API 2.0 (0: never)
@@ -38,4 +41,8 @@ of the token response.
      "cdc": true,                           # CDC listener on: backfill waits for its subscription, then
      "reconcile_interval_s": 3600,          #   the poller only runs a safety-net poll this often
      "quota": {"run_share": 0.25, "org_share": 0.8, "pause_s": 300, "limit_backoff_s": 60}}
+
+Every vendor fact these settings stand in for (UNCONFIRMED values, org-defined picklists) is listed with
+its source in ``docs/vendor-facts.md`` (``## Salesforce``). The org's shape (which fields and objects exist)
+is not a setting: verify learns it (:mod:`sfconnect.shape`).
 """
