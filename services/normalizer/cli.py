@@ -28,8 +28,10 @@ __all__ = ["cmd_normalize", "records_from_file", "register"]
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("normalize", help="run the normalizer on a saved vendor payload")
     p.add_argument("file", type=Path)
-    p.add_argument("--source", default="dynamics-ce")
-    p.add_argument("--entity", default=None, help="vendor entity (required unless FILE is a RawRecord)")
+    p.add_argument("--source", default="dynamics-ce", help="dynamics-ce (default) or salesforce: how ids, "
+                   "versions and ops are derived from a vendor payload (as the source's poller derives them)")
+    p.add_argument("--entity", default=None, help="vendor entity (required unless FILE is a RawRecord, or a "
+                   "Salesforce query response / record with attributes.type / CDC message, which name their object)")
     p.add_argument("--settings", default="{}", help="connection settings as JSON (or @file.json)")
     p.add_argument("--tenant", default="cli")
     p.add_argument("--op", choices=("upsert", "delete"), default=None)
