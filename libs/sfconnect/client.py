@@ -282,6 +282,10 @@ class SalesforceClient:
     def _pin(self, *urls: str) -> HostPin:
         return HostPin.for_urls([self.my_domain, *urls], kinds=["salesforce"])
 
+    def pin(self) -> HostPin:
+        """The hosts this connection's credentials may go to (My Domain, the checked instance URL)."""
+        return self._pin(self.token.instance_url if self.token else "")
+
     def vendor(self) -> VendorClient:
         if self._vendor is None:
             self._vendor = VendorClient(
@@ -299,6 +303,9 @@ class SalesforceClient:
                               secrets=(self.client_secret,))
         body = await tokens.token_post(url, {"grant_type": "client_credentials", "client_id": self.client_id,
                                              "client_secret": self.client_secret}, what="Salesforce token request")
+        # the instance URL comes from the vendor: it must be My Domain's host or a Salesforce host before any
+        # token is sent there (docs/vendor-facts.md, connector kit: Salesforce My Domain hosts)
+        self._pin().check(str(body.get("instance_url") or ""), what="instance_url of the token response")
         ident = str(body.get("id") or "")
         m = re.search(r"/id/([^/]+)/", ident)
         self.token = Token(str(body["access_token"]), str(body["instance_url"]).rstrip("/"),

@@ -165,6 +165,7 @@ class CdcListener:
     async def _send(self, *messages: dict[str, Any]) -> list[dict[str, Any]]:
         await self.client.ensure_token()
         assert self.client.token is not None
+        self.client.pin().check(self.url, what="CometD")  # the bearer token goes to pinned hosts only
         out = []
         for m in messages:
             self.seq += 1

@@ -184,3 +184,13 @@ def test_limit_info_header_parsing() -> None:
     assert gov.maximum and gov.used is not None
     gov.observe("api-usage=18/5000; per-app-api-usage=17/250(appName=x)")
     assert (gov.used, gov.maximum) == (18, 5000)
+
+
+async def test_an_instance_url_off_salesforce_is_refused_before_any_token_goes_there() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.host == "acme.my.salesforce.com", "nothing is sent to another host"
+        return httpx.Response(200, json={**TOKEN, "instance_url": "https://evil.example.com"})
+
+    client = SalesforceClient(httpx.AsyncClient(transport=httpx.MockTransport(handler)), MY_DOMAIN, "cid", "secret")
+    with pytest.raises(ConfigError, match=r"evil\.example\.com"):
+        await client.query_page("SELECT Id FROM Account")
