@@ -37,6 +37,7 @@ __all__ = [
     "VENDOR_QUOTA_USED",
     "metrics_server",
     "observe_quota",
+    "quota_seen",
     "serve_metrics",
 ]
 
@@ -70,6 +71,15 @@ def observe_quota(source: str, used: int, maximum: int | None) -> None:
     VENDOR_QUOTA_USED.labels(source).set(used)
     if maximum:
         VENDOR_QUOTA_LIMIT.labels(source).set(maximum)
+
+
+def quota_seen(source: str) -> str | None:
+    """``used/limit`` of ``source`` as this process last saw it, or None."""
+    used = REGISTRY.get_sample_value("flash_vendor_quota_used", {"source": source})
+    limit = REGISTRY.get_sample_value("flash_vendor_quota_limit", {"source": source})
+    if used is None:
+        return None
+    return f"{int(used)}/{int(limit)}" if limit else str(int(used))
 
 
 ReadyCheck = Callable[[], Awaitable[str | None]]

@@ -30,6 +30,7 @@ from connectorkit.registry import validate_connection as kit_validate_connection
 from connectorkit.replay import source_rewriter
 from controlplane.tokens import Actor
 from servicekit import dlq as dlq_ops
+from servicekit import metrics
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
 from servicekit.db import Migrations
 from servicekit.errors import ConfigError, FlashError
@@ -325,7 +326,9 @@ class Operations:
             return {"ok": False, "state": "failed", "error": message, "connection_id": connection_id,
                     "lines": _scrub(lines, conn.credentials)}
         await self.store.set_state(tenant_id, connection_id, "verified")
-        usage = report.get("api_usage") if isinstance(report, dict) else None  # e.g. Salesforce "used/max"
+        usage = report.get("api_usage") if isinstance(report, dict) else None
+        if not usage:  # the vendor's own figure from the verify's responses (Sforce-Limit-Info, x-ms-ratelimit)
+            usage = metrics.quota_seen(conn.source)
         await self._audit(actor, tenant_id, "connection.verify", connection_id,
                           {"ok": True, **({"api_usage": usage} if usage else {})})
         return {"ok": True, "state": "verified", "connection_id": connection_id,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from ce_poller.limiter import BURST_HEADER, UserBudget
-from sf_poller.client import Quota, QuotaGovernor
+from sfconnect.client import Quota, QuotaGovernor
 
 
 def _used(source: str) -> float | None:
