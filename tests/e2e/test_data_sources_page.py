@@ -105,22 +105,23 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
 
                 # An endpoint the policy refuses: the page shows the API's own words.
                 await page.get_by_role("button", name="Add a connection").click()
-                await page.get_by_label("Connection name").fill("ce-main")
-                await page.get_by_label("Source", exact=True).select_option("dynamics-ce")
-                await page.get_by_label("Endpoint").fill("https://10.0.0.7")
-                await page.get_by_label("Directory (tenant) ID").fill(org.tenant_id)
-                await page.get_by_label("Application (client) ID").fill(app.client_id)
-                await page.get_by_label("Client secret").fill(app.client_secret)
+                add = page.locator("#add-form")
+                await add.get_by_label("Connection name").fill("ce-main")
+                await add.get_by_label("Source", exact=True).select_option("dynamics-ce")
+                await add.get_by_label("Endpoint").fill("https://10.0.0.7")
+                await add.get_by_label("Directory (tenant) ID").fill(org.tenant_id)
+                await add.get_by_label("Application (client) ID").fill(app.client_id)
+                await add.get_by_label("Client secret").fill("the-secret-id-not-its-value")  # a classic slip
                 monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "0")
                 await page.get_by_role("button", name="Save as draft").click()
                 await expect(page.get_by_role("alert")).to_contain_text("an IP address is not a vendor endpoint")
-                await expect(page.get_by_label("Endpoint")).to_be_focused()  # where the fix goes
-                await expect(page.get_by_label("Endpoint")).to_have_attribute("aria-invalid", "true")
+                await expect(add.get_by_label("Endpoint")).to_be_focused()  # where the fix goes
+                await expect(add.get_by_label("Endpoint")).to_have_attribute("aria-invalid", "true")
                 await shot(page, "02-endpoint-refused")
                 monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")
 
-                await page.get_by_label("Endpoint").fill(f"{sb.base_url}/orgs/contoso")
-                await page.get_by_label("Settings").fill(json.dumps({
+                await add.get_by_label("Endpoint").fill(f"{sb.base_url}/orgs/contoso")
+                await add.get_by_label("Settings").fill(json.dumps({
                     "authority": f"{sb.base_url}/{org.tenant_id}", "ca_bundle": str(sb.tls.ca_path),
                     "page_size": 10, "poll_interval_s": 1}))
                 unlabeled = await page.evaluate("""() => [...document.querySelectorAll('input,select,textarea')]
@@ -129,12 +130,28 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 await shot(page, "03-add-form")
                 await page.get_by_role("button", name="Save as draft").click()
                 await expect(page.locator("#detail-title")).to_have_text("ce-main")
-                assert await page.get_by_label("Client secret").count() == 0 or \
-                    await page.get_by_label("Client secret").input_value() == "", "the secret leaves the page"
+                assert await add.get_by_label("Client secret").count() == 0 or \
+                    await add.get_by_label("Client secret").input_value() == "", "the secret leaves the page"
+
+                # The wrong secret: verify fails and says what to fix, in the connector's words.
+                await page.get_by_role("button", name="Verify").click()
+                await expect(page.get_by_role("heading", name="Verification failed")).to_be_visible(timeout=30_000)
+                await expect(page.locator("#verify-result")).to_contain_text("put the secret's Value (not its Secret ID)")
+                await expect(page.locator("#detail-sub .badge")).to_have_text("Failed")
+                await shot(page, "04-verify-failed")
+                # Edit: the right secret (the others are kept); the connection is a draft again.
+                await page.get_by_role("button", name="Edit").click()
+                edit = page.locator("#edit")
+                await expect(edit.get_by_label("Client secret")).to_have_attribute(
+                    "placeholder", "stored (leave empty to keep)")
+                await edit.get_by_label("Client secret").fill(app.client_secret)
+                await page.get_by_role("button", name="Save changes").click()
+                await expect(page.get_by_role("status")).to_contain_text("it is a draft again")
+                await expect(page.locator("#detail-sub .badge")).to_have_text("Draft")
 
                 await page.get_by_role("button", name="Verify").click()
                 await expect(page.get_by_text("Verified: the connection works")).to_be_visible(timeout=30_000)
-                await shot(page, "04-verified")
+                await shot(page, "05-verified")
                 await page.get_by_role("button", name="Preview (dry-run)").click()
                 await expect(page.get_by_text("Preview: what would land")).to_be_visible(timeout=30_000)
                 await expect(page.get_by_role("table", name="Records per entity")).to_contain_text("salesorder")
@@ -145,7 +162,7 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 await expect(rate).to_have_text(re.compile(r"^\d+%$"))
                 earned = page.locator(".stat", has_text="Points that would be earned").locator("dd")
                 await expect(earned).not_to_have_text(re.compile(r"^(—|0)$"))
-                await shot(page, "05-preview")
+                await shot(page, "06-preview")
                 assert await infra.pool.fetchval("SELECT count(*) FROM cursors") == 0, "the preview wrote nothing"
 
                 await page.get_by_role("button", name="Go live").click()
@@ -164,7 +181,7 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 await expect(stat).not_to_have_text("0", timeout=15_000)
                 await expect(page.locator(".stat", has_text="Points in ledger").locator("dd")).not_to_have_text(
                     "0", timeout=30_000)
-                await shot(page, "06-live-orders-landed")
+                await shot(page, "07-live-orders-landed")
 
                 # A GBP order changes at the vendor and arrives without an exchange rate; the program has
                 # none for GBP either, so the points engine dead-letters it with the reason. The operator adds
@@ -187,12 +204,12 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 await page.get_by_role("button", name="Refresh dead letters").click()
                 await page.get_by_role("button", name=f"Inspect dead letter {letter}").click()
                 await expect(page.locator("#letter")).to_contain_text("has no rate for GBP")
-                await shot(page, "07-dead-letter")
+                await shot(page, "08-dead-letter")
                 await set_program(infra.pool, Program.model_validate({**PROGRAM, "exchange_rates": {
                     **PROGRAM["exchange_rates"], "GBP": "0.8"}}))  # the fix (flash points program set)
                 await page.get_by_role("button", name=f"Replay #{letter}").click()
                 await expect(page.get_by_role("status")).to_contain_text(f"Replayed dead letter {letter}")
-                await shot(page, "08-replayed")
+                await shot(page, "09-replayed")
                 landed = None
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and landed != version:
@@ -224,7 +241,7 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 await expect(page.get_by_label("Tenant", exact=True)).to_be_visible()
                 await page.keyboard.press("Escape")
                 await expect(page.locator("#add")).to_be_hidden()
-                await shot(page, "09-operator")
+                await shot(page, "10-operator")
                 assert errors == [], errors
                 await browser.close()
         finally:

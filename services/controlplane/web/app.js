@@ -55,6 +55,10 @@ function ago(iso) {
   return when(iso);
 }
 
+function short(text, n = 90) {
+  return text.length <= n ? text : text.slice(0, n - 1) + "…";
+}
+
 function fill(node, ...children) {
   node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false && c !== ""));
 }
@@ -154,7 +158,7 @@ function signOut() {
   selected = null;
   clearInterval(statusTimer);
   previewed = new Set();
-  for (const id of ["#detail", "#letter", "#add", "#verify-result", "#preview"]) $(id).hidden = true;
+  for (const id of ["#detail", "#letter", "#add", "#edit", "#verify-result", "#preview"]) $(id).hidden = true;
   progress("");
   $("#app").hidden = true;
   $("#who").hidden = true;
@@ -177,7 +181,7 @@ async function loadConnections() {
     el("th", {scope: "row"}, c.connection_id),
     el("td", {}, c.tenant_id),
     el("td", {}, c.source),
-    el("td", {}, badge(c.state), c.last_error ? el("span", {class: "err-inline"}, " " + c.last_error) : null),
+    el("td", {}, badge(c.state), c.last_error ? el("div", {class: "err-inline"}, short(c.last_error)) : null),
     el("td", {class: "mono"}, c.endpoint),
     el("td", {}, el("button", {type: "button", class: "secondary small", "aria-label": "Open " + c.connection_id,
       onclick: () => openConnection(c.tenant_id, c.connection_id)}, "Open")),
@@ -253,6 +257,7 @@ function path() { return `/connections/${encodeURIComponent(selected.tenant_id)}
 
 async function openConnection(tenant, id) {
   selected = {tenant_id: tenant, connection_id: id};
+  $("#edit").hidden = true;
   $("#verify-result").hidden = true;
   $("#preview").hidden = true;
   $("#detail").hidden = false;
@@ -268,8 +273,11 @@ async function refreshStatus(quiet) {
   const s = quiet ? await api("GET", path() + "/status").catch(() => null) : await run("Loading status", () => api("GET", path() + "/status"));
   if (!s || !selected || selected.connection_id !== key) return;
   $("#detail-title").textContent = s.connection_id;
-  $("#detail-sub").replaceChildren(s.source + " · tenant " + s.tenant_id + " · ", badge(s.state),
-    s.last_error ? el("span", {class: "err-inline"}, " " + s.last_error) : "");
+  $("#detail-sub").replaceChildren(s.source + " · tenant " + s.tenant_id + " · ", badge(s.state));
+  // The last error in full, unless the verify result just shown says it already.
+  const showError = s.last_error && $("#verify-result").hidden;
+  $("#last-error").hidden = !showError;
+  $("#last-error").textContent = showError ? "Last error: " + s.last_error : "";
   const stats = [
     ["Last sync", s.last_sync ? ago(s.last_sync) : "not yet"],
     ["Behind by", s.lag_s === null ? "—" : Math.round(s.lag_s) + " s"],
@@ -288,7 +296,7 @@ async function refreshStatus(quiet) {
     li.classList.toggle("done", i <= reached);
     li.toggleAttribute("aria-current", i === reached);
   });
-  const can = {verify: true, "dry-run": true, "go-live": ["verified", "paused"].includes(s.state),
+  const can = {edit: true, verify: true, "dry-run": true, "go-live": ["verified", "paused"].includes(s.state),
                pause: s.state === "live", resume: s.state === "paused", delete: true};
   document.querySelectorAll("#detail [data-act]").forEach((b) => {
     b.disabled = !can[b.dataset.act];
@@ -306,6 +314,9 @@ async function act(action) {
   } else if (action === "dry-run") {
     const r = await run("Previewing what would land (nothing is written)", () => api("POST", path() + "/dry-run?limit=5"));
     if (r) { previewed.add(selected.connection_id); showPreview(r); }
+  } else if (action === "edit") {
+    await openEdit();
+    return;
   } else if (action === "delete") {
     if (!confirm("Delete " + selected.connection_id + "? Syncing stops and its cursors are removed.")) return;
     const r = await run("Deleting", () => api("DELETE", path()));
@@ -317,6 +328,51 @@ async function act(action) {
     if (r) progress(r.connection_id + " is now " + (STATE_LABEL[r.state] || r.state) + ".");
     if (r && action === "go-live") { $("#verify-result").hidden = true; $("#preview").hidden = true; } // done with them
   }
+  await refreshStatus(true);
+  await loadConnections();
+}
+
+async function openEdit() {
+  const form = $("#edit");
+  if (!form.hidden) { closeEdit(); return; }
+  const c = await run("Loading " + selected.connection_id, () => api("GET", path()));
+  if (!c) return;
+  $("#e-endpoint").value = c.endpoint;
+  $("#e-settings").value = JSON.stringify(c.settings || {}, null, 2);
+  const spec = SOURCES[c.source] || {creds: Object.keys(c.credentials || {}).map((k) => [k, k, "password"])};
+  fill($("#edit-creds"), spec.creds.map(([name, label, type]) => el("div", {class: "field"},
+    el("label", {for: "e-" + name}, label),
+    el("input", {id: "e-" + name, name, type, autocomplete: "off", spellcheck: "false",
+                 placeholder: c.credentials && name in c.credentials ? "stored (leave empty to keep)" : "not set"}))));
+  form.hidden = false;
+  document.querySelector('[data-act="edit"]').setAttribute("aria-expanded", "true");
+  $("#e-endpoint").focus();
+}
+
+function closeEdit() {
+  $("#edit").hidden = true;
+  document.querySelector('[data-act="edit"]').setAttribute("aria-expanded", "false");
+}
+
+async function submitEdit(ev) {
+  ev.preventDefault();
+  let settings;
+  try { settings = JSON.parse($("#e-settings").value.trim() || "{}"); } catch (e) {
+    notify("Settings must be JSON: " + e.message);
+    $("#e-settings").focus();
+    return;
+  }
+  const credentials = {};
+  for (const input of $("#edit-creds").querySelectorAll("input")) if (input.value) credentials[input.name] = input.value;
+  const body = {endpoint: $("#e-endpoint").value.trim(), settings};
+  if (Object.keys(credentials).length) body.credentials = credentials;
+  const r = await run("Saving changes", () => api("PATCH", path(), body));
+  for (const input of $("#edit-creds").querySelectorAll("input")) input.value = "";
+  if (!r) return;
+  closeEdit();
+  $("#verify-result").hidden = true;
+  $("#preview").hidden = true;
+  progress(`Saved ${r.connection_id}: it is a draft again. Next: Verify.`);
   await refreshStatus(true);
   await loadConnections();
 }
@@ -485,6 +541,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#add-cancel").addEventListener("click", () => toggleAdd(false));
   $("#f-source").addEventListener("change", renderCredFields);
   $("#add-form").addEventListener("submit", submitAdd);
+  $("#edit").addEventListener("submit", submitEdit);
+  $("#edit-cancel").addEventListener("click", closeEdit);
   $("#dlq-refresh").addEventListener("click", loadDeadLetters);
   $("#dlq-class").addEventListener("keydown", (ev) => { if (ev.key === "Enter") loadDeadLetters(); });
   document.querySelectorAll("#detail [data-act]").forEach((b) => b.addEventListener("click", () => act(b.dataset.act)));
