@@ -20,13 +20,14 @@ from collections.abc import Awaitable, Sequence
 
 from connectorkit import MIGRATIONS as KIT_MIGRATIONS
 from connectorkit.cursors import PgCursorStore, PgPublishedVersions
+from connectorkit.deadletters import PgSourceDeadLetters
 from connectorkit.runner import mark_failed, poll_forever, supervise_connections
 from fo_poller.client import FoClient
 from fo_poller.config import FoConnection, parse_connection
 from fo_poller.control import http_client, unconfirmed_message
 from fo_poller.events import EventInbox, EventReceiver, PgEventStore
 from fo_poller.metadata import ROLES_BY_STREAM, check_fields
-from fo_poller.records import SOURCE
+from fo_poller.records import PRODUCER, SOURCE
 from fo_poller.streams import FoSync
 from servicekit.connections import Connection
 from servicekit.db import Migrations
@@ -54,7 +55,8 @@ async def start_sync(cc: FoConnection, client: FoClient, infra: Infra, inbox: Ev
     if failing:
         raise ConfigError(unconfirmed_message(cc, failing))
     return FoSync(cc, client, infra.publisher, PgCursorStore(infra.pool), PgPublishedVersions(infra.pool),
-                  infra.settings, meta, inbox=inbox)
+                  infra.settings, meta, inbox=inbox,
+                  dead_letters=PgSourceDeadLetters(infra.pool, infra.publisher, infra.settings, PRODUCER))
 
 
 async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *,

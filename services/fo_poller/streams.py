@@ -31,7 +31,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from canonical.topics import raw
 from connectorkit.cursors import Checkpoint, PublishedVersions, Publisher
+from connectorkit.deadletters import FakeSourceDeadLetters, Refetch, SourceDeadLetters, SourceLetter
 from fo_poller.client import FoClient, odata_literal
 from fo_poller.config import FoConnection
 from fo_poller.events import EventInbox
@@ -40,7 +42,10 @@ from fo_poller.records import (
     CREDIT_NOTE,
     LINES,
     ORIGINAL_ORDERS,
+    PRODUCER,
     RETURN_LINES,
+    SOURCE,
+    TOPIC_ENTITY,
     content_version,
     dumps,
     raw_message,
@@ -48,6 +53,7 @@ from fo_poller.records import (
     source_version,
 )
 from servicekit.connections import CursorStore
+from servicekit.errors import Poison
 from servicekit.kafka import OutMessage
 from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings
@@ -96,7 +102,7 @@ class FoSync:
 
     def __init__(self, cc: FoConnection, client: FoClient, publisher: Publisher, cursors: CursorStore,
                  versions: PublishedVersions, settings: FlashSettings, meta: dict[str, EntityInfo], *,
-                 inbox: EventInbox | None = None,
+                 inbox: EventInbox | None = None, dead_letters: SourceDeadLetters | None = None,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
         self.cc = cc
         self.client = client
@@ -109,6 +115,7 @@ class FoSync:
         self.now = now
         self._last_observed: dt.datetime | None = None
         self._invoices_seen: list[tuple[str, str]] = []
+        self.dead_letters: SourceDeadLetters = dead_letters or FakeSourceDeadLetters(settings, PRODUCER)
 
     # ---------------------------------------------------------------------------------------- helpers
 
@@ -192,7 +199,33 @@ class FoSync:
         role = "customers" if stream == "customers" else "products"
         return [Assembled(stream, source_id(r["dataAreaId"], r[key]), dict(r), None, self.es(role)) for r in rows]
 
+    _KEY_FIELD = {"orders": "order_number", "returns": "return_number", "customers": "customer_account",
+                  "products": "product_item"}
+
+    async def deliverable(self, stream: str, rows: Sequence[Row]) -> list[Row]:
+        """The rows that carry their company and key; the others go to ``dlq.fo-poller.v1`` with the reason
+        (before the cursor moves past them), never silently dropped."""
+        key = self.cc.f(self._KEY_FIELD[stream])
+        good: list[Row] = []
+        dead: list[SourceLetter] = []
+        for r in rows:
+            company, value = r.get("dataAreaId"), r.get(key)
+            if company and value not in (None, ""):
+                good.append(r)
+                continue
+            missing = " and ".join(n for n, v in (("dataAreaId", company), (key, value)) if not v)
+            sid = source_id(company, value) if company and value else "?"
+            ref = Refetch(SOURCE, self.cc.tenant_id, self.cc.connection_id, stream, sid,
+                          {"stream": stream, "entity_set": self.es(stream)})
+            dead.append(SourceLetter(ref, self.settings.topic(raw(SOURCE, TOPIC_ENTITY[stream])), Poison(
+                f"{self.es(stream)} row without {missing}: every record needs its company and key (read with "
+                f"cross-company=true; settings.field_map.{self._KEY_FIELD[stream]} = {key})"), dumps(r)))
+        if dead:
+            await self.dead_letters.send(dead)
+        return good
+
     async def assemble(self, stream: str, rows: Sequence[Row]) -> list[Assembled]:
+        rows = await self.deliverable(stream, rows)
         if stream == "orders":
             return await self.assemble_orders(rows)
         if stream == "returns":
@@ -296,7 +329,7 @@ class FoSync:
         wanted = [k for k in invoiced + announced.get("orders", []) if k not in headers]
         found = await self._by_numbers("orders", num, wanted)
         keep(found)
-        await self.publish(await self.assemble_orders(list(headers.values())), result)
+        await self.publish(await self.assemble("orders", list(headers.values())), result)
         missing = [k for k in wanted if k not in headers]  # invoices of return orders, events about returns
         if self._scan_due(cur):
             cur.since = started
@@ -311,7 +344,7 @@ class FoSync:
         cur = await cp.load() or StreamCursor()
         if refresh and cur.phase == "incremental":
             rows = await self._by_numbers("returns", self.cc.f("return_number"), refresh)
-            await self.publish(await self.assemble_returns(rows), result)
+            await self.publish(await self.assemble("returns", rows), result)
         if self._scan_due(cur):
             await self.scan("returns", cp, cur, result)
 

@@ -234,3 +234,20 @@ async def test_sample_moves_nothing_and_refuses_an_unconfirmed_mapping(world: Wo
     with pytest.raises(Exception, match="ZZOrderState"):
         await conn.sample(conn.parse(world.connection(var, vapp)), SETTINGS, limit=3)
 
+
+
+async def test_a_row_without_its_key_goes_to_a_source_dead_letter(world: World) -> None:
+    env, app = world.state.add_environment("contoso")
+    seed_environment(env, orders=3)
+    broken = dict(env.header("usmf", "SO-000001"), SalesOrderNumber="")
+    env.rows["SalesOrderHeadersV2"][("usmf", "")] = broken
+    cc = parse_connection(world.connection(env, app))
+    pub, cursors, versions = Collect(), FakeCursorStore(), FakePublishedVersions()
+    async with http_client(cc) as http:
+        sync = await _sync(cc, http, pub, cursors, versions)
+        res = await sync.run_cycle()
+    assert res.published["orders"] == 3
+    letters = sync.dead_letters.letters  # type: ignore[attr-defined]
+    assert len(letters) == 1 and "without SalesOrderNumber" in str(letters[0].error)
+    assert letters[0].raw_topic.endswith("raw.dynamics-fo.SalesOrderHeadersV2.v1")
+    assert json.loads(letters[0].body)["dataAreaId"] == "usmf"
