@@ -4,8 +4,10 @@ the kit's fakes here; tests/e2e/test_fo_pipeline.py runs the whole pipe."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +29,9 @@ from sandbox.fo.state import AppRegistration
 from sandbox.server import RunningSandbox, serve
 from sandbox.tls import SandboxTLS, make_tls
 from servicekit.connections import Connection, FakeCursorStore
+from servicekit.errors import ConfigError
 from servicekit.kafka import OutMessage
+from servicekit.runtime import Infra
 from servicekit.settings import FlashSettings
 
 pytestmark = pytest.mark.integration
@@ -251,3 +255,35 @@ async def test_a_row_without_its_key_goes_to_a_source_dead_letter(world: World) 
     assert len(letters) == 1 and "without SalesOrderNumber" in str(letters[0].error)
     assert letters[0].raw_topic.endswith("raw.dynamics-fo.SalesOrderHeadersV2.v1")
     assert json.loads(letters[0].body)["dataAreaId"] == "usmf"
+
+
+async def test_service_starts_the_https_receiver_from_its_settings(infra: Infra, monkeypatch: pytest.MonkeyPatch
+                                                                    ) -> None:
+    from fo_poller.app import SERVICE, receiver_tls
+
+    monkeypatch.setenv("FLASH_FO_EVENTS_PORT", "1")
+    monkeypatch.delenv("FLASH_FO_EVENTS_CERT", raising=False)
+    with pytest.raises(ConfigError, match="FLASH_FO_EVENTS_CERT"):
+        receiver_tls()
+    tls = make_tls()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("FLASH_FO_EVENTS_PORT", str(port))
+    monkeypatch.setenv("FLASH_FO_EVENTS_HOST", "127.0.0.1")
+    monkeypatch.setenv("FLASH_FO_EVENTS_CERT", str(tls.cert_path))
+    monkeypatch.setenv("FLASH_FO_EVENTS_KEY", str(tls.key_path))
+    stop = asyncio.Event()
+    (task,) = [asyncio.ensure_future(t) for t in SERVICE.tasks(infra, stop)]
+    try:
+        async with httpx.AsyncClient(verify=tls.client_context()) as client:
+            for _ in range(50):
+                try:
+                    r = await client.post(f"https://127.0.0.1:{port}/fo/business-events/acme/fo-9?code=x", json={})
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.1)
+            assert r.status_code == 404 and "no live connection" in r.text
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
