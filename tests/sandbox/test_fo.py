@@ -14,7 +14,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from sandbox.fo import BusinessEventSubscription, Environment, FOState, Variant, build_app, seed_environment
+from sandbox.fo import ENTITIES, BusinessEventSubscription, Environment, FOState, Variant, build_app, seed_environment
 from sandbox.fo.state import AppRegistration
 from sandbox.server import RunningSandbox, serve
 from sandbox.tls import make_tls
@@ -218,3 +218,16 @@ async def test_business_events_reach_a_registered_https_endpoint(sim: Sim) -> No
     assert numbers == sorted(numbers) and len(set(numbers)) == 3
     statuses = [s for (_, _, s) in sim.state.delivery_log]
     assert statuses[0] == 503 and statuses.count(200) == 3  # retried after the failure, as documented
+
+
+def test_every_field_and_enum_the_simulator_serves_is_in_the_vendor_facts() -> None:
+    from pathlib import Path
+
+    from sandbox.fo.schema import ENUMS
+
+    facts = (Path(__file__).parents[2] / "docs" / "vendor-facts.md").read_text()
+    section = facts.split("## Finance & Operations", 1)[1].split("\n## ", 1)[0]
+    names = {f for e in ENTITIES.values() for f in e.fields} | {e.entity_set for e in ENTITIES.values()}
+    names |= set(ENUMS) | {"BusinessEventId", "ControlNumber", "EventTime", "SalesOrderId", "LegalEntity"}
+    missing = sorted(n for n in names if f"`{n}`" not in section)
+    assert not missing, f"the F&O simulator serves names docs/vendor-facts.md does not list: {missing}"
