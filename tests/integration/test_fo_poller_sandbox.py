@@ -287,3 +287,20 @@ async def test_service_starts_the_https_receiver_from_its_settings(infra: Infra,
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_throttling_and_expired_tokens_are_waited_out(world: World) -> None:
+    env, app = world.state.add_environment("contoso")
+    seed_environment(env, orders=20)
+    cc = parse_connection(world.connection(env, app, page_size=5))
+    pub, cursors, versions = Collect(), FakeCursorStore(), FakePublishedVersions()
+    async with http_client(cc) as http:
+        sync = await _sync(cc, http, pub, cursors, versions)
+        world.state.throttle_next.extend([1, 1])  # resource-based throttling: 429 with Retry-After: 1
+        world.state.expire_tokens()
+        started = asyncio.get_running_loop().time()
+        res = await sync.run_cycle()
+        waited = asyncio.get_running_loop().time() - started
+    assert res.published["orders"] == 20
+    assert world.state.stats["throttled"] == 2 and waited >= 2.0  # Retry-After honoured, not hammered
+    assert world.state.stats["token.requests"] >= 2  # the expired token was renewed
