@@ -304,3 +304,30 @@ async def test_throttling_and_expired_tokens_are_waited_out(world: World) -> Non
     assert res.published["orders"] == 20
     assert world.state.stats["throttled"] == 2 and waited >= 2.0  # Retry-After honoured, not hammered
     assert world.state.stats["token.requests"] >= 2  # the expired token was renewed
+
+
+async def test_initial_load_resumes_after_a_crash_at_the_last_acknowledged_page(world: World) -> None:
+    env, app = world.state.add_environment("contoso")
+    seed_environment(env, orders=40)
+    cc = parse_connection(world.connection(env, app, page_size=5))
+
+    class Crashing(Collect):
+        async def send_all(self, messages: Sequence[OutMessage]) -> None:
+            if len(self.records("SalesOrderHeadersV2")) >= 15:
+                raise ConnectionError("broker gone")
+            await super().send_all(messages)
+
+    pub, cursors, versions = Crashing(), FakeCursorStore(), FakePublishedVersions()
+    async with http_client(cc) as http:
+        sync = await _sync(cc, http, pub, cursors, versions)
+        with pytest.raises(ConnectionError):
+            await sync.run_cycle()
+        saved = cursors.cursors[("acme", "fo-1", "orders")]
+        assert saved["phase"] == "initial" and "$skip=15" in saved["next_link"]
+        reads_before = world.state.stats["get.SalesOrderHeadersV2"]
+        rest = Collect()
+        res = await (await _sync(cc, http, rest, cursors, versions)).run_cycle()
+    orders = [r["source_id"] for r in pub.records("SalesOrderHeadersV2") + rest.records("SalesOrderHeadersV2")]
+    assert sorted(orders) == sorted(set(orders)) and len(orders) == 40  # every order once, none skipped
+    assert res.published["orders"] == 25
+    assert world.state.stats["get.SalesOrderHeadersV2"] - reads_before <= 6  # resumed, did not start over
