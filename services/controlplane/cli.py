@@ -180,7 +180,8 @@ def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
             if args.action in ("pause", "go-live"):
                 if args.action == "go-live" and conn.state not in ("verified", "paused", "live"):
                     raise ConfigError(f"connection {conn.connection_id} is {conn.state}; verify it first "
-                                      f"(flash connections verify --tenant {conn.tenant_id} --id {conn.connection_id})")
+                                      f"(flash connections verify --tenant {conn.tenant_id} --id {conn.connection_id})"
+                                      + (f"; last verification: {conn.last_error}" if conn.last_error else ""))
                 await store.set_state(conn.tenant_id, conn.connection_id,
                                       "live" if args.action == "go-live" else "paused")
                 print(f"connection {conn.connection_id} is now {'live' if args.action == 'go-live' else 'paused'}")

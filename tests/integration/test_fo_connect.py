@@ -93,7 +93,8 @@ async def test_cli_unconfirmed_mapping_is_refused_then_verify_dry_run_go_live(
         assert "ok    field order_total: field_map.order_total = SalesOrderHeadersV2.OrderTotalAmount: present, " \
                "Edm.Decimal" in io.out
         assert await flash("connections", "go-live", "--tenant", "acme", "--id", "fo-1") == 2
-        assert "verify it first" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "verify it first" in err and "SalesOrderStatus: MISSING" in err and "offers ZZOrderState" in err
         store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
         failed = await store.get("acme", "fo-1")
         assert failed.state == "failed" and "ZZOrderState" in (failed.last_error or "")
