@@ -57,7 +57,9 @@ RAW_ENTITIES: dict[str, tuple[str, ...]] = {
     "dynamics-ce": (
         "salesorder", "salesorderdetail", "account", "contact", "product", "msdyn_rma", "msdyn_rmaproduct",
     ),
-    "dynamics-fo": ("SalesOrderHeadersV2", "SalesOrderLines", "CustomersV3", "ReleasedProductsV2", "ReturnOrderHeaders"),
+    "dynamics-fo": (
+        "SalesOrderHeadersV2", "SalesOrderLines", "CustomersV3", "ReleasedProductsV2", "ReturnOrderHeaders",
+    ),
     "salesforce": (
         "Order", "OrderItem", "Account", "Contact", "Product2", "PricebookEntry", "ReturnOrder",
         "ReturnOrderLineItem", "CreditMemo", "OrderSummary", "OrderItemSummary",
