@@ -28,7 +28,18 @@ class ODataError(Exception):
         self.headers = dict(headers or {})
 
 
-Predicate = Callable[[Mapping[str, Any]], bool]
+class Predicate:
+    """A compiled ``$filter``; ``hint`` = fields the filter pins to a set of values (``f eq a or f eq b``, under
+    ``and``), which the simulator answers from an index, as the service's SQL would."""
+
+    __slots__ = ("fn", "hint")
+
+    def __init__(self, fn: Callable[[Mapping[str, Any]], bool], hint: dict[str, frozenset[str]] | None = None):
+        self.fn = fn
+        self.hint = hint or {}
+
+    def __call__(self, row: Mapping[str, Any]) -> bool:
+        return self.fn(row)
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -107,7 +118,8 @@ class _Parser:
         while (t := self.peek()) and t == ("word", "or"):
             self.take()
             right = self.and_()
-            left = (lambda a, b: lambda r: a(r) or b(r))(left, right)
+            hint = {f: left.hint[f] | right.hint[f] for f in left.hint.keys() & right.hint.keys()}
+            left = Predicate((lambda a, b: lambda r: a(r) or b(r))(left, right), hint)
         return left
 
     def and_(self) -> Predicate:
@@ -115,14 +127,15 @@ class _Parser:
         while (t := self.peek()) and t == ("word", "and"):
             self.take()
             right = self.not_()
-            left = (lambda a, b: lambda r: a(r) and b(r))(left, right)
+            hint = {**left.hint, **right.hint}
+            left = Predicate((lambda a, b: lambda r: a(r) and b(r))(left, right), hint)
         return left
 
     def not_(self) -> Predicate:
         if self.peek() == ("word", "not"):
             self.take()
             inner = self.not_()
-            return lambda r: not inner(r)
+            return Predicate(lambda r: not inner(r))
         return self.cmp()
 
     def cmp(self) -> Predicate:
@@ -188,7 +201,7 @@ class _Parser:
             raise ODataError(400, f"A binary operator with incompatible types was detected for '{name}'.")
         if lit.kind == "str" and "*" in str(value) and op == "eq":
             pattern = re.compile("^" + ".*".join(re.escape(p) for p in str(value).split("*")) + "$", re.I)
-            return lambda r: r.get(name) is not None and bool(pattern.match(str(r.get(name))))
+            return Predicate(lambda r: r.get(name) is not None and bool(pattern.match(str(r.get(name)))))
         is_time = ftype in ("Edm.DateTimeOffset", "Edm.Date")
 
         def conv(v: Any) -> Any:
@@ -217,7 +230,8 @@ class _Parser:
                 return False
             return bool({"gt": v > target, "ge": v >= target, "lt": v < target, "le": v <= target}[op])
 
-        return pred
+        hint = {name: frozenset({target})} if op == "eq" and isinstance(target, str) else None
+        return Predicate(pred, hint)
 
 
 def parse_filter(text: str, types: Mapping[str, str]) -> Predicate:

@@ -81,6 +81,8 @@ class Environment:
     outbox: deque[tuple[BusinessEventSubscription, dict[str, Any]]] = field(default_factory=deque)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     _lot: int = 0
+    _lines_by_order: dict[tuple[str, str], list[tuple[str, ...]]] = field(default_factory=dict)
+    _indexes: dict[tuple[str, str], tuple[int, dict[Any, list[dict[str, Any]]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for es in ENTITIES:
@@ -119,9 +121,21 @@ class Environment:
         return row
 
     def lines_of(self, company: str, number: str) -> list[dict[str, Any]]:
-        son = self.f("SalesOrderLines", "SalesOrderNumber")
-        return [r for r in self.rows["SalesOrderLines"].values()
-                if r["dataAreaId"] == company and r[son] == number]
+        return [self.rows["SalesOrderLines"][k] for k in self._lines_by_order.get((company, number), ())]
+
+    def index(self, entity_set: str, field_name: str) -> dict[Any, list[dict[str, Any]]]:
+        """Rows by the value of a field that never changes once written (an order number on lines, a lot id):
+        what the service's own indexes do for ``eq`` lookups. Rows are only ever added, so the index is
+        rebuilt when the row count changed."""
+        rows = self.rows[entity_set]
+        cached = self._indexes.get((entity_set, field_name))
+        if cached is None or cached[0] != len(rows):
+            idx: dict[Any, list[dict[str, Any]]] = {}
+            for r in rows.values():
+                idx.setdefault(str(r.get(field_name)).lower(), []).append(r)
+            cached = (len(rows), idx)
+            self._indexes[(entity_set, field_name)] = cached
+        return cached[1]
 
     def _stamp(self, company: str, number: str) -> None:
         if self.stamp_field:
@@ -172,6 +186,8 @@ class Environment:
             "LineDiscountAmount": disc, "SalesOrderLineStatus": "Backorder",
             "CurrencyCode": head[self.f("SalesOrderHeadersV2", "CurrencyCode")],
         })
+        self._lines_by_order.setdefault((company, number), []).append(
+            tuple(str(row[k]) for k in self.variant.key("SalesOrderLines")))
         self._uncalculate(company, number)
         return row
 
