@@ -128,7 +128,7 @@ async def main(args: argparse.Namespace, parent: Pipe, proc: Any) -> None:
                     while True:
                         peak = max(peak, ps.memory_info().rss)
                         if loaded_s is None and time.perf_counter() >= next_count:
-                            next_count = time.perf_counter() + 1.0
+                            next_count = time.perf_counter() + 0.25
                             published = await infra.pool.fetchval(
                                 "SELECT count(*) FROM connector_published_versions WHERE stream <> 'invoices'")
                             for share in marks:
