@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import asyncpg
 from aiohttp import web
+from prometheus_client import Counter
 
 from fo_poller.config import FoConnection
 from servicekit.db import db_errors
@@ -53,6 +54,9 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+EVENTS = Counter("flash_fo_business_events_total", "Business Events received by the fo-poller, by outcome",
+                 ["tenant_id", "outcome"])
 
 _MS_DATE = re.compile(r"^/Date\((-?\d+)\)/$")
 
@@ -164,11 +168,16 @@ class EventInbox:
         self.stats: dict[str, int] = {"accepted": 0, "forged": 0, "replayed": 0, "stale": 0, "ignored": 0,
                                       "malformed": 0}
 
+    def count(self, outcome: str) -> None:
+        """One more event with this outcome (stats and the ``flash_fo_business_events_total`` metric)."""
+        self.stats[outcome] += 1
+        EVENTS.labels(self.cc.tenant_id, outcome).inc()
+
     def authentic(self, code: str | None) -> bool:
         secret = self.cc.events_secret
         ok = bool(secret) and code is not None and hmac.compare_digest(code.encode(), (secret or "").encode())
         if not ok:
-            self.stats["forged"] += 1
+            self.count("forged")
         return ok
 
     async def restore(self) -> None:
@@ -179,33 +188,33 @@ class EventInbox:
     async def receive(self, body: Any) -> tuple[int, str]:
         """(HTTP status, message) for one authentic request body (see the module docstring)."""
         if not isinstance(body, dict) or not body.get("BusinessEventId") or "ControlNumber" not in body:
-            self.stats["malformed"] += 1
+            self.count("malformed")
             return 400, "not a business event: BusinessEventId and ControlNumber are required"
         try:
             number = int(body["ControlNumber"])
         except (TypeError, ValueError):
-            self.stats["malformed"] += 1
+            self.count("malformed")
             return 400, "ControlNumber is not a number"
         when = event_time(body)
         if when is None:
-            self.stats["malformed"] += 1
+            self.count("malformed")
             return 400, "EventTime is missing or not a date"
         if (self._now() - when).total_seconds() > self.cc.events_max_age_s:
-            self.stats["stale"] += 1
+            self.count("stale")
             return 422, f"event {number} is older than business_events.max_age_s ({self.cc.events_max_age_s:g} s)"
         spec = self.cc.events.get(str(body["BusinessEventId"]))
         if spec is None:
-            self.stats["ignored"] += 1
+            self.count("ignored")
             return 200, f"{body['BusinessEventId']} is not mapped by this connection; ignored"
         company, key = body.get(spec["company"]) or body.get("BusinessEventLegalEntity"), body.get(spec["order"])
         if not company or not key:
-            self.stats["malformed"] += 1
+            self.count("malformed")
             return 400, f"event lacks {spec['company']} or {spec['order']}"
         a = Announcement(number, str(body["BusinessEventId"]), str(company).lower(), str(key))
         if not await self.store.accept(self.cc.tenant_id, self.cc.connection_id, a, when):
-            self.stats["replayed"] += 1
+            self.count("replayed")
             return 409, f"control number {number} was already received"
-        self.stats["accepted"] += 1
+        self.count("accepted")
         self._queue.setdefault((a.company, a.number), []).append(a)
         return 202, "accepted"
 
@@ -256,7 +265,7 @@ class EventReceiver:
         try:
             body = json.loads(await request.text())
         except ValueError:
-            inbox.stats["malformed"] += 1
+            inbox.count("malformed")
             return web.json_response({"error": "body is not JSON"}, status=400)
         status, message = await inbox.receive(body)
         if status >= 400:

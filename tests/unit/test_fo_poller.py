@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fo_poller.config import FIELD_DEFAULTS, RETURN_STATUS_DEFAULTS, STATUS_DEFAULTS, parse_connection
-from fo_poller.events import Announcement, EventInbox, FakeEventStore, event_time
+from fo_poller.events import EVENTS, Announcement, EventInbox, FakeEventStore, event_time
 from fo_poller.metadata import check_fields, parse_csdl
 from fo_poller.records import content_version, dumps, source_version
 from normalizer.mappers import dynamics_fo
@@ -105,6 +105,7 @@ async def test_inbox_checks_events() -> None:
     await inbox.handled()
     assert await store.pending("acme", "fo-1") == []
     assert inbox.stats["replayed"] == 1 and inbox.stats["stale"] == 1 and inbox.stats["ignored"] == 1
+    assert EVENTS.labels("acme", "replayed")._value.get() >= 1  # exposed as flash_fo_business_events_total
 
 
 async def test_inbox_restores_pending_events_after_a_restart() -> None:
