@@ -137,3 +137,13 @@ def test_versions_sort_by_time_and_ignore_etags() -> None:
     assert early < late and early.startswith("2026-12-05T09:00:00.000005Z#")
     assert json.loads(dumps({"a": Decimal("12.34"), "b": Decimal("0.1000000000000000055511151231257827")})) == {
         "a": 12.34, "b": "0.1000000000000000055511151231257827"}
+
+
+def test_help_explains_and_starts_nothing() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fo_poller", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "FLASH_FO_EVENTS_PORT" in out.stdout and "field_map" in out.stdout
+    assert "services started" not in out.stdout + out.stderr
