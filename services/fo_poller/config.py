@@ -23,6 +23,7 @@ Connection fields:
   ``overlap_s``                         how far each date window reaches back before the last one (300)
   ``scan_interval_s``                   seconds between full content-hash scans (3600; 0 = every cycle)
   ``batch_size``                        orders per lines request (``or`` of keys; ``in`` is unsupported) (25)
+  ``concurrency``                       lines/lookup requests in flight at once per connection (4)
   ``business_events``                   ``{"enabled": bool, "max_age_s": 86400, "events": {BusinessEventId:
                                         {"company": payload field, "order": payload field}}}``
   ``external_id_field``                 CustomersV3 field with the tenant's own customer id (CustomerAccount)
@@ -145,6 +146,7 @@ class FoConnection:
     overlap_s: float
     scan_interval_s: float
     batch_size: int
+    concurrency: int
     events_enabled: bool
     events_max_age_s: float
     events: dict[str, dict[str, str]]
@@ -252,6 +254,7 @@ def parse_connection(conn: Connection) -> FoConnection:
         overlap_s=_number(cid, s, "overlap_s", 300, 0, 86_400, "seconds (0..86400)"),
         scan_interval_s=_number(cid, s, "scan_interval_s", 3600, 0, 7 * 86_400, "seconds (0..604800)"),
         batch_size=int(_number(cid, s, "batch_size", 25, 1, 100, "orders per lines request (1..100)")),
+        concurrency=int(_number(cid, s, "concurrency", 4, 1, 32, "requests in flight (1..32)")),
         events_enabled=enabled,
         events_max_age_s=_number(cid, be, "max_age_s", 86_400, 1, 30 * 86_400, "seconds (1..2592000)"),
         events=events,

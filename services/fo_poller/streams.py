@@ -23,6 +23,7 @@ All reads are cross-company and every id carries ``dataAreaId``.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -134,19 +135,26 @@ class FoSync:
     async def _by_numbers(self, role: str, field_name: str, keys: Iterable[tuple[str, str]],
                           extra_filter: str | None = None) -> list[Row]:
         """Rows of ``role`` whose ``field_name`` is one of the (company, value) pairs: ``or`` batches per
-        company (the service supports no ``in``)."""
+        company (the service supports no ``in``), ``settings.concurrency`` requests at a time."""
         by_company: dict[str, list[str]] = defaultdict(list)
         for company, value in dict.fromkeys(keys):
             by_company[company].append(value)
-        out: list[Row] = []
+        filters: list[str] = []
         for company, values in by_company.items():
             for i in range(0, len(values), self.cc.batch_size):
                 batch = values[i:i + self.cc.batch_size]
                 ors = " or ".join(f"{field_name} eq {odata_literal(v)}" for v in batch)
                 flt = f"dataAreaId eq {odata_literal(company)} and ({ors})"
-                if extra_filter:
-                    flt += f" and ({extra_filter})"
-                out += await self.client.rows(self.es(role), flt)
+                filters.append(flt + (f" and ({extra_filter})" if extra_filter else ""))
+        gate = asyncio.Semaphore(self.cc.concurrency)
+
+        async def one(flt: str) -> list[Row]:
+            async with gate:
+                return await self.client.rows(self.es(role), flt)
+
+        out: list[Row] = []
+        for rows in await asyncio.gather(*(one(f) for f in filters)):
+            out += rows
         return out
 
     # ---------------------------------------------------------------------------------------- assembly

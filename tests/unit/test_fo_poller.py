@@ -40,9 +40,11 @@ def test_parse_connection_defaults_and_errors(monkeypatch: pytest.MonkeyPatch) -
     assert cc.scope == "https://contoso.operations.dynamics.com/.default"
     assert cc.token_url == "https://login.microsoftonline.com/t/oauth2/v2.0/token"
     assert cc.f("status") == "SalesOrderStatus" and cc.field_map["change_date"] is None
+    assert (cc.page_size, cc.batch_size, cc.concurrency, cc.scan_interval_s) == (5000, 25, 4, 3600)
     for settings, creds, words in [
         ({"field_map": {"colour": "X"}}, {}, "settings.field_map"),
         ({"page_size": 20000}, {}, "settings.page_size"),
+        ({"concurrency": 0}, {}, "settings.concurrency"),
         ({"streams": ["orders", "invoices"]}, {}, "settings.streams"),
         ({"status_lifecycle": {"Backorder": "maybe"}}, {}, "settings.status_lifecycle.Backorder"),
         ({"business_events": {"enabled": True}}, {}, "credentials.business_events_secret"),
