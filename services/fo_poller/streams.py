@@ -282,19 +282,26 @@ class FoSync:
 
     async def scan(self, stream: str, cp: Checkpoint[StreamCursor], cur: StreamCursor, result: CycleResult) -> None:
         """Page through the whole entity (resuming at the saved nextLink), publishing what changed."""
-        role = {"orders": "orders", "customers": "customers", "products": "products", "returns": "returns"}[stream]
         start = cur.next_link
         if not cur.scanning:
             cur.scanning, cur.started_at = True, self.now()
-        async for page, nxt in self.client.pages(self.es(role), self._companies(None), start=start):
+        what = "initial load" if cur.phase == "initial" else "scan"
+        pages = 0
+        async for page, nxt in self.client.pages(self.es(stream), self._companies(None), start=start):
             await self.publish(await self.assemble(stream, page), result)
             cur.next_link = nxt
             await cp.save(cur)  # the page is acknowledged: a restart resumes after it
+            pages += 1
+            if nxt and (cur.phase == "initial" or pages % 20 == 0):
+                log.info(f"{what} in progress", stream=stream, pages=pages, read=result.read[stream],
+                         published=result.published[stream], resumed=start is not None)
         cur.scanning, cur.next_link = False, None
         cur.last_scan = cur.started_at
         if cur.phase == "initial":
             cur.phase, cur.since = "incremental", cur.started_at
         await cp.save(cur)
+        log.info(f"{what} done", stream=stream, pages=pages, read=result.read[stream],
+                 published=result.published[stream])
 
     def _scan_due(self, cur: StreamCursor) -> bool:
         if cur.phase == "initial" or cur.scanning or cur.last_scan is None:
