@@ -293,15 +293,15 @@ class FoSync:
             await cp.save(cur)  # the page is acknowledged: a restart resumes after it
             pages += 1
             if nxt and (cur.phase == "initial" or pages % 20 == 0):
-                log.info(f"{what} in progress", stream=stream, pages=pages, read=result.read[stream],
-                         published=result.published[stream], resumed=start is not None)
+                log.info(f"{what} in progress", stream=stream, pages=pages, read=result.read.get(stream, 0),
+                         published=result.published.get(stream, 0), resumed=start is not None)
         cur.scanning, cur.next_link = False, None
         cur.last_scan = cur.started_at
         if cur.phase == "initial":
             cur.phase, cur.since = "incremental", cur.started_at
         await cp.save(cur)
-        log.info(f"{what} done", stream=stream, pages=pages, read=result.read[stream],
-                 published=result.published[stream])
+        log.info(f"{what} done", stream=stream, pages=pages, read=result.read.get(stream, 0),
+                 published=result.published.get(stream, 0))
 
     def _scan_due(self, cur: StreamCursor) -> bool:
         if cur.phase == "initial" or cur.scanning or cur.last_scan is None:
