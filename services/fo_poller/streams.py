@@ -116,6 +116,7 @@ class FoSync:
         self.now = now
         self._last_observed: dt.datetime | None = None
         self._invoices_seen: list[tuple[str, str]] = []
+        self._deferred = False
         self.dead_letters: SourceDeadLetters = dead_letters or FakeSourceDeadLetters(settings, PRODUCER)
 
     # ---------------------------------------------------------------------------------------- helpers
@@ -315,6 +316,8 @@ class FoSync:
         cur = await cp.load() or StreamCursor()
         if cur.phase == "initial" or cur.scanning:
             await self.scan("orders", cp, cur, result)
+            # Announced records may have been read before they changed: they wait for the next cycle.
+            self._deferred = bool(announced.get("orders"))
             return []
         started = self.now()
         since = (cur.since or started) - dt.timedelta(seconds=self.cc.overlap_s)
@@ -393,7 +396,11 @@ class FoSync:
             await self.versions.record(self.cc.tenant_id, self.cc.connection_id, "invoices", self._invoices_seen)
             self._invoices_seen = []
         if self.inbox is not None:
-            await self.inbox.handled()
+            if self._deferred:
+                self.inbox.requeue()
+                self._deferred = False
+            else:
+                await self.inbox.handled()
         return result
 
     # ---------------------------------------------------------------------------------------- sample

@@ -331,3 +331,27 @@ async def test_initial_load_resumes_after_a_crash_at_the_last_acknowledged_page(
     assert sorted(orders) == sorted(set(orders)) and len(orders) == 40  # every order once, none skipped
     assert res.published["orders"] == 25
     assert world.state.stats["get.SalesOrderHeadersV2"] - reads_before <= 6  # resumed, did not start over
+
+
+async def test_an_event_during_the_initial_load_is_called_back_after_it(world: World) -> None:
+    env, app = world.state.add_environment("contoso")
+    seed_environment(env, orders=10)
+    cc = parse_connection(world.connection(env, app, business_events={"enabled": True}))
+    store = FakeEventStore()
+    inbox = EventInbox(cc, store)
+    pub, cursors, versions = Collect(), FakeCursorStore(), FakePublishedVersions()
+    async with http_client(cc) as http:
+        sync = await _sync(cc, http, pub, cursors, versions, inbox)
+        number = next(n for (c, n), h in env.rows["SalesOrderHeadersV2"].items() if h["SalesOrderStatus"] != "Invoiced")
+        now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+        status, _ = await inbox.receive({"BusinessEventId": "SalesInvoicePostedBusinessEvent", "ControlNumber": 7,
+                                         "EventTime": f"/Date({now_ms})/", "LegalEntity": "usmf",
+                                         "SalesOrderId": number})
+        assert status == 202
+        await sync.run_cycle()  # the initial load; the event stays pending
+        assert [a.control_number for a in await store.pending("acme", "fo-1")] == [7]
+        env.set_status("usmf", number, "Delivered")  # changed after the load read it
+        pub.messages.clear()
+        res = await sync.run_cycle()
+    assert res.published == {"orders": 1} and pub.records()[0]["source_id"] == f"usmf/{number}"
+    assert await store.pending("acme", "fo-1") == []
