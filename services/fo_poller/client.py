@@ -180,14 +180,3 @@ class FoClient:
         async for page, _ in self.pages(entity_set, flt, **kw):
             out += page
         return out
-
-    async def by_key(self, entity_set: str, key: Mapping[str, str]) -> dict[str, Any] | None:
-        """One record by its full key (None when it does not exist)."""
-        k = ",".join(f"{n}={odata_literal(v)}" for n, v in key.items())
-        try:
-            resp = await self.vendor.get(f"{entity_set}({urllib.parse.quote(k, safe=',=()')})?cross-company=true",
-                                         what=f"read {entity_set}({k})")
-        except Poison:
-            return None
-        body = json.loads(resp.text, parse_float=Decimal)
-        return body if isinstance(body, dict) else None
