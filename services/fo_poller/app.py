@@ -26,7 +26,7 @@ from fo_poller.client import FoClient
 from fo_poller.config import FoConnection, parse_connection
 from fo_poller.control import http_client, unconfirmed_message
 from fo_poller.events import EventInbox, EventReceiver, PgEventStore
-from fo_poller.metadata import ROLES_BY_STREAM, check_fields
+from fo_poller.metadata import ROLES_BY_STREAM, check_fields, check_statuses
 from fo_poller.records import PRODUCER, SOURCE
 from fo_poller.streams import FoSync
 from servicekit.connections import Connection
@@ -54,6 +54,9 @@ async def start_sync(cc: FoConnection, client: FoClient, infra: Infra, inbox: Ev
     failing = [c for c in check_fields(cc, meta) if not c.ok]
     if failing:
         raise ConfigError(unconfirmed_message(cc, failing))
+    bad = [f"{sc.detail} -> {sc.fix}" for sc in check_statuses(cc, meta) if not sc.ok]
+    if bad:
+        raise ConfigError(f"connection {cc.connection_id}: " + " | ".join(bad))
     return FoSync(cc, client, infra.publisher, PgCursorStore(infra.pool), PgPublishedVersions(infra.pool),
                   infra.settings, meta, inbox=inbox,
                   dead_letters=PgSourceDeadLetters(infra.pool, infra.publisher, infra.settings, PRODUCER))

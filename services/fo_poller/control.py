@@ -31,7 +31,7 @@ from connectorkit.http import scrub
 from connectorkit.protocol import Stream, VerifyReport
 from fo_poller.client import FoClient
 from fo_poller.config import FoConnection, parse_connection
-from fo_poller.metadata import ROLES_BY_STREAM, FieldCheck, check_fields
+from fo_poller.metadata import ROLES_BY_STREAM, FieldCheck, check_fields, check_statuses
 from fo_poller.records import (
     PRODUCER,
     SOURCE,
@@ -141,6 +141,8 @@ class FoConnector:
                 else:
                     report.add(f"field {c.name}", False, f"{c.line()}; {c.offer()}",
                                f"set settings.field_map.{c.name} to the field that holds it in {c.entity_set}")
+            for sc in check_statuses(cc, meta):
+                report.add(f"{sc.name} values", sc.ok, sc.detail, sc.fix)
             if not report.ok:
                 return report
             for role in roles:

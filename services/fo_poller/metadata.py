@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import cast
 
-from fo_poller.config import FIELD_DEFAULTS, FoConnection
+from fo_poller.config import FIELD_DEFAULTS, RETURN_STATUS_DEFAULTS, STATUS_DEFAULTS, FoConnection
 
-__all__ = ["FIELD_SPECS", "CsdlReader", "EntityInfo", "FieldCheck", "check_fields", "parse_csdl"]
+__all__ = ["FIELD_SPECS", "CsdlReader", "EntityInfo", "FieldCheck", "StatusCheck", "check_fields", "check_statuses",
+           "parse_csdl"]
 
 _EDM = "{http://docs.oasis-open.org/odata/ns/edm}"
 
@@ -29,6 +30,8 @@ class EntityInfo:
     entity_type: str
     key: tuple[str, ...]
     fields: Mapping[str, str]
+    enums: Mapping[str, tuple[str, ...]] = dc_field(default_factory=dict)
+    """Members of each enum-typed field (from the ``EnumType`` the field names)."""
 
 
 class CsdlReader:
@@ -39,7 +42,7 @@ class CsdlReader:
         self._parser: ET.XMLPullParser[ET.Element] = ET.XMLPullParser(events=("end",))
         self._types: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {}
         self._sets: dict[str, str] = {}
-        self._namespace = ""
+        self._enums: dict[str, tuple[str, ...]] = {}
 
     def feed(self, chunk: bytes | str) -> None:
         self._parser.feed(chunk)
@@ -55,6 +58,9 @@ class CsdlReader:
                 props = {p.get("Name", ""): p.get("Type", "") for p in elem.findall(f"{_EDM}Property")}
                 self._types[name] = (key, props)
                 elem.clear()
+            elif tag == f"{_EDM}EnumType":
+                self._enums[elem.get("Name", "")] = tuple(m.get("Name", "") for m in elem.findall(f"{_EDM}Member"))
+                elem.clear()
             elif tag == f"{_EDM}EntitySet":
                 self._sets[elem.get("Name", "")] = elem.get("EntityType", "").rsplit(".", 1)[-1]
             elif tag == f"{_EDM}Schema":
@@ -67,7 +73,9 @@ class CsdlReader:
         for es, type_name in self._sets.items():
             if es in self.wanted and type_name in self._types:
                 key, props = self._types[type_name]
-                out[es] = EntityInfo(es, type_name, key, props)
+                enums = {f: self._enums[t.rsplit(".", 1)[-1]] for f, t in props.items()
+                         if t.startswith("Microsoft.Dynamics.DataEntities.") and t.rsplit(".", 1)[-1] in self._enums}
+                out[es] = EntityInfo(es, type_name, key, props, enums)
         return out
 
 
@@ -218,4 +226,48 @@ def check_fields(cc: FoConnection, meta: Mapping[str, EntityInfo]) -> list[Field
             out.append(FieldCheck(name, es, fld, False, False, None, False, alternatives))
             continue
         out.append(FieldCheck(name, es, fld, need, present, edm, fits, alternatives))
+    return out
+
+
+@dataclass(frozen=True)
+class StatusCheck:
+    """The status values of an enum status field against the connection's lifecycle table."""
+
+    name: str
+    """``status`` or ``return_status``."""
+    detail: str
+    ok: bool
+    fix: str = ""
+
+
+def check_statuses(cc: FoConnection, meta: Mapping[str, EntityInfo]) -> list[StatusCheck]:
+    """For each mapped status field whose type is an enum: its members, which of them are awardable/effective
+    and cancelled under the connection's table, and a failure for a table entry the enum does not have (a typo
+    would silently leave orders pending) or when no member earns at all."""
+    out: list[StatusCheck] = []
+    specs = [("status", "orders", "status_lifecycle", STATUS_DEFAULTS, "awardable"),
+             ("return_status", "returns", "return_status_lifecycle", RETURN_STATUS_DEFAULTS, "effective")]
+    for name, stream, setting, defaults, earning in specs:
+        if stream not in cc.streams:
+            continue
+        info, fld = meta.get(cc.entity_sets[stream]), cc.field_map.get(name)
+        members = info.enums.get(fld) if info is not None and fld else None
+        if not members:
+            continue  # a string status (or a missing field, reported by check_fields)
+        given: Mapping[str, str] = cc.settings.get(setting) or {}
+        unknown = sorted(set(given) - set(members))
+        table = {**defaults, **given}
+        groups = {life: [m for m in members if table.get(m, "pending") == life]
+                  for life in (earning, "cancelled", "pending")}
+        enum_name = _short(info.fields[fld]) if info is not None and fld else "?"
+        detail = (f"{fld} ({enum_name}) has {', '.join(members)}; "
+                  + "; ".join(f"{life}: {', '.join(ms) or '-'}" for life, ms in groups.items()))
+        if unknown:
+            out.append(StatusCheck(name, f"settings.{setting} names {', '.join(unknown)}, which {enum_name} does not "
+                                   f"have; {detail}", False, f"use the members of {enum_name} as keys"))
+        elif not groups[earning]:
+            out.append(StatusCheck(name, f"no value of {enum_name} is {earning}; {detail}", False,
+                                   f"map at least one value to {earning} in settings.{setting}"))
+        else:
+            out.append(StatusCheck(name, detail, True))
     return out

@@ -105,6 +105,8 @@ async def test_cli_unconfirmed_mapping_is_refused_then_verify_dry_run_go_live(
         out = capsys.readouterr().out
         assert "ok    field status: field_map.status = SalesOrderHeadersV2.ZZOrderState: present, SalesStatus" in out
         assert "ok    field change_date" in out and "verified" in out
+        assert ("ok    status values: ZZOrderState (SalesStatus) has None, Backorder, Delivered, Invoiced, "
+                "Canceled") in out
 
         db_before, topics_before = await db_snapshot(infra.pool), await end_offsets(infra)
         assert await flash("connections", "dry-run", "--tenant", "acme", "--id", "fo-1", "--limit", "50") == 0

@@ -11,7 +11,7 @@ import pytest
 
 from fo_poller.config import FIELD_DEFAULTS, RETURN_STATUS_DEFAULTS, STATUS_DEFAULTS, parse_connection
 from fo_poller.events import EVENTS, Announcement, EventInbox, FakeEventStore, event_time
-from fo_poller.metadata import check_fields, parse_csdl
+from fo_poller.metadata import check_fields, check_statuses, parse_csdl
 from fo_poller.records import content_version, dumps, source_version
 from normalizer.mappers import dynamics_fo
 from sandbox.fo import Variant, csdl
@@ -149,3 +149,22 @@ def test_help_explains_and_starts_nothing() -> None:
     assert out.returncode == 0
     assert "FLASH_FO_EVENTS_PORT" in out.stdout and "field_map" in out.stdout
     assert "services started" not in out.stdout + out.stderr
+
+
+def test_status_values_are_confirmed_against_the_enum(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "0")
+    meta = parse_csdl(csdl(Variant()), ["SalesOrderHeadersV2", "SalesOrderLines", "SalesInvoiceHeadersV2",
+                                        "ReturnOrderHeaders", "ReturnOrderLines"])
+    assert meta["SalesOrderHeadersV2"].enums["SalesOrderStatus"] == (
+        "None", "Backorder", "Delivered", "Invoiced", "Canceled")
+    cc = parse_connection(_conn({"streams": ["orders", "returns"]}))
+    checks = {c.name: c for c in check_statuses(cc, meta)}
+    assert checks["status"].ok and "awardable: Delivered, Invoiced; cancelled: Canceled" in checks["status"].detail
+    assert checks["return_status"].ok and "effective: Received, Invoiced" in checks["return_status"].detail
+    typo = parse_connection(_conn({"streams": ["orders"], "status_lifecycle": {"Invoced": "awardable"}}))
+    (bad,) = check_statuses(typo, meta)
+    assert not bad.ok and "names Invoced, which SalesStatus does not have" in bad.detail
+    nothing = parse_connection(_conn({"streams": ["orders"], "status_lifecycle": {
+        "Invoiced": "pending", "Delivered": "pending"}}))
+    (none,) = check_statuses(nothing, meta)
+    assert not none.ok and "no value of SalesStatus is awardable" in none.detail
