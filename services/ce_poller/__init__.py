@@ -27,8 +27,9 @@ registration bound to an application user with organisation-level Read on the ta
 ``status_overrides``       ``{"<salesorder statuscode>": "awardable" | "pending" | "cancelled"}`` for
                            organisation-defined status reasons (unknown ones follow their statecode).
 ``return_source``          ``{"kind": "msdyn_rma"}`` (default; Field Service RMAs, original order number in
-                           ``msdyn_referencenumber``, amounts from ``msdyn_rmaproducts``),
-                           ``{"kind": "msdyn_rma", "order_number_field": ..., "credited_only": true}``,
+                           ``msdyn_referenceno``, amount ``msdyn_totalamount``, products ``msdyn_rmaproducts``),
+                           ``{"kind": "msdyn_rma", "order_number_field": ..., "customer_field": ...,
+                           "credited_only": true}``,
                            ``{"kind": "custom", "entity_set": "new_returns", "entity": "new_return",
                            "fields": {"id": ..., "number": ..., "order_number": ..., "order_id": ...,
                            "amount": ..., "status": ..., "customer": ...},

@@ -14,7 +14,6 @@ Receiver (optional): ``FLASH_FO_EVENTS_PORT`` (unset: no receiver), ``FLASH_FO_E
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 from collections.abc import Awaitable, Sequence
 
@@ -34,6 +33,7 @@ from servicekit.db import Migrations
 from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service
+from servicekit.settings import FlashSettings
 
 __all__ = ["MIGRATIONS", "SERVICE", "run_connection", "start_sync", "supervise"]
 
@@ -111,25 +111,22 @@ async def supervise(infra: Infra, stop: asyncio.Event, *, receiver: EventReceive
     await supervise_connections(infra, stop, source=SOURCE, runner=runner, relist_s=relist_s)
 
 
-def receiver_tls() -> ssl.SSLContext:
-    cert, key = os.environ.get("FLASH_FO_EVENTS_CERT"), os.environ.get("FLASH_FO_EVENTS_KEY")
-    if not cert or not key:
+def receiver_tls(settings: FlashSettings) -> ssl.SSLContext:
+    if not settings.fo_events_cert or not settings.fo_events_key:
         raise ConfigError("FLASH_FO_EVENTS_PORT is set but FLASH_FO_EVENTS_CERT / FLASH_FO_EVENTS_KEY are not: the "
                           "Business Events endpoint is HTTPS; give it a certificate and key (PEM files)")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(settings.fo_events_cert, settings.fo_events_key)
     return ctx
 
 
 async def _run(infra: Infra, stop: asyncio.Event) -> None:
-    port = os.environ.get("FLASH_FO_EVENTS_PORT")
-    if not port:
+    settings = infra.settings
+    if settings.fo_events_port is None:
         await supervise(infra, stop)
         return
     receiver = EventReceiver()
-    # The environment calls in from Microsoft's cloud, so the receiver listens on every interface by default.
-    host = os.environ.get("FLASH_FO_EVENTS_HOST", "0.0.0.0")  # noqa: S104
-    async with receiver.serve(host, int(port), receiver_tls()) as bound:
+    async with receiver.serve(settings.fo_events_host, settings.fo_events_port, receiver_tls(settings)) as bound:
         log.info("business events receiver listening", port=bound)
         await supervise(infra, stop, receiver=receiver)
 

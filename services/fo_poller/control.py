@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import ssl
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -153,7 +152,7 @@ class FoConnector:
                 except FlashError as exc:
                     report.add(f"read {es}", False, scrub(str(exc), limit=600))
             if cc.events_enabled:
-                base = os.environ.get("FLASH_FO_EVENTS_PUBLIC_URL", "https://<fo-poller host>:<FLASH_FO_EVENTS_PORT>")
+                base = settings.fo_events_public_url or "https://<fo-poller host>:<FLASH_FO_EVENTS_PORT>"
                 url = f"{base.rstrip('/')}/fo/business-events/{cc.tenant_id}/{cc.connection_id}?code=<secret>"
                 report.info["business_events_endpoint"] = url
                 report.add("business events", True, f"register an HTTPS endpoint with URL {url} (the secret is "

@@ -10,7 +10,7 @@ import json
 import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -257,24 +257,20 @@ async def test_a_row_without_its_key_goes_to_a_source_dead_letter(world: World) 
     assert json.loads(letters[0].body)["dataAreaId"] == "usmf"
 
 
-async def test_service_starts_the_https_receiver_from_its_settings(infra: Infra, monkeypatch: pytest.MonkeyPatch
-                                                                    ) -> None:
+async def test_service_starts_the_https_receiver_from_its_settings(infra: Infra) -> None:
     from fo_poller.app import SERVICE, receiver_tls
 
-    monkeypatch.setenv("FLASH_FO_EVENTS_PORT", "1")
-    monkeypatch.delenv("FLASH_FO_EVENTS_CERT", raising=False)
     with pytest.raises(ConfigError, match="FLASH_FO_EVENTS_CERT"):
-        receiver_tls()
+        receiver_tls(infra.settings.model_copy(update={"fo_events_port": 1}))
     tls = make_tls()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("FLASH_FO_EVENTS_PORT", str(port))
-    monkeypatch.setenv("FLASH_FO_EVENTS_HOST", "127.0.0.1")
-    monkeypatch.setenv("FLASH_FO_EVENTS_CERT", str(tls.cert_path))
-    monkeypatch.setenv("FLASH_FO_EVENTS_KEY", str(tls.key_path))
+    settings = FlashSettings.model_validate({**infra.settings.model_dump(), "fo_events_port": port,
+                                             "fo_events_host": "127.0.0.1", "fo_events_cert": tls.cert_path,
+                                             "fo_events_key": tls.key_path})
     stop = asyncio.Event()
-    (task,) = [asyncio.ensure_future(t) for t in SERVICE.tasks(infra, stop)]
+    (task,) = [asyncio.ensure_future(t) for t in SERVICE.tasks(replace(infra, settings=settings), stop)]
     try:
         async with httpx.AsyncClient(verify=tls.client_context()) as client:
             for _ in range(50):
