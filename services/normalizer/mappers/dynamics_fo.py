@@ -68,6 +68,7 @@ __all__ = [
     "ORIGINAL_ORDERS",
     "RETURN_STATUS_DEFAULTS",
     "STATUS_DEFAULTS",
+    "VENDOR_FIELDS",
     "field_map",
     "map_record",
 ]
@@ -123,6 +124,30 @@ FIELD_DEFAULTS: dict[str, str | None] = {
 }
 """Mapping name -> entity field, the documented defaults (``docs/vendor-facts.md``). ``change_date`` has
 none: the header has no modified date; an environment with one (an extension) maps it."""
+
+def _entity_of(name: str) -> str:
+    if name.startswith("line_"):
+        return "SalesOrderLines"
+    if name.startswith("return_line_") or name == "return_reference":
+        return "ReturnOrderLines"
+    if name.startswith("return_"):
+        return "ReturnOrderHeaders"
+    if name.startswith("customer_"):
+        return "CustomersV3"
+    if name.startswith("product_"):
+        return "ReleasedProductsV2"
+    if name.startswith("invoice_") or name == "credit_note_total":
+        return "SalesInvoiceHeadersV2"
+    return "SalesOrderHeadersV2"
+
+
+VENDOR_FIELDS: dict[str, frozenset[str]] = {
+    es: frozenset({"dataAreaId"} | {f for n, f in FIELD_DEFAULTS.items() if f and _entity_of(n) == es})
+    for es in ("SalesOrderHeadersV2", "SalesOrderLines", "CustomersV3", "ReleasedProductsV2", "ReturnOrderHeaders",
+               "ReturnOrderLines", "SalesInvoiceHeadersV2")
+}
+"""Entity set -> the vendor field names this mapper reads by default (``docs/vendor-facts.md`` ``field`` rows);
+a connection's ``field_map`` replaces them with the names its environment confirmed at verify."""
 
 STATUS_DEFAULTS: dict[str, str] = {"Invoiced": "awardable", "Delivered": "awardable", "Canceled": "cancelled"}
 RETURN_STATUS_DEFAULTS: dict[str, str] = {"Received": "effective", "Invoiced": "effective", "Canceled": "cancelled"}
