@@ -53,8 +53,10 @@ Currency: Dataverse rows carry only ``_transactioncurrencyid_value``. The poller
 ``"_transactioncurrencyid_value@flash.isocurrencycode": "EUR"`` (inserted first; the rest of the text is
 untouched), so the normalizer stays a pure function of the payload.
 
-Returns (``msdyn_rma``): an RMA's amounts live on its products, which change tracking delivers separately;
+Returns (``msdyn_rma``): an RMA's total is on its row (``msdyn_totalamount``), but which products are credited
+lives on its products, which change tracking delivers separately;
 the poller tracks both tables and publishes, for each RMA touched, the RMA row with its products under
-``"msdyn_rmaproducts"`` (the shape ``$expand`` would give) and the original order's ``salesorderid``
+``"msdyn_rmaproducts"`` (a Flash name, not the vendor's: ``$expand`` would name the collection
+``msdyn_msdyn_rma_msdyn_rmaproduct_RMA``, docs/vendor-facts.md) and the original order's ``salesorderid``
 (looked up by order number) as ``order_source_id``.
 """

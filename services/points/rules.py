@@ -262,9 +262,11 @@ def clawback_points(
         return earned if any_return else 0
     if returned <= 0:
         return 0
-    # 12 places: conversions through the base currency must not turn a full return into 0.99999... of it.
-    share = min(Decimal(1), (returned / returnable).quantize(Decimal("1e-12"), rounding=ROUND_HALF_EVEN))
-    return min(earned, max(0, round_points(program, Decimal(earned) * share)))
+    # earned x returned / returnable, multiplied before dividing (9 points x 2/6 is 3, not 2.99...), and
+    # rounded to 9 places first: conversions through the base currency must not turn a full return into
+    # 0.99999... of it.
+    raw = Decimal(earned) * min(returned, returnable) / returnable
+    return min(earned, max(0, round_points(program, raw.quantize(Decimal("1e-9"), rounding=ROUND_HALF_EVEN))))
 
 
 # ------------------------------------------------------------------------------------- reconcile

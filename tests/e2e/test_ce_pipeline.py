@@ -76,9 +76,10 @@ def reference(state: DataverseState) -> dict[tuple[str, str], int]:
             )
             claw = 0
             if pts > 0 and returned > 0:
-                total = base(o.totalamount - o.freightamount)
-                share = min(Decimal(1), base(returned) / total) if total > 0 else Decimal(1)
-                claw = min(pts, max(0, math.floor(Decimal(pts) * share)))
+                # The share of what a return can carry, in the order's own currency (no rate is involved).
+                returnable = o.totalamount - o.freightamount
+                raw = Decimal(pts) * min(returned, returnable) / returnable if returnable > 0 else Decimal(pts)
+                claw = min(pts, max(0, math.floor(raw.quantize(Decimal("1e-9")))))
             if pts - claw:
                 out[(tenant, o.salesorderid)] = pts - claw
     return out

@@ -122,3 +122,12 @@ def test_a_return_in_another_currency_is_valued_through_the_base_currency() -> N
                        amount=Decimal("40"))  # 50 EUR = 62.50 USD: half the order
     res = reconcile(program, order, {}, [half], now=NOW)
     assert (res.earn_delta, res.claw_delta) == (100, -50)
+
+
+def test_exact_thirds_are_not_lost_to_division() -> None:
+    """9 points, a third of the order returned: 3 points back (earned x returned / returnable, not 2.99...)."""
+    from points.rules import clawback_points
+
+    program = Program(tenant_id="acme", base_currency="EUR")
+    assert clawback_points(program, 9, Decimal(2), Decimal(6)) == 3
+    assert clawback_points(program, 200, Decimal("217.479999999999"), Decimal("217.48")) == 200
