@@ -35,6 +35,7 @@ __all__ = ["LEGACY_CONNECTORS", "SERVICES", "main"]
 #: name → module holding ``SERVICE``; started with ``flash run <name>`` or ``python -m <module>``.
 SERVICES: dict[str, str] = {
     "ce-poller": "ce_poller",
+    "fo-poller": "fo_poller",
     "sf-poller": "sf_poller",
     "cdc-listener": "cdc_listener",
     "normalizer": "normalizer",

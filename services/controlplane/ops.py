@@ -361,9 +361,11 @@ class Operations:
         if action not in allowed:
             raise Invalid(f"unknown action {action!r}")
         if conn.state not in allowed[action]:
-            hint = ("verify it first" if conn.state in ("draft", "failed") else
+            hint = (f"verify it first (flash connections verify --tenant {tenant_id} --id {connection_id})"
+                    if conn.state in ("draft", "failed") else
                     "only a live connection can be paused" if action == "pause" else "only a paused one resumes")
-            raise Conflict(f"connection {connection_id} is {conn.state}; {hint}")
+            last = f"; last verification: {_scrub(conn.last_error, conn.credentials)}" if conn.last_error else ""
+            raise Conflict(f"connection {connection_id} is {conn.state}; {hint}{last}")
         if action != "pause":
             check_connection_endpoint(conn.source, conn.endpoint)
         await self.store.set_state(tenant_id, connection_id, target[action])  # type: ignore[arg-type]

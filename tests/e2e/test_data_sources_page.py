@@ -136,7 +136,8 @@ async def test_add_verify_preview_go_live_and_replay_in_the_browser(
                 # The wrong secret: verify fails and says what to fix, in the connector's words.
                 await page.get_by_role("button", name="Verify").click()
                 await expect(page.get_by_role("heading", name="Verification failed")).to_be_visible(timeout=30_000)
-                await expect(page.locator("#verify-result")).to_contain_text("put the secret's Value (not its Secret ID)")
+                await expect(page.locator("#verify-result")).to_contain_text(
+                    "put the secret's Value (not its Secret ID)")
                 await expect(page.locator("#detail-sub .badge")).to_have_text("Failed")
                 await shot(page, "04-verify-failed")
                 # Edit: the right secret (the others are kept); the connection is a draft again.

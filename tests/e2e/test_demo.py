@@ -24,12 +24,12 @@ async def test_demo_lands_every_member_order(infra: Infra, capsys: pytest.Captur
     parked = await pool.fetchval("SELECT count(DISTINCT order_source_id) FROM parked WHERE tenant_id = 'acme'")
     assert orders + parked == 120, "every seeded order either landed on a member or is parked for a non-member"
     assert parked > 0, "the demo leaves some customers out of the members import on purpose"
-    for tenant in ("acme", "globex"):  # Dynamics 365 CE and Salesforce
+    for tenant in ("acme", "globex", "initech"):  # Dynamics 365 CE, Salesforce, Dynamics 365 F&O
         earned = await pool.fetchval("SELECT coalesce(sum(points), 0) FROM ledger WHERE tenant_id = $1", tenant)
         assert earned > 0, f"{tenant} earned nothing"
         landed = await pool.fetchval("SELECT count(*) FROM orders WHERE tenant_id = $1 AND known", tenant)
         assert landed > 0
-    for tenant in ("acme", "globex"):
+    for tenant in ("acme", "globex", "initech"):
         members = {r["member_id"] for r in await pool.fetch(
             "SELECT member_id FROM members WHERE tenant_id = $1", tenant)}
         ledger_members = {r["member_id"] for r in await pool.fetch(
