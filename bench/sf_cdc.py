@@ -37,6 +37,7 @@ import httpx
 
 from canonical.events import MemberData
 from canonical.topics import CANONICAL_ORDER, RESOLVED_ORDER, raw
+from connectorkit.endpoints import SANDBOX_ENV
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore, PgCursorStore
 from servicekit.db import migrate
 from servicekit.kafka import ensure_topics
@@ -358,6 +359,8 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
             done = {r["order_source_id"]: r["t"].timestamp() for r in rows}
             await asyncio.sleep(0.5)
         lat = [done[o] - sent[o] for o in done]
+        if not lat:
+            raise SystemExit(f"none of the {n} changes reached the ledger: see the warnings above")
         listener = cdc_stage_report(listener_before, cdc_stage_snapshot())
         stamps: dict[str, dict[str, float]] = {}
         for name, topic in (("committed", None), ("raw", raw("salesforce", "Order")), ("canonical", CANONICAL_ORDER),
@@ -419,6 +422,8 @@ async def backfill(infra: Infra, info: dict[str, Any], orders: int) -> dict[str,
 
 async def main(args: argparse.Namespace) -> int:
     configure_logging("WARNING", "console")
+    # the simulator listens on loopback: allow sandbox endpoints for this process, as flash demo does
+    os.environ.setdefault(SANDBOX_ENV, "1")
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_sandbox_child, args=(child, args.orders), daemon=True)
