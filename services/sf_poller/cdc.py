@@ -485,7 +485,7 @@ async def run_listener(conn: Connection, infra: Infra, stop: asyncio.Event) -> N
 
 
 def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
-    return [supervise(infra, stop, run_listener)]
+    return [supervise(infra, stop, run_listener, scope="cdc-listener")]
 
 
 SERVICE = Service("cdc-listener", tasks=_tasks)
