@@ -104,6 +104,31 @@ async def relink_members(rows: Iterable[Any], uow: UnitOfWork) -> None:
     await _flow_on(uow, customers=resolved, emails=emails)
 
 
+async def release_stranded(uow: UnitOfWork, limit: int = 1000) -> int:
+    """Release parked orders whose customer resolves to a member by now; returns how many customers.
+
+    A safety net for copies running side by side: copy X parks an order of customer C (C unlinked in
+    X's snapshot) while copy Y links C and releases what was parked for C (X's park not yet committed
+    in Y's snapshot); each commits and the order would stay parked although C resolves. Found by the
+    scale-out test (3 resolver copies: 25 of 1,104 orders stranded). Releasing twice is harmless: the
+    emitted events keep their ids, and downstream consumers deduplicate them.
+    """
+    rows = await uow.conn.fetch(
+        """SELECT DISTINCT p.tenant_id, p.connection_id, p.source, p.customer_source_id
+           FROM parked p JOIN customer_links l USING (tenant_id, connection_id, source, customer_source_id)
+           WHERE p.kind <> 'part' AND l.member_id IS NOT NULL AND p.parked_at < now() - interval '2 seconds'
+           LIMIT $1""",
+        limit,
+    )
+    if rows:
+        keys: list[CustKey] = [(r["tenant_id"], r["connection_id"], r["source"], r["customer_source_id"])
+                               for r in rows]
+        log.warning("releasing parked orders of customers that resolve (stranded by concurrent copies)",
+                    customers=len(keys))
+        await _flow_on(uow, customers=keys)
+    return len(rows)
+
+
 # ---------------------------------------------------------------------------------------- customers
 
 
