@@ -63,6 +63,11 @@ class FlashSettings(BaseSettings):
         "uvloop where it is installed.",
     )
     metrics_port: int | None = Field(default=None, description="Expose Prometheus metrics on this port.")
+    allow_sandbox_endpoints: bool = Field(
+        default=False,
+        description="Connections may name simulators (http, loopback, private hosts). Read from the same "
+        "variable by connectorkit.endpoints.sandbox_endpoints_allowed(); never set it in production.",
+    )
     instance_id: str | None = Field(default=None, description="Name of this process in logs and metrics.")
 
     # --- Kafka on a real cluster (security, replication); see servicekit.kafka.kafka_security ---------------

@@ -19,8 +19,8 @@ from types import ModuleType
 from typing import Any
 
 from connectorkit.dryrun import dry_run as kit_dry_run
-from connectorkit.endpoints import check_endpoint
 from connectorkit.registry import connector_sources, load_connector
+from connectorkit.registry import validate_connection as kit_validate_connection
 from connectorkit.replay import source_rewriter
 from servicekit import dlq as dlq_ops
 from servicekit.cliutil import open_db, print_json, print_table
@@ -152,12 +152,10 @@ def _legacy_control(source: str) -> ModuleType:
 
 
 def validate_connection(conn: Connection) -> None:
-    """What ``connections add`` checks before storing: the endpoint policy (https, the vendor's hosts, no
-    private addresses; ``connectorkit.endpoints``), then the connector's own parse of every setting."""
-    check_endpoint(conn.endpoint, kinds=[conn.source], setting="--endpoint")
-    connector = _registered(conn.source)
-    if connector is not None:
-        connector.parse(conn)
+    """What ``connections add`` checks before storing (``connectorkit.registry.validate_connection``), and that
+    some connector of this build (registered, or a legacy module hook) can verify the source."""
+    if kit_validate_connection(conn) is None:
+        _legacy_control(conn.source)  # no connector for this source in this build: nothing could verify it
 
 
 def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
@@ -374,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tenant", required=True)
     c.add_argument("--id", required=True)
     c.add_argument("--source", required=True, choices=["dynamics-ce", "dynamics-fo", "salesforce"])
-    c.add_argument("--endpoint", required=True, help="org URL (Dynamics) or My Domain URL (Salesforce)")
+    c.add_argument("--endpoint", required=True,
+                   help="org URL (Dynamics: https://<org>.crm[N].dynamics.com) or My Domain URL (Salesforce: "
+                   "https://<domain>.my.salesforce.com); https on the vendor's hosts only, checked before saving "
+                   "(simulators need FLASH_ALLOW_SANDBOX_ENDPOINTS=1)")
     c.add_argument("--credentials", required=True, help="JSON file or text; stored encrypted")
     c.add_argument("--settings", help="JSON file or text with connector settings")
     for action, text in (("show", "show one connection (credentials masked)"),
