@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from connectorkit.cursors import PgCursorStore
 from connectorkit.runner import poll_forever, supervise_connections
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
-from servicekit.leases import LeaseLost, current_lease
+from servicekit.leases import LeaseLost, PgLeaseStore, current_lease
 from servicekit.runtime import Infra
 
 pytestmark = pytest.mark.integration
@@ -99,3 +100,50 @@ async def test_the_kits_cursor_store_is_fenced(infra: Infra) -> None:
         await loop.create_task(store.save("acme", "c1", "salesorder", {"p": 9}),
                                context=work_context(old.lease(("acme", "c1"))))
     assert await store.load("acme", "c1", "salesorder") == {"p": 2}
+
+
+def test_flash_status_shows_which_copy_owns_each_connection(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    import asyncpg
+
+    from controlplane.cli import main
+    from servicekit.leases import ConnectionLeases
+    from servicekit.testing.infra import unique_name
+
+    schema = unique_name("leases")
+    for name, value in {"FLASH_DATABASE_URL": database_url, "FLASH_DB_SCHEMA": schema,
+                        "FLASH_STATE_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+
+    async def take() -> None:
+        pool = await asyncpg.create_pool(database_url, server_settings={"search_path": schema}, min_size=1,
+                                         max_size=2)
+        try:
+            await ConnectionLeases(PgLeaseStore(pool), "ce-poller", "ce-poller-0:42:abc", ttl_s=60).rebalance(
+                [("acme", "ce-main")])
+        finally:
+            await pool.close()
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    try:
+        assert main(["migrate"]) == 0
+        asyncio.run(take())
+        capsys.readouterr()
+        assert main(["status", "--json"]) == 0
+        leases = json.loads(capsys.readouterr().out)["leases"]
+        assert [(r["service"], r["tenant_id"], r["connection_id"], r["copy"]) for r in leases] == [
+            ("ce-poller", "acme", "ce-main", "ce-poller-0:42:abc")]
+        assert 0 < leases[0]["expires_in_s"] <= 60
+        assert main(["status"]) == 0
+        assert "LEASES" in capsys.readouterr().out
+    finally:
+        asyncio.run(drop())
