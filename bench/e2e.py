@@ -345,6 +345,8 @@ async def main(args: argparse.Namespace) -> None:
             print(f"  (tenant {pairs[0][0].tenant_id} had {args.members:,} extra members during every run)")
         if args.scale_tenants:
             await scale_case(base, args.scale_tenants, args.scale_connections, log_dir)
+        if base.db_schema == "e2e_base":
+            await shared.pool.execute('DROP SCHEMA IF EXISTS "e2e_base" CASCADE')
 
 
 if __name__ == "__main__":
