@@ -154,7 +154,7 @@ async def _raw_first_seen(infra: Infra, entities: Sequence[tuple[str, str]]) -> 
 async def run_copies(
     base: FlashSettings, pairs: list[tuple[Any, dict[str, Any]]], copies: dict[str, int], *, log_dir: Path,
     kill_at: float | None = None, lease_ttl_s: float = 6.0, timeout_s: float = 600.0, log: RequestLog | None = None,
-    members: int = 0,
+    members: int = 0, settle_s: float = 8.0,
 ) -> RunResult:
     """One deployment: fresh schema/prefix, tenants configured, ``copies`` per service started and ready,
     then the connections go live; waits until every member order landed and the ledger is still.
@@ -209,7 +209,7 @@ async def run_copies(
                     stable_since = stable_since or time.monotonic()
                     # after a kill, the killed consumer's partitions wait for the group to notice (session
                     # timeout ~10 s) and rebalance: a still ledger proves nothing before that
-                    if time.monotonic() - stable_since >= (max(25.0, 2 * lease_ttl_s) if killed else 8.0):
+                    if time.monotonic() - stable_since >= (max(25.0, 2 * lease_ttl_s) if killed else settle_s):
                         break
                 else:
                     stable_since = None

@@ -30,6 +30,14 @@ def _bench() -> ModuleType:
     return module
 
 
+def _nets(ledger: list[tuple[object, ...]]) -> dict[tuple[object, ...], int]:
+    """Points per (tenant, order, member)."""
+    out: dict[tuple[object, ...], int] = {}
+    for t, o, _kind, pts, _version, member in ledger:
+        out[(t, o, member)] = out.get((t, o, member), 0) + int(pts)  # type: ignore[call-overload]
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 async def test_scaled_out_copies_with_kills_land_the_same_ledger_as_one(settings: FlashSettings,
@@ -49,13 +57,7 @@ async def test_scaled_out_copies_with_kills_land_the_same_ledger_as_one(settings
     # order at other moments in the two runs (before or after its lines, its return before or after the
     # order reaches the points engine through other partitions), so one run books earn 4,165 where the
     # other books earn 2,082 + adjust 2,083, or labels a clawback with the order's version.
-    def nets(ledger: list[tuple[object, ...]]) -> dict[tuple[object, ...], int]:
-        out: dict[tuple[object, ...], int] = {}
-        for t, o, _kind, pts, _version, member in ledger:
-            out[(t, o, member)] = out.get((t, o, member), 0) + int(pts)  # type: ignore[call-overload]
-        return out
-
-    single_nets, many_nets = nets(single.ledger), nets(many.ledger)
+    single_nets, many_nets = _nets(single.ledger), _nets(many.ledger)
     differ = {k: (single_nets.get(k), many_nets.get(k)) for k in single_nets.keys() | many_nets.keys()
               if single_nets.get(k) != many_nets.get(k)}
     assert differ == {}, f"{len(differ)} orders differ (single, scaled out): {sorted(differ.items())[:10]}"
@@ -66,3 +68,19 @@ async def test_scaled_out_copies_with_kills_land_the_same_ledger_as_one(settings
         assert len(owners) <= 2, f"{service} polled org {org} from {owners} (interleaved or churning)"
     polled = {service for (_, service) in many.runs}
     assert {"ce-poller", "sf-poller", "cdc-listener"} <= polled
+
+
+@pytest.mark.timeout(300)
+async def test_two_copies_of_everything_land_the_same_points_as_one(settings: FlashSettings, tmp_path: Path) -> None:
+    """The short variant for the default run: two copies of every service, no kill, few orders."""
+    e2e = _bench()
+    log = RequestLog()
+    everything = (*e2e.POLLERS, *e2e.CONSUMERS)
+    async with e2e.sandboxes(80, log) as pairs:
+        single = await e2e.run_copies(settings, pairs, dict.fromkeys(everything, 1), log_dir=tmp_path, settle_s=5.0)
+        log.requests.clear()
+        double = await e2e.run_copies(settings, pairs, dict.fromkeys(everything, 2), log_dir=tmp_path, log=log,
+                                      settle_s=5.0)
+    assert _nets(double.ledger) == _nets(single.ledger)
+    for (org, service), owners in double.runs.items():
+        assert len(owners) == 1, f"{service} polled org {org} from {owners}"
