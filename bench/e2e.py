@@ -307,6 +307,8 @@ async def raw_broker(settings: FlashSettings, n: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
+    # the connections point at the simulators on loopback (connectorkit.endpoints), as in `flash demo`
+    os.environ.setdefault("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")
     base = FlashSettings()
     base = base.model_copy(update={"db_schema": base.db_schema or "e2e_base"})  # never the public schema
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="flash-e2e-"))
