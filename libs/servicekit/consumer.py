@@ -144,6 +144,15 @@ class DeadLetter:
         return original + [(k, v.encode()) for k, v in ours] + self.extra_headers
 
 
+def _correlation_of(rec: ConsumerRecordLike) -> str | None:
+    """The record's correlation id (header, else body) for the log line of a dead letter."""
+    for k, v in rec.headers or ():
+        if k == "correlation_id":
+            return bytes(v).decode("utf-8", "replace")
+    value = _peek(rec.value).get("correlation_id")
+    return str(value) if value else None
+
+
 def _peek(value: bytes | None) -> dict[str, Any]:
     try:
         obj = json.loads(value or b"")
@@ -369,6 +378,7 @@ class PipeConsumer(Generic[E]):
             while True:
                 try:
                     await self.publisher.send_all(messages)
+                    metrics.PUBLISHED.labels(self.name).inc(len(messages))
                     break
                 except InfrastructureUnavailable as exc:
                     await self._backoff(1, exc, unbounded=True)
@@ -378,6 +388,7 @@ class PipeConsumer(Generic[E]):
                 log.error(
                     "message dead-lettered",
                     consumer=self.name, tenant_id=letter.tenant_id, event_id=letter.event_id,
+                    correlation_id=_correlation_of(letter.record),
                     error_class=letter.error_class, error=letter.error_message[:500], stage=letter.stage,
                     topic=letter.record.topic, partition=letter.record.partition, offset=letter.record.offset,
                     attempts=letter.attempts,
@@ -437,6 +448,7 @@ class PipeConsumer(Generic[E]):
             except ConfigError:
                 raise
             except Exception as exc:  # noqa: BLE001 - classified below
+                metrics.FAILED.labels(self.name, type(exc).__name__).inc()
                 first = first or _now()
                 if isinstance(exc, Poison) or attempt >= self.settings.max_attempts:
                     letter = self._dead(d.record, exc, attempts=attempt, first=first, event=d.event)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -34,6 +35,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json", *, service: str | 
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     if service:
         structlog.contextvars.bind_contextvars(service=service)
+    if os.environ.get("FLASH_INSTANCE_ID"):  # names this process in every line (README: FLASH_INSTANCE_ID)
+        structlog.contextvars.bind_contextvars(instance_id=os.environ["FLASH_INSTANCE_ID"])
 
 
 class _Stderr:
