@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/e2e.py [--orders 5000] [--copies 1,2,3] [--scale-tenants 0] [--members 0]
 
-The Dataverse and Salesforce simulators (real HTTPS on loopback) are seeded once with ``--orders`` orders
-per tenant (the demo's two tenants: Dynamics 365 CE and Salesforce with CDC). For each copy count N, in a
+The simulators of the demo (real HTTPS on loopback) are seeded once with ``--orders`` orders per tenant
+(the demo's tenants: Dynamics 365 CE, Finance & Operations, Salesforce with CDC). For each copy count N, in a
 fresh schema and topic prefix: N copies of EVERY service (pollers, CDC listener, normalizer, resolver,
 points) start as processes and are waited for; then the connections go live and the clock starts. Prints:
 
@@ -49,7 +49,7 @@ from servicekit.settings import FlashSettings
 from servicekit.testing.fleet import Fleet, RequestLog
 from servicekit.testing.infra import service_env
 
-POLLERS = ("ce-poller", "sf-poller", "cdc-listener")
+POLLERS = ("ce-poller", "fo-poller", "sf-poller", "cdc-listener")
 CONSUMERS = ("normalizer", "resolver", "points")
 
 
@@ -227,8 +227,8 @@ async def run_copies(
                    FROM ledger GROUP BY 1, 2""")}
         finally:
             stop_s = await fleet.stop()
-        first = await _raw_first_seen(infra, [("dynamics-ce", "salesorder"), ("salesforce", "Order"),
-                                              ("salesforce", "OrderSummary")])
+        first = await _raw_first_seen(infra, [("dynamics-ce", "salesorder"), ("dynamics-fo", "SalesOrderHeadersV2"),
+                                              ("salesforce", "Order"), ("salesforce", "OrderSummary")])
         latencies = [landed_at[k] - first[k] for k in landed_at if k in first and landed_at[k] >= first[k]]
         runs = log.runs(fleet.service_of) if log else {}
         with contextlib.suppress(asyncpg.PostgresError):

@@ -67,7 +67,7 @@ async def test_scaled_out_copies_with_kills_land_the_same_ledger_as_one(settings
         # the first owner, then (when it was the killed copy) its successor: never interleaved
         assert len(owners) <= 2, f"{service} polled org {org} from {owners} (interleaved or churning)"
     polled = {service for (_, service) in many.runs}
-    assert {"ce-poller", "sf-poller", "cdc-listener"} <= polled
+    assert {"ce-poller", "fo-poller", "sf-poller", "cdc-listener"} <= polled
 
 
 @pytest.mark.timeout(300)

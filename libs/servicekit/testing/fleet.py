@@ -134,7 +134,7 @@ class _Request:
 
 
 class RequestLog:
-    """Which process made each request to which org of a simulator (``/orgs/<org>/...`` paths)."""
+    """Which process made each request to which org of a simulator (``/orgs/<org>/...``, ``/envs/<env>/...``)."""
 
     def __init__(self) -> None:
         self.requests: list[_Request] = []
@@ -152,7 +152,7 @@ class RequestLog:
     async def middleware(self, request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         parts = request.path.split("/")
-        if len(parts) > 2 and parts[1] == "orgs":
+        if len(parts) > 2 and parts[1] in ("orgs", "envs"):  # Dataverse/Salesforce orgs, F&O environments
             peer: Any = request.transport.get_extra_info("peername") if request.transport else None
             pid = self._pid_of(int(peer[1])) if peer else None
             self.requests.append(_Request(parts[2], pid, time.monotonic()))
