@@ -299,8 +299,16 @@ async def scale_case(base: FlashSettings, tenants: int, per_tenant: int, log_dir
 
 
 async def raw_broker(settings: FlashSettings, n: int) -> float:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from pipe import raw_loop  # bench/pipe.py
+    import importlib.util
+
+    # bench/pipe.py's loop, loaded by path: bench/ is not on sys.path (its points.py would shadow the service)
+    spec = importlib.util.spec_from_file_location("bench_pipe", Path(__file__).parent / "pipe.py")
+    assert spec is not None
+    assert spec.loader is not None
+    pipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pipe
+    spec.loader.exec_module(pipe)
+    raw_loop = pipe.raw_loop
 
     async with open_infra(settings, create_topics=False) as infra:
         return await raw_loop(infra.bootstrap, n, [os.urandom(400) for _ in range(n)])
@@ -352,6 +360,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    # run as a script, bench/ is sys.path[0]: bench/points.py would shadow the points service package
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", type=int, default=5000, help="orders seeded per tenant (2 tenants)")
     parser.add_argument("--copies", default="1,2,3", help="copy counts to run, comma-separated (each service)")
