@@ -265,8 +265,9 @@ async def scale_case(base: FlashSettings, tenants: int, per_tenant: int, log_dir
         n = tenants * per_tenant
         for t in range(tenants):
             for c in range(per_tenant):
-                await store.upsert(f"scale-{t:04d}", f"ce-{c}", "dynamics-ce", cc["endpoint"], cc["credentials"],
-                                   cc["settings"])
+                # connection ids are unique across tenants (connections_id)
+                await store.upsert(f"scale-{t:04d}", f"ce-{t:04d}-{c}", "dynamics-ce", cc["endpoint"],
+                                   cc["credentials"], cc["settings"])
         env = service_env(infra.bootstrap, infra.database_url, settings, FLASH_LOG_LEVEL="WARNING",
                           FLASH_ALLOW_SANDBOX_ENDPOINTS="1")
         fleet = Fleet(env, log_dir / f"scale-{run}")
@@ -324,7 +325,7 @@ async def main(args: argparse.Namespace) -> None:
     async with open_infra(base, create_topics=False) as shared:
         # one broker and database for every run (embedded unless configured): children reuse them
         base = shared.settings
-        print(f"e2e: {args.orders:,} orders per tenant x 2 tenants; copies {counts}; logs {log_dir}")
+        print(f"e2e: {args.orders:,} orders per tenant; copies {counts}; logs {log_dir}")
         async with sandboxes(args.orders) as pairs:
             expected = sum(t.expected_orders for t, _ in pairs)
             print(f"  {expected:,} member orders to land (others park for non-members)")
@@ -365,7 +366,8 @@ if __name__ == "__main__":
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", type=int, default=5000, help="orders seeded per tenant (2 tenants)")
-    parser.add_argument("--copies", default="1,2,3", help="copy counts to run, comma-separated (each service)")
+    parser.add_argument("--copies", default="1,2,3",
+                        help="copy counts to run, comma-separated (each service); empty: only the other cases")
     parser.add_argument("--members", type=int, default=0, help="extra members imported into the first tenant")
     parser.add_argument("--scale-tenants", type=int, default=0, help="scale case: tenants (0: skip)")
     parser.add_argument("--scale-connections", type=int, default=3, help="scale case: connections per tenant")
