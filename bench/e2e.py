@@ -268,8 +268,8 @@ async def scale_case(base: FlashSettings, tenants: int, per_tenant: int, log_dir
                 # connection ids are unique across tenants (connections_id)
                 await store.upsert(f"scale-{t:04d}", f"ce-{t:04d}-{c}", "dynamics-ce", cc["endpoint"],
                                    cc["credentials"], cc["settings"])
-        env = service_env(infra.bootstrap, infra.database_url, settings, FLASH_LOG_LEVEL="WARNING",
-                          FLASH_ALLOW_SANDBOX_ENDPOINTS="1")
+        env = service_env(infra.bootstrap, infra.database_url, settings, FLASH_LOG_LEVEL="INFO",
+                          FLASH_ALLOW_SANDBOX_ENDPOINTS="1")  # INFO: wait_started reads "services started"
         fleet = Fleet(env, log_dir / f"scale-{run}")
         fleet.start("ce-poller", SERVICES["ce-poller"], 1)
         try:
@@ -282,7 +282,7 @@ async def scale_case(base: FlashSettings, tenants: int, per_tenant: int, log_dir
             # simulator serves all of them from one org and one app user, so its service-protection limits
             # throttle the first cycles (429 + Retry-After); a throttled runner waits like an idle one
             leases = 0
-            while leases < n and time.monotonic() - began < 300:
+            while leases < n and time.monotonic() - began < 180:
                 await asyncio.sleep(2)
                 leases = await infra.pool.fetchval("SELECT count(*) FROM connection_leases WHERE scope = 'ce-poller'")
             owned_s = time.monotonic() - began
