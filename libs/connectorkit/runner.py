@@ -20,6 +20,15 @@ from collections.abc import Awaitable, Callable
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
 from servicekit.db import db_errors
 from servicekit.errors import ConfigError, InfrastructureUnavailable, Transient
+from servicekit.leases import (
+    ConnectionLeases,
+    LeaseLost,
+    PgLeaseStore,
+    TenantGate,
+    holder_name,
+    supervise_leased,
+    tenant_slot,
+)
 from servicekit.logging import get_logger
 from servicekit.runtime import Infra
 
@@ -37,48 +46,34 @@ def fingerprint(c: Connection) -> str:
 
 
 async def supervise_connections(
-    infra: Infra, stop: asyncio.Event, *, source: str, runner: ConnectionRunner, relist_s: float = 5.0
+    infra: Infra, stop: asyncio.Event, *, source: str, runner: ConnectionRunner, relist_s: float = 5.0,
+    scope: str | None = None,
 ) -> None:
-    """Keep one ``runner`` task per live connection of ``source`` until ``stop`` (see the module docstring).
+    """Keep one ``runner`` task per live connection of ``source`` THIS copy holds the lease of, until
+    ``stop`` (see the module docstring).
 
-    A runner that returns on purpose (a configuration error it marked ``failed``) stays stopped; a
-    database outage while listing keeps the running tasks as they are and lists again later.
+    Copies of a service share the connections through leases in PostgreSQL (``servicekit.leases``, one
+    ``scope`` per service: two services working on the same connections pass different scopes): each
+    runs its even share, a killed copy's connections move within ``FLASH_LEASE_TTL_S``, and each runner's
+    cursor writes are fenced by its lease. A runner that returns on purpose (a configuration error it
+    marked ``failed``) stays stopped; a database outage while listing keeps the running tasks as they are
+    (until their leases would have expired) and lists again later.
     """
     store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
-    running: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
-    try:
-        while not stop.is_set():
-            live: dict[tuple[str, str], Connection] | None
-            try:
-                async with db_errors("listing connections"):
-                    conns = await store.list(source=source, states=("live",))
-                live = {(c.tenant_id, c.connection_id): c for c in conns}
-            except Transient as exc:
-                log.warning("listing connections failed", source=source, error=str(exc)[:300])
-                live = None
-            if live is not None:
-                for key, (fp, task) in list(running.items()):
-                    c = live.get(key)
-                    if c is not None and fingerprint(c) == fp:
-                        if not task.done() or task.cancelled() or task.exception() is None:
-                            continue  # running, or finished on purpose (a config error marked it failed)
-                        log.warning("connection task crashed; restarting", tenant_id=c.tenant_id,
-                                    connection_id=c.connection_id, error=str(task.exception())[:300])
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-                    del running[key]
-                for key, c in live.items():
-                    if key not in running:
-                        running[key] = (fingerprint(c), asyncio.ensure_future(runner(c, infra, stop)))
-                        log.info("connection started", source=source, tenant_id=c.tenant_id,
-                                 connection_id=c.connection_id)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), relist_s)
-    finally:
-        for _, task in running.values():
-            task.cancel()
-        await asyncio.gather(*(t for _, t in running.values()), return_exceptions=True)
+    settings = infra.settings
+    leases = ConnectionLeases(PgLeaseStore(infra.pool), scope or source, holder_name(settings.instance_id),
+                              ttl_s=settings.lease_ttl_s)
+
+    async def list_live() -> dict[tuple[str, str], Connection]:
+        async with db_errors("listing connections"):
+            conns = await store.list(source=source, states=("live",))
+        return {(c.tenant_id, c.connection_id): c for c in conns}
+
+    async def run(c: Connection) -> None:
+        await runner(c, infra, stop)
+
+    await supervise_leased(leases, stop, list_live=list_live, run=run, fingerprint=fingerprint,
+                           gate=TenantGate(settings.tenant_concurrency), relist_s=relist_s)
 
 
 async def mark_failed(conn: Connection, infra: Infra, exc: ConfigError) -> None:
@@ -108,12 +103,17 @@ async def poll_forever(
     failures = 0
     while not stop.is_set():
         try:
-            delay = await cycle()
+            async with tenant_slot(conn.tenant_id):  # per-tenant fairness (servicekit.leases)
+                delay = await cycle()
             failures = 0
             if once:
                 return
         except ConfigError as exc:
             await mark_failed(conn, infra, exc)
+            return
+        except LeaseLost as exc:  # another copy owns the connection now; the supervisor stops this task
+            log.warning("lease lost; stopping", tenant_id=conn.tenant_id, connection_id=conn.connection_id,
+                        error=str(exc)[:300])
             return
         except Transient as exc:
             failures += 1

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
+from prometheus_client import Counter as MetricCounter
+from prometheus_client import Gauge
 
 from servicekit.db import db_errors
 from servicekit.errors import FlashError, Transient
@@ -58,6 +60,10 @@ log = get_logger(__name__)
 
 Key = tuple[str, str]
 """(tenant_id, connection_id)"""
+
+LEASES_HELD = Gauge("flash_leases_held", "Connections this copy holds the lease of", ["scope"])
+LEASE_HANDOVERS = MetricCounter("flash_lease_handovers_total", "Connections this copy stopped working on",
+                                ["scope", "reason"])
 
 T = TypeVar("T")
 
@@ -489,6 +495,11 @@ async def supervise_leased(
                     await halt(expired, "lease not renewed in time")
                     leases.forget(expired)
             else:
+                LEASES_HELD.labels(leases.scope).set(len(plan.owned))
+                if plan.lost:
+                    LEASE_HANDOVERS.labels(leases.scope, "lost").inc(len(plan.lost))
+                if plan.give_up:
+                    LEASE_HANDOVERS.labels(leases.scope, "rebalanced").inc(len(plan.give_up))
                 await halt(plan.lost, "lease lost")
                 if plan.give_up:
                     await halt(plan.give_up, "rebalanced to another copy")

@@ -104,6 +104,18 @@ class FlashSettings(BaseSettings):
         "at most its replication factor.",
     )
 
+    # --- work assignment of pollers and listeners (servicekit.leases) --------------------------------------
+    lease_ttl_s: float = Field(
+        default=15.0, ge=1.0,
+        description="Lease time of a connection owned by one poller/listener copy: renewed every third of it; a "
+        "killed copy's connections move to the others within about this long.",
+    )
+    tenant_concurrency: int = Field(
+        default=4, ge=1,
+        description="Connections of one tenant that poll at the same time in one copy (the others wait their "
+        "turn), so one tenant's backfill cannot starve another tenant's incremental reads.",
+    )
+
     # --- Finance & Operations Business Events receiver (fo-poller; see fo_poller.events) ---------------------
     fo_events_port: int | None = Field(
         default=None, ge=0, le=65535,

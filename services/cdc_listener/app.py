@@ -37,7 +37,8 @@ PRODUCER = "cdc-listener"
 async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELIST_S) -> None:
     """Keep one listener task per live salesforce connection."""
     await migrate(infra.pool, [MIGRATIONS])  # idempotent; lets embedders (demo, tests, bench) skip it
-    await supervise_connections(infra, stop, source=SOURCE, runner=run_listener, relist_s=relist_s)
+    await supervise_connections(infra, stop, source=SOURCE, runner=run_listener, relist_s=relist_s,
+                                scope="cdc-listener")
 
 
 def listener_for(cc: SfConnection, client: SalesforceClient, infra: Infra,

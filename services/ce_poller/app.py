@@ -105,7 +105,8 @@ async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *,
 
 async def supervise(infra: Infra, stop: asyncio.Event, *, relist_s: float = RELIST_S) -> None:
     """Keep one :func:`run_connection` task per live dynamics-ce connection."""
-    await supervise_connections(infra, stop, source=SOURCE, runner=run_connection, relist_s=relist_s)
+    await supervise_connections(infra, stop, source=SOURCE, runner=run_connection, relist_s=relist_s,
+                                scope="ce-poller")
 
 
 def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:

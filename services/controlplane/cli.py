@@ -259,18 +259,26 @@ def cmd_status(args: argparse.Namespace, settings: FlashSettings) -> int:
                           extract(epoch FROM now() - updated_at)::float8 AS age_s
                    FROM cursors ORDER BY tenant_id, connection_id, entity""")]
             depth = await dlq_ops.depth(pool)
+            # which copy of each poller/listener owns each connection now (servicekit.leases)
+            leases = [dict(r) for r in await pool.fetch(
+                """SELECT scope AS service, tenant_id, connection_id, holder AS copy, token,
+                          extract(epoch FROM expires_at - now())::float8 AS expires_in_s
+                   FROM connection_leases WHERE expires_at > now() ORDER BY scope, tenant_id, connection_id""")]
             ledger: list[dict[str, Any]] = []
             if await pool.fetchval("SELECT to_regclass('ledger') IS NOT NULL"):
                 ledger = [dict(r) for r in await pool.fetch(
                     """SELECT tenant_id, kind, count(*) AS entries, sum(points) AS points
                        FROM ledger GROUP BY tenant_id, kind ORDER BY tenant_id, kind""")]
             if args.json:
-                print_json({"connections": conns, "cursors": cursors, "dead_letters": depth, "ledger": ledger})
+                print_json({"connections": conns, "cursors": cursors, "leases": leases, "dead_letters": depth,
+                            "ledger": ledger})
                 return 0
             print("CONNECTIONS")
             print_table(conns)
             print("\nCURSORS")
             print_table(cursors)
+            print("\nLEASES (the copy polling each connection)")
+            print_table(leases, empty="none held (no poller or listener running)")
             print("\nDEAD LETTERS (pending, per consumer and tenant)")
             print_table(depth, empty="none")
             print("\nLEDGER")

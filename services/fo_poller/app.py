@@ -108,7 +108,7 @@ async def supervise(infra: Infra, stop: asyncio.Event, *, receiver: EventReceive
     async def runner(conn: Connection, infra: Infra, stop: asyncio.Event) -> None:
         await run_connection(conn, infra, stop, receiver=receiver)
 
-    await supervise_connections(infra, stop, source=SOURCE, runner=runner, relist_s=relist_s)
+    await supervise_connections(infra, stop, source=SOURCE, runner=runner, relist_s=relist_s, scope="fo-poller")
 
 
 def receiver_tls(settings: FlashSettings) -> ssl.SSLContext:

@@ -8,7 +8,7 @@ from typing import Any
 
 from canonical.topics import CANONICAL_CUSTOMER, CANONICAL_ORDER, CANONICAL_RETURN, MEMBERS
 from resolver.adapters import PgResolverStore
-from resolver.handlers import handle, relink_members
+from resolver.handlers import handle, release_stranded, relink_members
 from servicekit.consumer import PipeConsumer
 from servicekit.db import Migrations, db_errors
 from servicekit.logging import get_logger
@@ -35,6 +35,7 @@ ACCEPTED = frozenset(
     }
 )
 RELINK_INTERVAL_S = 1.0
+SWEEP_INTERVAL_S = 5.0
 
 
 def consumers(infra: Infra) -> Sequence[PipeConsumer[Any]]:
@@ -68,9 +69,24 @@ async def relink_once(box: TaskOutbox, limit: int = 1000) -> int:
     return len(rows)
 
 
+async def sweep_stranded_once(box: TaskOutbox) -> int:
+    """One pass of :func:`resolver.handlers.release_stranded`, by one copy at a time (a transaction-scoped
+    advisory lock; the others skip the round). Returns 0: the next pass waits for the interval."""
+    async with db_errors("parked sweep"), box.pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('flash-resolver-parked-sweep'))"):
+            return 0
+        uow = box.unit_of_work(conn)
+        if await release_stranded(uow):
+            await box.write(conn, uow)
+    await box.flush()
+    return 0
+
+
 def tasks(infra: Infra, stop: asyncio.Event, *, interval: float = RELINK_INTERVAL_S) -> Sequence[Awaitable[None]]:
     box = TaskOutbox(f"{CONSUMER}-relink", infra.pool, infra.publisher, infra.settings)
-    return [every(interval, stop, lambda: relink_once(box), what="member re-link")]
+    sweep = TaskOutbox(f"{CONSUMER}-sweep", infra.pool, infra.publisher, infra.settings)
+    return [every(interval, stop, lambda: relink_once(box), what="member re-link"),
+            every(SWEEP_INTERVAL_S, stop, lambda: sweep_stranded_once(sweep), what="parked sweep")]
 
 
 SERVICE = Service(CONSUMER, migrations=[MIGRATIONS], consumers=consumers, tasks=tasks)

@@ -104,6 +104,47 @@ async def relink_members(rows: Iterable[Any], uow: UnitOfWork) -> None:
     await _flow_on(uow, customers=resolved, emails=emails)
 
 
+async def release_stranded(uow: UnitOfWork, limit: int = 1000) -> int:
+    """Release parked events whose customer, or whose anchor order (returns), resolves by now; returns how
+    many keys were found.
+
+    A safety net for copies running side by side: copy X parks an order of customer C (C unlinked in
+    X's snapshot) while copy Y links C and releases what was parked for C (X's park not yet committed
+    in Y's snapshot); each commits and the order would stay parked although C resolves. The same holds
+    for a return parked while another copy resolved its original order. Found by the scale-out test
+    (3 resolver copies: 25 of 1,104 orders stranded; then one return). Releasing twice is harmless: the
+    emitted events keep their ids, and downstream consumers deduplicate them.
+    """
+    rows = await uow.conn.fetch(
+        """SELECT DISTINCT p.tenant_id, p.connection_id, p.source, p.customer_source_id
+           FROM parked p JOIN customer_links l USING (tenant_id, connection_id, source, customer_source_id)
+           WHERE p.kind <> 'part' AND l.member_id IS NOT NULL AND p.parked_at < now() - interval '2 seconds'
+           LIMIT $1""",
+        limit,
+    )
+    by_id = await uow.conn.fetch(
+        """SELECT DISTINCT p.tenant_id, p.anchor_order_source_id FROM parked p
+           JOIN order_members o ON o.tenant_id = p.tenant_id AND o.order_source_id = p.anchor_order_source_id
+           WHERE p.kind <> 'part' AND p.parked_at < now() - interval '2 seconds' LIMIT $1""",
+        limit,
+    )
+    by_number = await uow.conn.fetch(
+        """SELECT DISTINCT p.tenant_id, p.anchor_order_number FROM parked p
+           JOIN order_members o ON o.tenant_id = p.tenant_id AND o.order_number = p.anchor_order_number
+           WHERE p.kind <> 'part' AND p.parked_at < now() - interval '2 seconds' LIMIT $1""",
+        limit,
+    )
+    found = len(rows) + len(by_id) + len(by_number)
+    if found:
+        keys: list[CustKey] = [(r["tenant_id"], r["connection_id"], r["source"], r["customer_source_id"])
+                               for r in rows]
+        log.warning("releasing parked events whose customer or order resolves (stranded by concurrent copies)",
+                    customers=len(keys), orders=len(by_id) + len(by_number))
+        await _flow_on(uow, customers=keys, anchor_ids=[(r[0], r[1]) for r in by_id],
+                       anchor_numbers=[(r[0], r[1]) for r in by_number])
+    return found
+
+
 # ---------------------------------------------------------------------------------------- customers
 
 

@@ -70,10 +70,13 @@ async def run_connection(conn: Connection, infra: Infra, stop: asyncio.Event, *,
 
 
 async def supervise(infra: Infra, stop: asyncio.Event, runner: Runner = run_connection, *,
-                    relist_s: float = RELIST_S) -> None:
-    """Keep one ``runner`` task per live salesforce connection."""
+                    relist_s: float = RELIST_S, scope: str | None = None) -> None:
+    """Keep one ``runner`` task per live salesforce connection this copy holds the lease of (``scope``: the
+    poller and the CDC listener each own the connections separately; unset, it is named after ``runner``)."""
     await migrate(infra.pool, [MIGRATIONS])  # idempotent; lets embedders (demo, tests, bench) skip it
-    await supervise_connections(infra, stop, source=SOURCE, runner=runner, relist_s=relist_s)
+    if scope is None:
+        scope = "sf-poller" if runner is run_connection else f"{SOURCE}:{runner.__module__}.{runner.__qualname__}"
+    await supervise_connections(infra, stop, source=SOURCE, runner=runner, relist_s=relist_s, scope=scope)
 
 
 def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:

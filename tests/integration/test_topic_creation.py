@@ -36,3 +36,34 @@ async def test_topics_are_created_with_the_configured_replication(settings: Flas
                    settings.topic("rf.embedded.v1"): {1}}
     # a second call (another copy starting) finds them and changes nothing
     await ensure_topics(bootstrap, settings, [spec])
+
+
+def test_flash_migrate_topics_creates_every_topic(settings: FlashSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deployment job's command (`flash migrate --topics`) creates the pipe's topics with the
+    replication of the environment (FLASH_KAFKA_REPLICATION_FACTOR)."""
+    import asyncio
+
+    from canonical.topics import TOPICS
+    from controlplane.cli import main
+
+    assert settings.kafka_bootstrap and settings.database_url
+    for name, value in {"FLASH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "FLASH_DATABASE_URL": settings.database_url,
+                        "FLASH_DB_SCHEMA": settings.db_schema or "", "FLASH_TOPIC_PREFIX": settings.topic_prefix,
+                        "FLASH_STATE_DIR": str(settings.state_dir), "FLASH_KAFKA_REPLICATION_FACTOR": "2"}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        assert main(["migrate", "--topics"]) == 0
+        names = [settings.topic(t.name) for t in TOPICS]
+        assert asyncio.run(_replicas(settings.kafka_bootstrap, names)) == {n: {2} for n in names}
+    finally:
+        asyncio.run(_drop_schema(settings.database_url, settings.db_schema or ""))
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

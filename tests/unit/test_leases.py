@@ -201,3 +201,24 @@ async def test_one_tenants_backfill_does_not_starve_another_tenants_reads() -> N
     await task
     assert gate.peak["big"] == 2  # the backfilling tenant holds at most its own slots
     assert small_cycles >= 10  # the other tenant kept reading meanwhile
+
+
+async def test_the_leases_held_are_a_metric() -> None:
+    from servicekit.leases import LEASES_HELD
+
+    store = FakeLeaseStore(clock=time.monotonic)
+    live = {k: k for k in keys(3)}
+
+    async def run(item: Key) -> None:
+        await asyncio.Event().wait()
+
+    async def list_live() -> dict[Key, Key]:
+        return live
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(supervise_leased(ConnectionLeases(store, "metric-scope", "a", ttl_s=3), stop,
+                                                list_live=list_live, run=run, fingerprint=str, stop_grace_s=0.1))
+    await asyncio.sleep(0.3)
+    assert LEASES_HELD.labels("metric-scope")._value.get() == 3
+    stop.set()
+    await task
