@@ -11,12 +11,16 @@ __all__ = [
     "MESSAGES",
     "RECORDS_FETCHED",
     "RETRIES",
+    "REWRITES",
     "SOURCE_REQUESTS",
     "serve_metrics",
 ]
 
 MESSAGES = Counter("flash_messages_total", "Messages consumed", ["consumer"])
 DUPLICATES = Counter("flash_duplicates_total", "Messages skipped as already processed", ["consumer"])
+REWRITES = Counter(
+    "flash_rewrites_total", "Messages whose event id was handled before with different content", ["consumer"]
+)
 DEAD_LETTERS = Counter("flash_dead_letters_total", "Messages dead-lettered", ["consumer", "error_class"])
 RETRIES = Counter("flash_retries_total", "Retries after a failure", ["consumer", "error_class"])
 BATCH_SECONDS = Histogram(

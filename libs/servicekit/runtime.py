@@ -63,6 +63,7 @@ async def open_infra(
     settings: FlashSettings, *, migrations: Sequence[Migrations] = (), create_topics: bool = True
 ) -> AsyncIterator[Infra]:
     """Broker (configured or embedded), database (configured, local or embedded), pool, publisher."""
+    settings.apply_limits()
     embedded: EmbeddedKafka | None = None
     bootstrap = settings.kafka_bootstrap
     if not bootstrap:
@@ -109,9 +110,12 @@ def subscribe(
 
     def fatal(exc: BaseException) -> None:
         nonlocal stopped
+        consumer.close()
         if not stopped:
             stopped = True
-            log.critical("consumer stopped: configuration error", consumer=consumer.name, error=str(exc))
+            what = "configuration error" if isinstance(exc, ConfigError) else "unexpected error"
+            log.critical(f"consumer stopped: {what}", consumer=consumer.name, error=str(exc)[:500],
+                         error_class=type(exc).__name__)
             on_fatal(exc)
 
     consumer.on_fatal = fatal  # a transaction runs on after on_batch returned: it reports through this
@@ -131,8 +135,10 @@ def subscribe(
 
         try:
             await consumer.handle_batch(records, after_publish=commit_offsets)
-        except ConfigError as exc:
-            with contextlib.suppress(ConfigError):
+        except Exception as exc:  # noqa: BLE001 - a ConfigError, or a defect: either way nothing may move on
+            # Take no further batch: a later batch's offset commit would move past this one's records.
+            consumer.close()
+            with contextlib.suppress(Exception):
                 await consumer.drain()
             await msg.nack()
             fatal(exc)
@@ -220,6 +226,7 @@ async def run_services(
         stop.set()
 
     install_signal_handlers(stop)
+    settings.apply_limits()
     bind(service="+".join(s.name for s in services))
     migrations = [m for s in services for m in s.migrations]
     async with contextlib.AsyncExitStack() as stack:
