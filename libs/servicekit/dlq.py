@@ -97,7 +97,7 @@ async def depth(pool: asyncpg.Pool) -> list[dict[str, Any]]:
 
 async def replay(
     pool: asyncpg.Pool,
-    publisher: KafkaPublisher,
+    publisher: KafkaPublisher | None,
     flt: DlqFilter,
     *,
     dry_run: bool = False,
@@ -115,7 +115,9 @@ async def replay(
         total = 0
         if dry_run:
             total = int(await conn.fetchval(f"SELECT count(*) FROM dead_letters WHERE {where}", *args))
-        while not dry_run:
+        if not dry_run and publisher is None:
+            raise ValueError("a replay that is not a dry run needs a publisher")
+        while publisher is not None and not dry_run:
             async with conn.transaction():
                 # Lock the rows so two concurrent replays cannot both publish them.
                 rows = await conn.fetch(

@@ -131,7 +131,7 @@ def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
         async with open_db(settings) as pool:
             store = PgConnectionStore(pool, CredentialCipher.from_settings(settings))
             if args.action == "list":
-                conns = await store.list(source=args.source)
+                conns = await store.list(source=args.source, include_unreadable=True)
                 rows = [{k: v for k, v in c.redacted().items() if k not in ("credentials", "settings")}
                         for c in conns]
                 print_json(rows) if args.json else print_table(rows)
@@ -205,13 +205,20 @@ def cmd_dlq(args: argparse.Namespace, settings: FlashSettings) -> int:
                 rows = await dlq_ops.depth(pool)
                 print_json(rows) if args.json else print_table(rows, empty="all dead-letter topics are empty")
             elif args.action == "replay":
-                from servicekit.embedded import kafka_bootstrap
-
-                async with kafka_bootstrap(settings.kafka_bootstrap) as bootstrap:
-                    publisher = KafkaPublisher(bootstrap)
+                if args.dry_run:
+                    audit = await dlq_ops.replay(pool, None, _dlq_filter(args), dry_run=True)
+                else:
+                    # Never an embedded broker of our own: what it took would reach no service, and the letters
+                    # would be marked replayed for good.
+                    if not settings.kafka_bootstrap:
+                        raise ConfigError(
+                            "dlq replay needs the broker the services use: set FLASH_KAFKA_BOOTSTRAP to its "
+                            "host:port (as for `flash run`); nothing was replayed"
+                        )
+                    publisher = KafkaPublisher(settings.kafka_bootstrap)
                     await publisher.start()
                     try:
-                        audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=args.dry_run)
+                        audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=False)
                     finally:
                         await publisher.stop()
                 verb = "would replay" if args.dry_run else "replayed"
@@ -227,7 +234,7 @@ def cmd_status(args: argparse.Namespace, settings: FlashSettings) -> int:
             store = PgConnectionStore(pool, CredentialCipher.from_settings(settings))
             conns = [{k: v for k, v in c.redacted().items() if k in ("tenant_id", "connection_id", "source",
                                                                       "state", "last_error")}
-                     for c in await store.list()]
+                     for c in await store.list(include_unreadable=True)]
             cursors = [dict(r) for r in await pool.fetch(
                 """SELECT tenant_id, connection_id, entity, updated_at,
                           extract(epoch FROM now() - updated_at)::float8 AS age_s
