@@ -10,9 +10,10 @@ import datetime as dt
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from canonical.envelope import Envelope, NonEmpty, TenantId, order_key
+from canonical.limits import check_amount, check_rate
 
 __all__ = [
     "EVENT_TYPES",
@@ -47,7 +48,9 @@ __all__ = [
     "encode",
 ]
 
-Money = Annotated[Decimal, Field(max_digits=28, decimal_places=10)]
+Money = Annotated[Decimal, Field(max_digits=28, decimal_places=10), AfterValidator(check_amount)]
+ExchangeRate = Annotated[Decimal, AfterValidator(check_rate)]
+"""Plausibility limits (canonical.limits): positive, within FLASH_MIN/MAX_EXCHANGE_RATE."""
 CurrencyCode = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 
 Lifecycle = Literal["pending", "awardable", "cancelled"]
@@ -106,7 +109,7 @@ class OrderData(_Data):
     status_label: str | None = None
     lifecycle: Lifecycle
     currency: CurrencyCode
-    exchange_rate: Decimal | None = None
+    exchange_rate: ExchangeRate | None = None
     """Order-currency units per one unit of the tenant's base currency (Dataverse ``exchangerate``);
     ``None`` when the source did not say (the points engine then needs a configured rate or rejects)."""
     total_amount: Money
@@ -136,7 +139,7 @@ class ReturnData(_Data):
     status: str
     lifecycle: ReturnLifecycle
     currency: CurrencyCode
-    exchange_rate: Decimal | None = None
+    exchange_rate: ExchangeRate | None = None
     amount: Money
     """Returned/credited amount in the return's currency, on the same basis as the order's total."""
     lines: tuple[ReturnLineData, ...] = ()

@@ -79,8 +79,8 @@ class FlashSettings(BaseSettings):
     min_exchange_rate: Decimal = Field(default=Decimal("1e-9"), gt=0, description="Smallest plausible exchange rate.")
     max_exchange_rate: Decimal = Field(default=Decimal("1e9"), gt=0, description="Largest plausible exchange rate.")
     points_max_per_order: int = Field(
-        default=1_000_000, ge=0, description="Most points one order can earn (and so be clawed back); an order "
-        "whose rules give more earns the cap and the ledger entry says so. 0 = no cap.",
+        default=1_000_000, ge=0, description="Most points one order earns when its program sets no per_order_cap "
+        "(an order whose rules give more earns the cap); 0 = no default cap.",
     )
     dead_letter_retention_days: int = Field(
         default=90, ge=0, description="Days a dead letter (with its body) is kept in dead_letters after its last "
