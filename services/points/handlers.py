@@ -40,7 +40,7 @@ __all__ = ["EVENT_HANDLERS", "PointsBatch", "handle", "make_handler", "mature_or
 Key = tuple[str, str]
 Clock = Callable[[], dt.datetime]
 
-ENTRIES = Counter("flash_points_ledger_entries_total", "Ledger entries appended", ["tenant_id", "kind"])
+ENTRIES = Counter("flash_points_ledger_entries_total", "Ledger entries appended", ["kind"])
 
 
 def utcnow() -> dt.datetime:
@@ -307,8 +307,8 @@ class PointsBatch:
             if row[9] in written:
                 uow.emit(POINTS_LEDGER, self.entries[row[9]])
                 counts[(row[0], row[4])] += 1
-        for (tenant, kind), n in counts.items():
-            ENTRIES.labels(tenant, kind).inc(n)
+        for (_tenant, kind), n in counts.items():
+            ENTRIES.labels(kind).inc(n)
 
 
 # ----------------------------------------------------------------------------------------- handlers

@@ -43,10 +43,10 @@ __all__ = ["EVENT_HANDLERS", "handle", "member_row", "relink_members"]
 
 log = get_logger(__name__)
 
-MATCHES = Counter("flash_resolver_customer_matches_total", "Customer link outcomes", ["tenant_id", "how"])
-RESOLVED = Counter("flash_resolver_resolved_total", "Orders/returns published with a member", ["tenant_id", "kind"])
-PARKED = Counter("flash_resolver_parked_total", "Events parked waiting for a member", ["tenant_id", "kind"])
-UNPARKED = Counter("flash_resolver_unparked_total", "Parked events that flowed on", ["tenant_id", "kind"])
+MATCHES = Counter("flash_resolver_customer_matches_total", "Customer link outcomes", ["how"])
+RESOLVED = Counter("flash_resolver_resolved_total", "Orders/returns published with a member", ["kind"])
+PARKED = Counter("flash_resolver_parked_total", "Events parked waiting for a member", ["kind"])
+UNPARKED = Counter("flash_resolver_unparked_total", "Parked events that flowed on", ["kind"])
 
 Scoped = OrderUpserted | OrderLineUpserted | OrderLineDeleted | OrderDeleted | ReturnUpserted | ReturnDeleted
 
@@ -160,7 +160,7 @@ async def upsert_customers(events: Sequence[CustomerUpserted | CustomerDeleted],
 
 
 def _count_match(tenant: str, m: Match) -> None:
-    MATCHES.labels(tenant, m.how).inc()
+    MATCHES.labels(m.how).inc()
 
 
 # ------------------------------------------------------------------------------------------- orders
@@ -275,8 +275,8 @@ class _OrderRouter:
     async def route(self, events: Sequence[Scoped]) -> None:
         for e in events:
             await ORDER_ROUTES[type(e)](self, e)
-        for (tenant, kind), n in self.resolved.items():
-            RESOLVED.labels(tenant, kind).inc(n)
+        for (_tenant, kind), n in self.resolved.items():
+            RESOLVED.labels(kind).inc(n)
         await self.store.park(self.to_park)
         await self.store.upsert_order_members(self.resolved_orders)
         # Returns parked because their order was unknown flow on now that it resolved.
@@ -371,7 +371,7 @@ class _OrderRouter:
                 reason,
             )
         )
-        PARKED.labels(e.tenant_id, kind).inc()
+        PARKED.labels(kind).inc()
 
     async def _release(self, okey: tuple[str, str], member: str) -> None:
         """A newer head of a parked order resolved: what waited before it flows first, with its member."""
@@ -419,7 +419,7 @@ def _emit_parked(uow: UnitOfWork, row: ParkedRow, member: str) -> None:
         uow.emit(RESOLVED_RETURN, e)
     else:
         uow.emit(RESOLVED_ORDER, e)
-    UNPARKED.labels(row.tenant_id, row.kind).inc()
+    UNPARKED.labels(row.kind).inc()
 
 
 async def _flow_on(
