@@ -640,6 +640,16 @@ class PipeConsumer(Generic[E]):
         return out
 
     async def _index_dead(self, conn: DbConnection, dead: Sequence[DeadLetter]) -> None:
+        # A replayed message that fails again replaces the letter it was replayed from (one letter per
+        # message, its latest failure), instead of adding a copy of its body per failed replay.
+        superseded = [
+            int(v) for d in dead for k, v in (d.record.headers or ()) if k == "x-flash-replay-of" and v.isdigit()
+        ]
+        if superseded:
+            await conn.execute(
+                "DELETE FROM dead_letters WHERE id = ANY($1::bigint[]) AND consumer = $2 AND replayed_at IS NOT NULL",
+                superseded, self.name,
+            )
         await conn.executemany(
             """INSERT INTO dead_letters (consumer, tenant_id, event_id, entity, error_class, error_message,
                    stage, source_topic, source_partition, source_offset, attempts, first_failed_at,

@@ -26,6 +26,7 @@ from servicekit.embedded import EmbeddedKafka, resolve_database_url
 from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable
 from servicekit.kafka import KafkaPublisher, ensure_topics, make_broker
 from servicekit.logging import bind, get_logger
+from servicekit.retention import prune_platform_tables
 from servicekit.settings import FlashSettings
 
 __all__ = [
@@ -242,6 +243,10 @@ async def run_services(
             tasks.append(asyncio.ensure_future(every(
                 3600, stop, lambda: prune_processed(infra.pool, names, settings.processed_retention_days),
                 what="processed pruning",
+            )))
+        if consumers:  # dead letters and replay audits: pruned by every consumer process (chunked, idempotent)
+            tasks.append(asyncio.ensure_future(every(
+                3600, stop, lambda: prune_platform_tables(infra.pool, settings), what="dead-letter pruning",
             )))
         for t in tasks:
             t.add_done_callback(lambda task: _task_done(task, on_fatal))
