@@ -83,6 +83,22 @@ class EmbeddedKafka:
         await self.stop()
         raise InfrastructureUnavailable(f"embedded Kafka broker did not answer within {timeout}s")
 
+    async def watch(self, stop: asyncio.Event, interval: float = 0.5) -> None:
+        """Return when ``stop`` is set; raise InfrastructureUnavailable as soon as the broker process dies."""
+        while not stop.is_set():
+            proc = self.proc
+            if proc is None:
+                return  # stopped on purpose
+            code = proc.poll()
+            if code is not None:
+                log.critical("embedded kafka broker died", exit_code=code, pid=proc.pid)
+                raise InfrastructureUnavailable(
+                    f"the embedded Kafka broker (pid {proc.pid}) exited with {code}; it is memory-only, so what it "
+                    "held is gone. Restart the command, or set FLASH_KAFKA_BOOTSTRAP to a durable broker"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc and proc.poll() is None:

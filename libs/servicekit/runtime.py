@@ -48,6 +48,8 @@ class Infra:
     pool: asyncpg.Pool
     publisher: KafkaPublisher
     database_url: str = ""
+    embedded: EmbeddedKafka | None = None
+    """The broker child process this process started (no FLASH_KAFKA_BOOTSTRAP); watched while services run."""
 
 
 @dataclass
@@ -83,7 +85,7 @@ async def open_infra(
         # The settings handed on name what was resolved, so whoever runs services with them reuses this
         # broker and database instead of starting another embedded one.
         resolved = settings.model_copy(update={"kafka_bootstrap": bootstrap, "database_url": dsn})
-        yield Infra(resolved, bootstrap, pool, publisher, dsn)
+        yield Infra(resolved, bootstrap, pool, publisher, dsn, embedded)
     finally:
         if publisher:
             await publisher.stop()
@@ -238,6 +240,10 @@ async def run_services(
         _, broker, consumers = _wire(services, infra, on_fatal)
         await broker.start()
         tasks = [asyncio.ensure_future(t) for s in services for t in s.tasks(infra, stop)]
+        if infra.embedded is not None:
+            # The embedded broker is memory-only: restarting it would bring back an empty broker (topics,
+            # offsets and undelivered messages gone), so its death stops the process with a clear error.
+            tasks.append(asyncio.ensure_future(infra.embedded.watch(stop)))
         if consumers and settings.processed_retention_days:
             names = sorted({c.name for c in consumers})
             tasks.append(asyncio.ensure_future(every(
