@@ -216,8 +216,10 @@ def decode_or_raise(
         if not obj.get("tenant_id") or not isinstance(obj.get("tenant_id"), str):
             raise MissingTenant("message has no tenant_id, so no tenant can own it; fix the producer") from exc
         et = obj.get("event_type")
-        if et not in EVENT_TYPES:
-            raise UnknownEventType(f"unknown event_type {et!r}; known: {', '.join(sorted(EVENT_TYPES))}") from exc
+        if not isinstance(et, str) or et not in EVENT_TYPES:
+            raise UnknownEventType(
+                f"unknown event_type {str(et)[:100]!r}; known: {', '.join(sorted(EVENT_TYPES))}"
+            ) from exc
         if obj.get("version", 1) != 1:
             raise UnsupportedEventVersion(
                 f"{et} version {obj.get('version')!r} is not supported; this consumer reads version 1"
@@ -296,17 +298,12 @@ class PipeConsumer(Generic[E]):
         now = _now()
         deliveries: list[Delivery[E]] = []
         dead: list[DeadLetter] = []
-        max_bytes = self.settings.max_message_bytes
         for rec in records:
-            try:
-                event = decode_or_raise(rec.value, self.decoder, self.accepted, max_bytes=max_bytes)
-                _check_key(rec.key, event.tenant_id)
-                deliveries.append(Delivery(event, rec, content_digest(event)))
-            except Exception as exc:  # noqa: BLE001 - decoding is pure: whatever it raises, the bytes are at fault
-                if not isinstance(exc, DecodeError):
-                    log.warning("unexpected decode failure; dead-lettered", consumer=self.name,
-                                error_class=type(exc).__name__, error=str(exc)[:300])
-                dead.append(self._dead(rec, exc, attempts=1, first=now, peek=_peek(rec.value)))
+            out = self.decode(rec, now)
+            if isinstance(out, Delivery):
+                deliveries.append(out)
+            else:
+                dead.append(out)
         previous = self._txn
         if previous is not None:
             self._txn = None
@@ -314,6 +311,19 @@ class PipeConsumer(Generic[E]):
         task = asyncio.create_task(self._transact(deliveries, dead, after_publish, started, len(records)))
         task.add_done_callback(self._transaction_done)
         self._txn = task
+
+    def decode(self, rec: ConsumerRecordLike, now: dt.datetime | None = None) -> Delivery[E] | DeadLetter:
+        """One record as a delivery, or as a dead letter with its reason; never raises (decoding is a pure
+        function of the bytes, so whatever it raises, the bytes are at fault)."""
+        try:
+            event = decode_or_raise(rec.value, self.decoder, self.accepted, max_bytes=self.settings.max_message_bytes)
+            _check_key(rec.key, event.tenant_id)
+            return Delivery(event, rec, content_digest(event))
+        except Exception as exc:  # noqa: BLE001 - see above
+            if not isinstance(exc, DecodeError):
+                log.warning("unexpected decode failure; dead-lettered", consumer=self.name,
+                            error_class=type(exc).__name__, error=str(exc)[:300])
+            return self._dead(rec, exc, attempts=1, first=now or _now(), peek=_peek(rec.value))
 
     async def _transact(
         self,

@@ -14,8 +14,11 @@ from canonical.limits import json_depth_exceeds
 from normalizer.mappers import MapResult, mapper_for
 from servicekit.consumer import Delivery, UnitOfWork
 from servicekit.errors import Poison
+from servicekit.logging import get_logger
 
 __all__ = ["SettingsCache", "UnknownConnection", "make_handler", "map_raw"]
+
+log = get_logger(__name__)
 
 
 class UnknownConnection(Poison):
@@ -75,7 +78,17 @@ def map_raw(raw: RawRecord, settings: Mapping[str, Any]) -> MapResult:
     if mapper is None:
         module = f"normalizer.mappers.{raw.source.replace('-', '_')}"
         return MapResult(dead=[f"no mapper for source {raw.source!r} ({module} does not exist)"])
-    return mapper.map_record(raw, settings)
+    try:
+        return mapper.map_record(raw, settings)
+    except Exception as exc:  # noqa: BLE001 - mapping is pure: whatever it raises, this record (or its settings) is at fault
+        # A mapper should say what is wrong itself; one that raises still costs only this record, and the
+        # reason names the defect for whoever fixes the mapper or the connection's settings.
+        log.warning("mapper raised; record dead-lettered", source=raw.source, entity=raw.entity,
+                    error_class=type(exc).__name__, error=str(exc)[:300])
+        return MapResult(dead=[
+            f"{raw.source} {raw.entity} {raw.source_id}: the mapper could not read this record "
+            f"({type(exc).__name__}: {str(exc)[:300]}); check the record and the connection's settings"
+        ])
 
 
 def make_handler(cache: SettingsCache) -> Any:
