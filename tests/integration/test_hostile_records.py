@@ -129,3 +129,28 @@ async def test_poison_the_database_refuses_is_dead_lettered_at_once(infra: Infra
     assert [o for o, _ in letters] == [1, 2, 3]
     assert all(c.startswith("Poison:") for _, c in letters), letters
     assert max(attempts[f"g{i}"] for i in (1, 2, 3)) <= 3, "poison is not retried through the schedule"
+
+
+async def test_poison_of_one_tenant_does_not_stall_the_others(infra: Infra) -> None:
+    """Ten records that can never succeed cost no backoff at all; an unclassified failure is retried per
+    message (bounded), never by holding the whole batch through the retry schedule."""
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    async def store(batch: Sequence[Delivery[ProductUpserted]], uow: UnitOfWork) -> None:
+        for d in batch:
+            if d.event.tenant_id == "evil":
+                await uow.conn.execute("SELECT $1::text", "nul\x00")
+        await hop2(batch, uow)
+
+    await migrate(infra.pool, [MIGRATIONS])
+    await ensure_topics(infra.bootstrap, infra.settings, (), extra=["dlq.stall.v1"])
+    consumer = PipeConsumer("stall", ["test.in"], store, settings=infra.settings, pool=infra.pool,
+                            publisher=infra.publisher, sleep=sleep)
+    recs = [Rec(product(i, tenant_id="evil" if i % 2 else "acme"), i) for i in range(20)]
+    await consumer.process_batch(recs)
+    assert await _effects(infra) == sorted(f"g{i}" for i in range(0, 20, 2))
+    assert len(await _letters(infra)) == 10
+    assert slept == [], "poison is never waited for"

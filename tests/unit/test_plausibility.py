@@ -76,3 +76,21 @@ def test_an_order_earns_at_most_the_default_cap() -> None:
         5_000_000, "a program's own cap is the operator's choice"
     rules.configure(default_per_order_cap=0)
     assert order_points(program, _state("999999999999"), {}) == 999_999_999_999, "0 = no default cap"
+
+
+def test_every_limit_setting_is_read() -> None:
+    from types import SimpleNamespace
+
+    from canonical.limits import json_depth_exceeds
+    from points.app import build_service
+
+    FlashSettings(max_json_depth=10, min_exchange_rate=Decimal("0.5"), max_exchange_rate=Decimal(2)).apply_limits()
+    assert json_depth_exceeds("[" * 11 + "]" * 11) and not json_depth_exceeds("[" * 10 + "]" * 10)
+    with pytest.raises(ValidationError, match="exchange rate"):
+        order(exchange_rate=Decimal("0.4"))
+    with pytest.raises(ValidationError, match="exchange rate"):
+        order(exchange_rate=Decimal("2.1"))
+    infra = SimpleNamespace(settings=FlashSettings(points_max_per_order=7), pool=None, publisher=None)
+    build_service().consumers(infra)  # type: ignore[arg-type]
+    program = Program(tenant_id="acme", base_currency="EUR", basis="total")
+    assert order_points(program, _state("100"), {}) == 7, "the points engine reads FLASH_POINTS_MAX_PER_ORDER"
