@@ -48,8 +48,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class EmbeddedKafka:
     """The Tansu broker as a child process. Use ``await start()`` / ``stop()`` or ``async with``."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
+        self.advertised_port = advertised_port
+        """Port clients are told to connect to (a TCP proxy in front of the broker, in chaos tests)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,8 +67,9 @@ class EmbeddedKafka:
 
     async def start(self, timeout: float = 20.0) -> str:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}" if self.advertised_port else url
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - a short fork/exec, not a blocking wait
-            [self.binary(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--silent"],
+            [self.binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised, "--silent"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
