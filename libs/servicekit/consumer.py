@@ -57,7 +57,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from canonical.envelope import Envelope
-from canonical.events import EVENT_TYPES, decode_event
+from canonical.events import EVENT_TYPES, RawRecord, decode_event
 from canonical.limits import json_depth_exceeds
 from canonical.topics import dlq
 from servicekit import metrics
@@ -133,7 +133,15 @@ _VOLATILE = frozenset({"observed_at", "correlation_id", "event_id", "request_url
 
 
 def content_digest(event: Envelope) -> str:
-    """A digest of what ``event`` says (its identifying fields and payload, not when it was read)."""
+    """A digest of what ``event`` says (its identifying fields and payload, not when it was read).
+
+    Computed from the decoded fields, never from the body's bytes, so two producers (or two versions of
+    one) that lay the same content out differently agree. A raw record's content is its vendor payload:
+    hashed as it is (~3x cheaper than serialising the record again, and raw records are the largest)."""
+    if type(event) is RawRecord:
+        h = hashlib.blake2b(event.payload.encode("utf-8", "surrogatepass"), digest_size=16)
+        h.update(f"\x1f{event.op}\x1f{event.order_source_id or ''}".encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
     body = event.__pydantic_serializer__.to_json(event, exclude=_VOLATILE, by_alias=True)  # type: ignore[arg-type]
     return hashlib.blake2b(body, digest_size=16).hexdigest()
 

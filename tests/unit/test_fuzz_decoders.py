@@ -263,3 +263,20 @@ def test_salesforce_mapper_never_lets_an_exception_escape(data: st.DataObject) -
     op = data.draw(st.sampled_from(["upsert", "upsert", "upsert", "delete"]), label="op")
     _normalize(_raw("salesforce", obj, _payload(data, rec), op, data.draw(st.sampled_from([None, "801xx"]))),
                conn_settings)
+
+
+def test_the_content_digest_ignores_when_and_where_a_record_was_read() -> None:
+    from servicekit.consumer import content_digest
+
+    a = RawRecord(tenant_id="acme", connection_id="c", source="dynamics-ce", entity="salesorder", source_id="o1",
+                  source_version="1", payload='{"x": 1}', request_url="https://org/api/salesorders?page=1")
+    again = a.model_copy(update={"observed_at": "2030-01-01T00:00:00Z", "correlation_id": "other",
+                                 "request_url": "https://org/api/salesorders?delta=2"})
+    assert content_digest(a) == content_digest(again)
+    assert content_digest(a) != content_digest(a.model_copy(update={"payload": '{"x": 2}'}))
+    assert content_digest(a) != content_digest(a.model_copy(update={"op": "delete"}))
+    body = json.loads(VALID[3])
+    spaced = json.dumps({**body, "observed_at": "2031-01-01T00:00:00Z"}, indent=2).encode()
+    first, second = CONSUMER.decode(Rec(VALID[3], None)), CONSUMER.decode(Rec(spaced, None))
+    assert isinstance(first, Delivery) and isinstance(second, Delivery)
+    assert first.digest == second.digest, "the same content in another layout is the same content"
