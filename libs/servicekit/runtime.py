@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from faststream.middlewares import AckPolicy
 from servicekit.consumer import PipeConsumer, prune_processed
 from servicekit.db import CORE_MIGRATIONS, Migrations, create_pool, migrate
 from servicekit.embedded import EmbeddedKafka, resolve_database_url
-from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable
+from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable, classify
 from servicekit.kafka import KafkaPublisher, ensure_topics, make_broker
 from servicekit.logging import bind, get_logger
 from servicekit.retention import prune_platform_tables
@@ -37,6 +38,10 @@ __all__ = [
 log = get_logger(__name__)
 
 T = TypeVar("T")
+
+STARTUP_WAIT_S = 120.0
+"""How long a starting service waits for its database and broker (a restart during an outage) before it
+stops with an error."""
 
 
 @dataclass
@@ -63,9 +68,13 @@ class Service:
 
 @contextlib.asynccontextmanager
 async def open_infra(
-    settings: FlashSettings, *, migrations: Sequence[Migrations] = (), create_topics: bool = True
+    settings: FlashSettings, *, migrations: Sequence[Migrations] = (), create_topics: bool = True,
+    wait_s: float = 0.0,
 ) -> AsyncIterator[Infra]:
-    """Broker (configured or embedded), database (configured, local or embedded), pool, publisher."""
+    """Broker (configured or embedded), database (configured, local or embedded), pool, publisher.
+
+    With ``wait_s`` (services starting), an outage of the configured database or broker is waited out for
+    up to that long, with a warning per attempt, instead of failing at once."""
     settings.apply_limits()
     embedded: EmbeddedKafka | None = None
     bootstrap = settings.kafka_bootstrap
@@ -76,12 +85,24 @@ async def open_infra(
     publisher: KafkaPublisher | None = None
     try:
         dsn = await resolve_database_url(settings.database_url, settings.state_dir)
-        pool = await create_pool(dsn, schema=settings.db_schema, max_size=10)
-        await migrate(pool, [CORE_MIGRATIONS, *migrations])
+        deadline = time.monotonic() + wait_s
+        pool = await _until_up(lambda: create_pool(dsn, schema=settings.db_schema, max_size=10), deadline,
+                               "PostgreSQL")
+        await _until_up(lambda: migrate(pool, [CORE_MIGRATIONS, *migrations]), deadline, "PostgreSQL")
         if create_topics:
-            await ensure_topics(bootstrap, settings)
-        publisher = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash")
-        await publisher.start()
+            await _until_up(lambda: ensure_topics(bootstrap, settings), deadline, "the Kafka broker")
+
+        async def start_publisher() -> KafkaPublisher:
+            p = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash")
+            try:
+                await p.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await p.stop()
+                raise
+            return p
+
+        publisher = await _until_up(start_publisher, deadline, "the Kafka broker")
         # The settings handed on name what was resolved, so whoever runs services with them reuses this
         # broker and database instead of starting another embedded one.
         resolved = settings.model_copy(update={"kafka_bootstrap": bootstrap, "database_url": dsn})
@@ -93,6 +114,20 @@ async def open_infra(
             await pool.close()
         if embedded:
             await embedded.stop()
+
+
+async def _until_up(attempt: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
+    """``attempt()``, retried while it fails for an outage (the one classification table) until ``deadline``."""
+    delay = 0.2
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not issubclass(classify(exc), InfrastructureUnavailable) or time.monotonic() + delay > deadline:
+                raise
+            log.warning(f"waiting for {what} to answer at start", error=str(exc)[:300], retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def subscribe(
@@ -234,7 +269,8 @@ async def run_services(
     migrations = [m for s in services for m in s.migrations]
     async with contextlib.AsyncExitStack() as stack:
         if infra is None:
-            infra = await stack.enter_async_context(open_infra(settings, migrations=migrations))
+            infra = await stack.enter_async_context(open_infra(settings, migrations=migrations,
+                                                               wait_s=STARTUP_WAIT_S))
         if any(s.extra_topics for s in services):
             await ensure_topics(infra.bootstrap, settings, (), extra=[t for s in services for t in s.extra_topics])
         _, broker, consumers = _wire(services, infra, on_fatal)
@@ -339,4 +375,8 @@ def main(service: Service) -> int:
 
     settings = FlashSettings()
     configure_logging(settings.log_level, settings.log_format, service=service.name)
-    return run_loop(run_services([service], settings), settings)
+    try:
+        return run_loop(run_services([service], settings), settings)
+    except FlashError as exc:  # said once, clearly, instead of a traceback
+        log.critical("service stopped", error=str(exc)[:1000], error_class=type(exc).__name__)
+        return 2
