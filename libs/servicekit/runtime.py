@@ -337,17 +337,23 @@ def _task_done(task: asyncio.Future[None], on_fatal: Callable[[BaseException], N
 async def every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[int]], *, what: str) -> None:
     """Run ``job`` until it returns 0 (nothing left), then wait ``interval`` s; repeat until ``stop``.
 
-    For background tasks (re-linking, maturing): our own outage is waited out; any other FlashError is
-    logged and retried next round, so one bad record never stops the task.
+    For background tasks (re-linking, maturing, pruning): our own outage is waited out; a configuration
+    error stops the service; anything else (poison, a transient or unclassified error: the one table
+    decides) is logged and retried next round, so one bad record never stops the task or the service.
     """
     while not stop.is_set():
         try:
             while await job():
                 pass
-        except InfrastructureUnavailable as exc:
-            log.warning(f"{what} deferred", error=str(exc))
-        except FlashError as exc:
-            log.error(f"{what} failed", error=str(exc), error_class=type(exc).__name__)  # noqa: TRY400
+        except Exception as exc:
+            kind = classify(exc)
+            if issubclass(kind, ConfigError):
+                raise
+            if issubclass(kind, InfrastructureUnavailable):
+                log.warning(f"{what} deferred", error=str(exc)[:500])
+            else:
+                log.error(f"{what} failed; retried next round", error=str(exc)[:500],  # noqa: TRY400
+                          error_class=type(exc).__name__)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
 

@@ -75,3 +75,32 @@ async def test_an_unclassified_exception_stops_the_consumer_before_any_later_com
     assert len(stops) == 1 and isinstance(stops[0], RuntimeError), "the service is told to stop"
     assert first.nacked, "the failed batch is rewound"
     assert kc.commits == [], "no later batch commits an offset past the unhandled records"
+
+
+async def test_a_background_task_survives_one_bad_round_but_stops_on_configuration() -> None:
+    import asyncio
+
+    import pytest
+
+    from servicekit.errors import ConfigError
+    from servicekit.runtime import every
+
+    stop = asyncio.Event()
+    rounds: list[int] = []
+
+    async def job() -> int:
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise RuntimeError("one tenant's odd row")
+        if len(rounds) == 3:
+            stop.set()
+        return 0
+
+    await asyncio.wait_for(every(0.01, stop, job, what="test job"), 5)
+    assert len(rounds) == 3, "the task went on after an unexpected error"
+
+    async def misconfigured() -> int:
+        raise ConfigError("set FLASH_SOMETHING")
+
+    with pytest.raises(ConfigError):
+        await asyncio.wait_for(every(0.01, asyncio.Event(), misconfigured, what="test job"), 5)
