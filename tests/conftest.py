@@ -15,6 +15,9 @@ from servicekit.settings import FlashSettings
 from servicekit.testing.infra import test_database, test_kafka, unique_name
 
 configure_logging(os.environ.get("FLASH_LOG_LEVEL", "WARNING"), "console")
+# The vendor simulators listen on loopback over http(s): the endpoint policy admits them only with this
+# setting (connectorkit.endpoints). Tests of the policy itself pass allow_sandbox=False explicitly.
+os.environ.setdefault("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")
 
 _TIERS = ("unit", "integration", "e2e", "contract")
 

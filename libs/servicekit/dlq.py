@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,13 @@ import asyncpg
 from servicekit.kafka import KafkaPublisher, OutMessage
 from servicekit.outbox import headers_from_json as _headers_from_json
 
-__all__ = ["DlqFilter", "depth", "list_letters", "replay", "show_letter"]
+__all__ = ["REFETCH_HEADER", "DlqFilter", "Rewrite", "depth", "list_letters", "replay", "show_letter"]
+
+REFETCH_HEADER = "x-flash-refetch"
+"""Marks a source dead letter: its body describes where to re-fetch the record (connectorkit.deadletters)."""
+
+Rewrite = Callable[[Mapping[str, Any]], Awaitable[Sequence[OutMessage] | None]]
+"""Replaces what a replay publishes for one letter row (None: the letter unchanged)."""
 
 
 @dataclass(frozen=True)
@@ -103,9 +110,16 @@ async def replay(
     dry_run: bool = False,
     requested_by: str | None = None,
     batch: int = 500,
+    rewrite: Rewrite | None = None,
 ) -> dict[str, Any]:
-    """Replay matching dead letters onto their original topics; returns the audit row."""
+    """Replay matching dead letters onto their original topics; returns the audit row.
+
+    ``rewrite`` (see the module docstring) may replace the messages published for a letter; letters it
+    fails on, and source letters when it is None, stay pending and are not counted as replayed.
+    """
     who = requested_by or _whoami()
+    failed = 0
+    errors: list[str] = []
     async with pool.acquire() as conn:
         replay_id = await conn.fetchval(
             "INSERT INTO dlq_replays (requested_by, filter, dry_run) VALUES ($1, $2::jsonb, $3) RETURNING id",
@@ -117,37 +131,64 @@ async def replay(
             total = int(await conn.fetchval(f"SELECT count(*) FROM dead_letters WHERE {where}", *args))
         if not dry_run and publisher is None:
             raise ValueError("a replay that is not a dry run needs a publisher")
+        skipped: list[int] = []
         while publisher is not None and not dry_run:
             async with conn.transaction():
                 # Lock the rows so two concurrent replays cannot both publish them.
                 rows = await conn.fetch(
-                    f"""SELECT id, source_topic, key, value, headers FROM dead_letters
-                        WHERE {where} ORDER BY id LIMIT {int(batch)} FOR UPDATE SKIP LOCKED""",
-                    *args,
+                    f"""SELECT id, consumer, tenant_id, entity, source_topic, key, value, headers FROM dead_letters
+                        WHERE {where} AND NOT (id = ANY(${len(args) + 1}::bigint[]))
+                        ORDER BY id LIMIT {int(batch)} FOR UPDATE SKIP LOCKED""",
+                    *args, skipped,
                 )
                 if not rows:
                     break
-                msgs = [
-                    OutMessage(
-                        r["source_topic"], r["value"], r["key"],
-                        [(k, v) for k, v in _headers_from_json(r["headers"]) if not k.startswith("x-flash-")]
-                        + [("x-flash-replay-of", str(r["id"]).encode()),
-                           ("x-flash-replay-id", str(replay_id).encode())],
+                msgs: list[OutMessage] = []
+                done: list[int] = []
+                for r in rows:
+                    headers = _headers_from_json(r["headers"])
+                    marks = [("x-flash-replay-of", str(r["id"]).encode()),
+                             ("x-flash-replay-id", str(replay_id).encode())]
+                    is_source = any(k == REFETCH_HEADER for k, _ in headers)
+                    fresh: Sequence[OutMessage] | None = None
+                    if rewrite is not None:
+                        try:
+                            fresh = await rewrite({**dict(r), "headers": headers})
+                        except Exception as exc:  # noqa: BLE001 - any failure leaves the letter pending, with why
+                            failed += 1
+                            skipped.append(r["id"])
+                            errors.append(f"letter {r['id']}: {type(exc).__name__}: {str(exc)[:300]}")
+                            continue
+                    if fresh is None and is_source:
+                        failed += 1
+                        skipped.append(r["id"])
+                        errors.append(f"letter {r['id']}: a source dead letter needs a re-fetch from the vendor "
+                                      "(replay it with `flash dlq replay`)")
+                        continue
+                    if fresh is None:
+                        msgs.append(OutMessage(
+                            r["source_topic"], r["value"], r["key"],
+                            [(k, v) for k, v in headers if not k.startswith("x-flash-")] + marks,
+                        ))
+                    else:
+                        msgs.extend(OutMessage(m.topic, m.value, m.key, [*m.headers, *marks]) for m in fresh)
+                    done.append(r["id"])
+                if msgs:
+                    await publisher.send_all(msgs)
+                if done:
+                    await conn.execute(
+                        "UPDATE dead_letters SET replayed_at = now(), replay_id = $2 WHERE id = ANY($1::bigint[])",
+                        done, replay_id,
                     )
-                    for r in rows
-                ]
-                await publisher.send_all(msgs)
-                await conn.execute(
-                    "UPDATE dead_letters SET replayed_at = now(), replay_id = $2 WHERE id = ANY($1::bigint[])",
-                    [r["id"] for r in rows], replay_id,
-                )
-                total += len(rows)
+                total += len(done)
         row = await conn.fetchrow(
             "UPDATE dlq_replays SET replayed = $2, finished_at = now() WHERE id = $1 RETURNING *",
             replay_id, total,
         )
     out = dict(row) if row else {}
     out["filter"] = flt.as_json()
+    out["failed"] = failed
+    out["errors"] = errors
     return out
 
 

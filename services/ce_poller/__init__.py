@@ -2,7 +2,7 @@
 
 Every record goes to ``raw.dynamics-ce.<entity>`` as a :class:`canonical.events.RawRecord` whose payload is
 the record's JSON text exactly as Dataverse sent it; the delta link / page position is saved in the
-``cursors`` table only after the broker acknowledged the page (``ce_poller.sync``).
+``cursors`` table only after the broker acknowledged the page (``ce_poller.streams``).
 
 Connection (``connections`` row, ``source = 'dynamics-ce'``)
 -------------------------------------------------------------
@@ -39,6 +39,10 @@ registration bound to an application user with organisation-level Read on the ta
                            authority + client id in the process).
 ``poll_interval_s``        Seconds between change-tracking polls (default 30).
 ``entity_concurrency``     Tables synced at the same time (default 4); each holds at most two pages.
+``max_record_bytes``       Largest row published (default 900000, under the broker's usual 1 MB message
+                           limit); a larger row (a long memo column added to ``select``) is dead-lettered on
+                           ``dlq.ce-poller.v1``, the stream goes on, and ``flash dlq replay`` re-fetches it
+                           once trimmed at the source.
 ``expiry_warning_days``    Warn this many days before the delta token reaches the organisation's
                            ``expirechangetrackingindays`` (default 2).
 =========================  ==========================================================================

@@ -1,8 +1,10 @@
-"""Dataverse Web API client: MSAL client-credentials auth, paging, and one table classifying every failure.
+"""Dataverse Web API client on the connector kit: MSAL client-credentials auth, paging, the error tables.
 
-``DataverseClient`` receives its ``httpx.AsyncClient`` (tests inject ``httpx.MockTransport``) and a
-:class:`TokenSource`. Every request goes through the application user's :class:`~ce_poller.limiter.UserBudget`.
-Failures become our error tree (STYLE.md habit 10):
+``DataverseClient`` is a :class:`connectorkit.http.VendorClient` (pinned to the org's host; retries, jitter,
+Retry-After, one token renewal on 401) with Dataverse's error table (:data:`DATAVERSE_ERRORS`) and the
+application user's :class:`~ce_poller.limiter.UserBudget` as its quota governor. Token errors of Microsoft
+Entra ID are classified by :data:`ENTRA_ERRORS`. Both tables are data; ``docs/vendor-facts.md`` cites
+each code. Every vendor message shown is scrubbed and trimmed (``connectorkit.http.scrub``).
 
 ==========================  ==================  ==================================================
 HTTP status / error code    class               behaviour
@@ -10,7 +12,9 @@ HTTP status / error code    class               behaviour
 ``0x80044352`` (any status) DeltaTokenExpired   the sync drops the token and resyncs
 429                         Transient           wait ``Retry-After`` (shared by the user), retry
 401                         (renew)             renew the token, retry once; again -> ConfigError
-403                         ConfigError         names the missing privilege (``prvRead...``)
+403 ``0x80072560``          ConfigError         no application user for the app in this environment
+403 ``0x80095ffc``          ConfigError         app access control blocks this application id
+403 ``missing prv...``      ConfigError         names the missing privilege (``prvRead...``)
 404                         RecordNotFound      a Poison: the record is gone
 400 / 405 / 501             ConfigError         our query is wrong for this org (a column, a table)
 408, 5xx, network errors    Transient           exponential backoff with jitter, then give up
@@ -21,21 +25,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 
 from ce_poller.limiter import UserBudget
-from servicekit import metrics
+from connectorkit.endpoints import EndpointRefused, HostPin
+from connectorkit.http import (
+    ErrorRule,
+    ErrorTable,
+    StaticTokenSource,
+    TokenSource,
+    VendorClient,
+    retry_after_seconds,
+    scrub,
+)
 from servicekit.errors import ConfigError, FlashError, Poison, Transient
 from servicekit.logging import get_logger
 
 __all__ = [
+    "DATAVERSE_ERRORS",
+    "ENTRA_ERRORS",
     "DataverseClient",
     "DeltaTokenExpired",
     "MsalTokenSource",
@@ -50,6 +64,8 @@ __all__ = [
 log = get_logger(__name__)
 
 EXPIRED_VERSION_STAMP = "0x80044352"
+NOT_A_MEMBER = "0x80072560"
+APP_ACCESS_RESTRICTED = "0x80095ffc"
 ODATA_HEADERS = {
     "Accept": "application/json",
     "OData-MaxVersion": "4.0",
@@ -66,42 +82,54 @@ class RecordNotFound(Poison):
     """The record (or table) does not exist (any more)."""
 
 
-class TokenSource(Protocol):
-    async def token(self) -> str: ...
+#: Dataverse Web API errors (status, code, message) -> class + what to fix. First match wins.
+DATAVERSE_ERRORS = ErrorTable("Dataverse", [
+    ErrorRule(DeltaTokenExpired, "change-tracking token expired; a full resync of the table runs",
+              code=EXPIRED_VERSION_STAMP, retry=False),
+    ErrorRule(ConfigError, "Dataverse refused the access token: check the app registration has an application "
+              "user in this environment and that the endpoint is the environment URL (the token audience)",
+              status=401),
+    ErrorRule(ConfigError, "the app registration has no application user in this environment: in the Power "
+              "Platform admin center open the environment > Settings > Users + permissions > Application users, "
+              "add the app (credentials.client_id) and give it a security role", status=403, code=NOT_A_MEMBER),
+    ErrorRule(ConfigError, "API access is blocked for this application id (client app access control): ask the "
+              "environment administrator to allow credentials.client_id, or to activate its application user",
+              status=403, code=APP_ACCESS_RESTRICTED),
+    ErrorRule(ConfigError, "grant the application user's security role organisation-level {1} (Read on the table)",
+              status=403, message=r"missing (prv\w+) privilege"),
+    ErrorRule(ConfigError, "access denied: check the application user exists in this environment and has a "
+              "security role", status=403),
+    ErrorRule(RecordNotFound, "not found: the record or table does not exist (any more)", status=404),
+    ErrorRule(ConfigError, "Dataverse rejected the request: a column or table of settings is not in this "
+              "environment (check settings.entities, settings.select, settings.return_source)",
+              status=(400, 405, 501)),
+])
 
-    async def renew(self) -> str: ...
-
-
-class StaticTokenSource:
-    """A fixed token (unit tests); ``renew`` hands out the next one of ``tokens`` if given."""
-
-    def __init__(self, *tokens: str) -> None:
-        self._tokens = list(tokens) or ["token"]
-        self.renewals = 0
-
-    async def token(self) -> str:
-        return self._tokens[min(self.renewals, len(self._tokens) - 1)]
-
-    async def renew(self) -> str:
-        self.renewals += 1
-        return await self.token()
-
-
-_AADSTS_CONFIG = {
-    7000215: "the client secret is wrong or expired: set a current secret in the connection credentials",
-    7000222: "the client secret expired: create a new one and update the connection credentials",
-    700016: "the client id is not registered in this tenant: check credentials.client_id and tenant_id",
-    90002: "the tenant does not exist: check credentials.tenant_id / settings.authority",
-    500011: "the org URL is not a resource of this tenant: check settings.org_url (scope {org}/.default)",
-}
+#: Microsoft Entra ID token errors (``AADSTS<code>``) -> class + what to fix.
+ENTRA_ERRORS = ErrorTable("Microsoft Entra ID", [
+    ErrorRule(ConfigError, "the client secret is wrong: put the secret's Value (not its Secret ID) of the app "
+              "registration in credentials.client_secret", code="AADSTS7000215"),
+    ErrorRule(ConfigError, "the client secret expired: create a new one and update credentials.client_secret",
+              code="AADSTS7000222"),
+    ErrorRule(ConfigError, "the app registration credentials.client_id is not in this tenant: check "
+              "credentials.client_id and credentials.tenant_id", code="AADSTS700016"),
+    ErrorRule(ConfigError, "the tenant does not exist: put the Directory (tenant) ID of the app registration in "
+              "credentials.tenant_id (or fix settings.authority)", code="AADSTS90002"),
+    ErrorRule(ConfigError, "this tenant has no API access to the environment (no resource principal for it): "
+              "check the endpoint is the environment URL of a Dataverse environment of this tenant",
+              code="AADSTS500011"),
+    ErrorRule(ConfigError, "the token request was refused: check credentials.tenant_id, client_id and "
+              "client_secret", code="invalid_client"),
+], defaults=())
 
 
 class MsalTokenSource:
     """One ``msal.ConfidentialClientApplication`` per connection, scope ``{org_url}/.default``.
 
     The token is renewed ``margin_s`` before it expires and on demand after a 401. MSAL is synchronous, so
-    it runs in a worker thread. With a ``ca_bundle`` MSAL gets its own ``requests.Session`` (verify=bundle,
-    trust_env=False), because REQUESTS_CA_BUNDLE in the environment would override ``verify=``.
+    it runs in a worker thread, on its own ``requests.Session`` (``trust_env=False``; ``verify=`` the
+    ``ca_bundle`` when given) that follows NO redirect: a token request carries the secret, and the
+    authority was checked against the endpoint policy when the connection was parsed.
     """
 
     def __init__(
@@ -124,19 +152,23 @@ class MsalTokenSource:
         import msal
         import requests
 
-        kwargs: dict[str, Any] = {"authority": self.authority, "client_credential": self._secret,
-                                  "instance_discovery": False}
+        session = requests.Session()
+        session.trust_env = False
+        session.max_redirects = 0
         if self.ca_bundle:
-            session = requests.Session()
             session.verify = self.ca_bundle
-            session.trust_env = False
-            kwargs["http_client"] = session
+        kwargs: dict[str, Any] = {"authority": self.authority, "client_credential": self._secret,
+                                  "instance_discovery": False, "http_client": session}
         try:
             return msal.ConfidentialClientApplication(self.client_id, **kwargs)
-        except ValueError as exc:  # authority discovery failed (unknown tenant answers 400 there)
-            raise ConfigError(f"Entra authority {self.authority} rejected the tenant: {exc}") from exc
+        except ValueError as exc:  # authority discovery failed: an unknown tenant answers 400 there
+            raise ENTRA_ERRORS.classify(400, "AADSTS90002", scrub(str(exc), secrets=[self._secret]),
+                                        what="Entra authority") from exc
+        except requests.TooManyRedirects as exc:
+            raise EndpointRefused(f"Entra authority {self.authority} answered a redirect; token requests are "
+                                  "never redirected: check settings.authority") from exc
         except requests.RequestException as exc:
-            raise Transient(f"Entra authority {self.authority} unreachable: {exc}") from exc
+            raise Transient(f"Entra authority {self.authority} unreachable: {scrub(str(exc))}") from exc
 
     def _acquire(self, force: bool) -> dict[str, Any]:
         import requests
@@ -149,8 +181,11 @@ class MsalTokenSource:
                 cache.remove_at(at)
         try:
             result: dict[str, Any] = self._app.acquire_token_for_client(scopes=[self.scope])
+        except requests.TooManyRedirects as exc:
+            raise EndpointRefused(f"the Entra token endpoint of {self.authority} answered a redirect; a request "
+                                  "carrying the secret is never redirected: check settings.authority") from exc
         except requests.RequestException as exc:
-            raise Transient(f"Entra token endpoint unreachable: {exc}") from exc
+            raise Transient(f"Entra token endpoint unreachable: {scrub(str(exc))}") from exc
         return result
 
     async def token(self) -> str:
@@ -166,12 +201,15 @@ class MsalTokenSource:
             result = await asyncio.to_thread(self._acquire, force)
             if "access_token" not in result:
                 codes = result.get("error_codes") or []
-                hint = next((_AADSTS_CONFIG[c] for c in codes if c in _AADSTS_CONFIG), None)
+                code = f"AADSTS{codes[0]}" if codes else str(result.get("error") or "")
                 desc = str(result.get("error_description", "")).split(" Trace ID:")[0]
-                if hint or result.get("error") in ("invalid_client", "unauthorized_client", "invalid_scope",
-                                                   "invalid_resource", "invalid_tenant", "invalid_request"):
-                    raise ConfigError(f"Entra refused the token for {self.client_id}: {hint or desc}")
-                raise Transient(f"Entra token request failed: {result.get('error')}: {desc}")
+                err = ENTRA_ERRORS.classify(0, code, desc, what=f"token for {self.client_id}",
+                                            secrets=[self._secret])
+                if isinstance(err, ConfigError) or result.get("error") in (
+                        "invalid_client", "unauthorized_client", "invalid_scope", "invalid_resource",
+                        "invalid_tenant", "invalid_request"):
+                    raise ConfigError(str(err))
+                raise Transient(str(err))
             self.acquisitions += 1
             self._token = str(result["access_token"])
             self._expires_at = time.time() + float(result.get("expires_in", 3599))
@@ -226,18 +264,6 @@ def iter_values(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
             i += 1
 
 
-async def _read_text(resp: httpx.Response) -> str:
-    """The body of a streamed response as text, with no copy of it left on the response.
-
-    httpx's ``Response`` and the stream bound to it reference each other, so what the response caches
-    (``.content``, ``.text``: two copies of a page of up to 5,000 rows) is freed by the cyclic garbage collector
-    only, not when the page is dropped. Services raise the collector's thresholds, so an initial sync kept most
-    page bodies it had read (RSS grew with the data set). Read this way, the text belongs to the Page alone and
-    is freed by reference counting as soon as the page is published.
-    """
-    return "".join([part async for part in resp.aiter_text()])
-
-
 def _error_body(resp: httpx.Response) -> tuple[str, str]:
     try:
         err = resp.json().get("error") or {}
@@ -248,45 +274,15 @@ def _error_body(resp: httpx.Response) -> tuple[str, str]:
     return str(err.get("code") or ""), str(err.get("message") or "")
 
 
-_PRIV_RE = re.compile(r"missing (prv\w+) privilege")
-
-
 def classify_response(resp: httpx.Response, what: str) -> FlashError:
-    """The error for a non-2xx response (the table in the module docstring)."""
+    """The error for a non-2xx Dataverse response (:data:`DATAVERSE_ERRORS`)."""
     code, message = _error_body(resp)
-    status = resp.status_code
-    if code.lower() == EXPIRED_VERSION_STAMP:
-        return DeltaTokenExpired(f"{what}: change-tracking token expired ({code}): {message}")
-    if status == 429:
-        return Transient(f"{what}: throttled (429 {code}): {message}", retry_after=_retry_after(resp))
-    if status == 401:
-        return ConfigError(f"{what}: Dataverse refused the access token (401 {code}): {message}")
-    if status == 403:
-        priv = _PRIV_RE.search(message)
-        need = (
-            f"grant the application user's security role organisation-level {priv.group(1)}"
-            if priv else "check the application user exists in this environment and has a security role"
-        )
-        return ConfigError(f"{what}: Dataverse denied access (403 {code}): {need}. ({message[:200]})")
-    if status == 404:
-        return RecordNotFound(f"{what}: not found (404 {code}): {message}")
-    if status in (400, 405, 501):
-        return ConfigError(f"{what}: Dataverse rejected the request ({status} {code}): {message}")
-    return Transient(f"{what}: Dataverse answered {status} {code}: {message[:300]}", retry_after=_retry_after(resp))
-
-
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
+    return DATAVERSE_ERRORS.classify(resp.status_code, code, message, what=what,
+                                     retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
 
 
 class DataverseClient:
-    """GETs against one org's Web API with auth, budget, retries and error classification."""
+    """GETs against one org's Web API: a pinned :class:`VendorClient` with Dataverse's table and budget."""
 
     def __init__(
         self,
@@ -299,66 +295,26 @@ class DataverseClient:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 60.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        pin: HostPin | None = None,
+        secrets: tuple[str, ...] = (),
     ) -> None:
-        self.http = http
         self.api = api if api.endswith("/") else api + "/"
-        self.tokens = tokens
         self.budget = budget
-        self.max_attempts = max_attempts
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self._sleep = sleep
-        self.requests = 0
+        self.tokens = tokens
+        self.vendor = VendorClient(
+            http, "Dataverse", self.api, pin or HostPin.for_urls([self.api]), DATAVERSE_ERRORS, tokens=tokens,
+            governor=budget, default_headers=ODATA_HEADERS, secrets=secrets, max_attempts=max_attempts,
+            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, sleep=sleep,
+        )
+
+    @property
+    def requests(self) -> int:
+        return self.vendor.requests
 
     def url(self, path_or_url: str) -> str:
-        return path_or_url if path_or_url.startswith("https://") or path_or_url.startswith("http://") \
-            else self.api + path_or_url
+        return self.vendor.url(path_or_url)
 
     async def get(self, path_or_url: str, *, prefer: str | None = None, what: str = "GET") -> Page:
-        url = self.url(path_or_url)
-        attempt = 0
-        renewed = False
-        while True:
-            attempt += 1
-            token = await self.tokens.token()
-            headers = {**ODATA_HEADERS, "Authorization": f"Bearer {token}"}
-            if prefer:
-                headers["Prefer"] = prefer
-            text: str | None = None
-            try:
-                async with self.budget:
-                    self.requests += 1
-                    async with self.http.stream("GET", url, headers=headers) as resp:
-                        if resp.status_code < 300:
-                            text = await _read_text(resp)
-                        else:
-                            await resp.aread()  # error bodies are small; classify_response reads them
-            except httpx.TransportError as exc:
-                err: FlashError = Transient(f"{what}: {type(exc).__name__}: {exc}")
-                metrics.SOURCE_REQUESTS.labels("dynamics-ce", "network").inc()
-            else:
-                metrics.SOURCE_REQUESTS.labels("dynamics-ce", str(resp.status_code)).inc()
-                self.budget.observe(resp.headers)
-                if text is not None:
-                    return Page(url, text, _link("next", text), _link("delta", text), resp.headers)
-                if resp.status_code == 401 and not renewed:
-                    renewed = True
-                    log.info("access token rejected, renewing", what=what)
-                    await self.tokens.renew()
-                    attempt -= 1
-                    continue
-                err = classify_response(resp, what)
-                if resp.status_code == 429:
-                    self.budget.pause(err.retry_after if err.retry_after is not None else 2.0 ** min(attempt, 6))
-            if not isinstance(err, Transient) or isinstance(err, DeltaTokenExpired):
-                raise err
-            if attempt >= self.max_attempts:
-                raise err
-            if err.retry_after is not None:
-                delay = err.retry_after
-            else:
-                delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
-                delay *= 0.5 + random.random()
-            log.warning("dataverse request failed, retrying", what=what, attempt=attempt, error=str(err)[:300],
-                        retry_in_s=round(delay, 2))
-            await self._sleep(delay)
+        resp = await self.vendor.get(path_or_url, what=what, headers={"Prefer": prefer} if prefer else None)
+        text = resp.text
+        return Page(resp.url, text, _link("next", text), _link("delta", text), resp.headers)

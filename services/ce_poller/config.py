@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from connectorkit.endpoints import check_endpoint
+from connectorkit.protocol import SettingError
 from servicekit.connections import Connection
-from servicekit.errors import ConfigError
 
 __all__ = ["BASE_SELECT", "DEFAULT_ENTITIES", "ENTITY_SETS", "CeConnection", "EntitySpec", "parse_connection"]
 
@@ -85,6 +86,8 @@ class CeConnection:
     poll_interval_s: float
     expiry_warning_days: float
     entity_concurrency: int = 4
+    max_record_bytes: int = 900_000
+    """Largest row published; a larger one is dead-lettered (the broker would refuse the whole batch)."""
     annotations: str = "Microsoft.Dynamics.CRM.lookuplogicalname"
 
     @property
@@ -106,19 +109,23 @@ def parse_connection(conn: Connection) -> CeConnection:
     """Validate a ``dynamics-ce`` connection; a ConfigError names the setting to fix."""
     s = conn.settings or {}
     c = conn.credentials or {}
-    missing = [k for k in ("tenant_id", "client_id", "client_secret") if not c.get(k)]
-    if missing:
-        raise ConfigError(
-            f"connection {conn.connection_id}: credentials lack {', '.join(missing)} "
-            "(flash connections set ... --credentials '{\"tenant_id\":..,\"client_id\":..,\"client_secret\":..}')"
-        )
+    cid = conn.connection_id
+    for k in ("tenant_id", "client_id", "client_secret"):
+        if not c.get(k):
+            raise SettingError(cid, f"credentials.{k}", "is missing",
+                               "the app registration's tenant_id, client_id and client_secret in --credentials "
+                               "('{\"tenant_id\": ..., \"client_id\": ..., \"client_secret\": ...}')")
     org_url = str(s.get("org_url") or conn.endpoint or "").rstrip("/")
-    if not org_url.startswith("https://"):
-        raise ConfigError(f"connection {conn.connection_id}: org_url/endpoint must be an https URL, got {org_url!r}")
+    check_endpoint(org_url, kinds=["dynamics-ce"], setting="endpoint (or settings.org_url)")
     authority = str(s.get("authority") or f"https://login.microsoftonline.com/{c['tenant_id']}").rstrip("/")
-    page_size = int(s.get("page_size", 5000))
+    check_endpoint(authority, kinds=["entra"], setting="settings.authority")
+    try:
+        page_size = int(s.get("page_size", 5000))
+    except (TypeError, ValueError):
+        page_size = 0
     if not 1 <= page_size <= 5000:
-        raise ConfigError(f"connection {conn.connection_id}: page_size must be 1..5000 (Dataverse maximum)")
+        raise SettingError(cid, "settings.page_size", f"is {s.get('page_size')!r}",
+                           "a whole number 1..5000 (Dataverse's largest page)")
     extra = s.get("select") or {}
     ext = s.get("external_id_field", "accountnumber")
     ext_fields = ext if isinstance(ext, dict) else {"account": ext}
@@ -129,10 +136,8 @@ def parse_connection(conn: Connection) -> CeConnection:
     specs: list[EntitySpec] = []
     for name in names:
         if name not in BASE_SELECT:
-            raise ConfigError(
-                f"connection {conn.connection_id}: unknown entity {name!r} in settings.entities "
-                f"(known: {', '.join(sorted(BASE_SELECT))}; returns come from settings.return_source)"
-            )
+            raise SettingError(cid, "settings.entities", f"names an unknown table {name!r}",
+                               f"some of {', '.join(sorted(BASE_SELECT))} (returns come from settings.return_source)")
         cols = list(BASE_SELECT[name])
         if name in ext_fields and ext_fields[name] not in cols:
             cols.append(str(ext_fields[name]))
@@ -152,16 +157,14 @@ def parse_connection(conn: Connection) -> CeConnection:
         fields = rs.get("fields") or {}
         entity_set = rs.get("entity_set")
         if not entity_set or not fields.get("id") or not (fields.get("order_number") or fields.get("order_id")):
-            raise ConfigError(
-                f"connection {conn.connection_id}: return_source kind custom needs entity_set and fields.id plus "
-                "fields.order_number or fields.order_id"
-            )
+            raise SettingError(cid, "settings.return_source", "of kind custom lacks entity_set or fields",
+                               "entity_set and fields.id plus fields.order_number or fields.order_id")
         logical = str(rs.get("entity") or entity_set.rstrip("s"))
         rcols = (*dict.fromkeys(str(v) for v in fields.values() if v), "modifiedon", "versionnumber")
         specs.append(EntitySpec(logical, str(entity_set), str(fields["id"]), rcols,
                                 fields.get("order_id") and str(fields["order_id"])))
     elif kind != "none":
-        raise ConfigError(f"connection {conn.connection_id}: return_source.kind must be msdyn_rma, custom or none")
+        raise SettingError(cid, "settings.return_source.kind", f"is {kind!r}", "msdyn_rma, custom or none")
     limits = {"requests_per_window": 6000.0, "window_seconds": 300.0, "concurrent": 52.0}
     limits.update({k: float(v) for k, v in (s.get("limits") or {}).items()})
     return CeConnection(
@@ -170,4 +173,16 @@ def parse_connection(conn: Connection) -> CeConnection:
         page_size=page_size, entities=tuple(specs), return_source=rs, limits=limits,
         poll_interval_s=float(s.get("poll_interval_s", 30)), expiry_warning_days=float(s.get("expiry_warning_days", 2)),
         entity_concurrency=max(1, int(s.get("entity_concurrency", 4))),
+        max_record_bytes=_positive(cid, s, "max_record_bytes", 900_000),
     )
+
+
+def _positive(cid: str, s: dict[str, Any], name: str, default: int) -> int:
+    value = s.get(name, default)
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        out = 0
+    if out <= 0:
+        raise SettingError(cid, f"settings.{name}", f"is {value!r}", "a positive whole number")
+    return out

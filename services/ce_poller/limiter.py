@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 
+from connectorkit.http import reset_governors, shared_governor
 from servicekit.logging import get_logger
 
 __all__ = ["UserBudget", "budget_for", "reset_budgets"]
@@ -108,23 +109,19 @@ class UserBudget:
                 self._paused_until = max(self._paused_until, self._clock() + 5)
 
 
-_BUDGETS: dict[tuple[int, str, str], UserBudget] = {}
-
-
 def budget_for(authority: str, client_id: str, limits: Mapping[str, float] | None = None) -> UserBudget:
-    """The process-wide budget of one application user (one per event loop, since it holds a semaphore)."""
-    loop_id = id(asyncio.get_running_loop())
-    key = (loop_id, authority.rstrip("/").lower(), client_id.lower())
-    b = _BUDGETS.get(key)
-    if b is None:
-        lim = dict(limits or {})
-        b = _BUDGETS[key] = UserBudget(
+    """The process-wide budget of one application user (``connectorkit.http.shared_governor``: one per event
+    loop and credential, shared by every connection, of every tenant, that uses the same app registration)."""
+    lim = dict(limits or {})
+    return shared_governor(
+        ("dynamics-ce", authority.rstrip("/").lower(), client_id.lower()),
+        lambda: UserBudget(
             requests_per_window=int(lim.get("requests_per_window", 6000)),
             window_seconds=float(lim.get("window_seconds", 300.0)),
             concurrent=int(lim.get("concurrent", 52)),
-        )
-    return b
+        ),
+    )
 
 
 def reset_budgets() -> None:
-    _BUDGETS.clear()
+    reset_governors()

@@ -18,9 +18,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from connectorkit.dryrun import dry_run as kit_dry_run
+from connectorkit.endpoints import check_endpoint
+from connectorkit.registry import connector_sources, load_connector
+from connectorkit.replay import source_rewriter
 from servicekit import dlq as dlq_ops
 from servicekit.cliutil import open_db, print_json, print_table
-from servicekit.connections import CredentialCipher, PgConnectionStore
+from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
 from servicekit.db import Migrations
 from servicekit.errors import ConfigError, FlashError
 from servicekit.kafka import KafkaPublisher
@@ -39,8 +43,10 @@ SERVICES: dict[str, str] = {
     "resolver": "resolver",
     "points": "points",
 }
-#: source → module of its connector (exposing ``control.verify`` / ``control.dry_run``).
-CONNECTORS: dict[str, str] = {"dynamics-ce": "ce_poller", "salesforce": "sf_poller"}
+#: Connectors are found through the registry (entry point group ``flash_connect.connectors``, see
+#: ``connectorkit.registry``). Until a connector is registered there, a source listed here is served by the
+#: older module hooks ``<module>.control.verify`` / ``dry_run`` (found by name, never imported statically).
+LEGACY_CONNECTORS: dict[str, str] = {"salesforce": "sf_poller"}
 #: modules contributing subcommands through ``cli.register(subparsers)``.
 PLUGINS = ("resolver", "points", "normalizer")
 
@@ -126,6 +132,27 @@ def _read_json_arg(value: str | None) -> dict[str, Any]:
     return data
 
 
+def _registered(source: str) -> Any | None:
+    """The registered connector of ``source``, or None (legacy hooks or nothing)."""
+    return load_connector(source) if source in connector_sources() else None
+
+
+def _legacy_control(source: str) -> ModuleType:
+    if source not in LEGACY_CONNECTORS:
+        installed = ", ".join(connector_sources()) or "none"
+        raise ConfigError(f"no connector for source {source!r} is installed in this build (installed: {installed})")
+    return load_module(LEGACY_CONNECTORS[source], "control")
+
+
+def validate_connection(conn: Connection) -> None:
+    """What ``connections add`` checks before storing: the endpoint policy (https, the vendor's hosts, no
+    private addresses; ``connectorkit.endpoints``), then the connector's own parse of every setting."""
+    check_endpoint(conn.endpoint, kinds=[conn.source], setting="--endpoint")
+    connector = _registered(conn.source)
+    if connector is not None:
+        connector.parse(conn)
+
+
 def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
     async def go() -> int:
         async with open_db(settings) as pool:
@@ -137,9 +164,11 @@ def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
                 print_json(rows) if args.json else print_table(rows)
                 return 0
             if args.action == "add":
-                conn = await store.upsert(args.tenant, args.id, args.source, args.endpoint,
-                                          {k: str(v) for k, v in _read_json_arg(args.credentials).items()},
-                                          _read_json_arg(args.settings))
+                creds = {k: str(v) for k, v in _read_json_arg(args.credentials).items()}
+                draft = Connection(args.tenant, args.id, args.source, args.endpoint, creds,
+                                   _read_json_arg(args.settings))
+                validate_connection(draft)
+                conn = await store.upsert(args.tenant, args.id, args.source, args.endpoint, creds, draft.settings)
                 print(f"connection {conn.connection_id} saved for tenant {conn.tenant_id} (state: draft); "
                       f"next: flash connections verify --tenant {conn.tenant_id} --id {conn.connection_id}")
                 return 0
@@ -155,19 +184,40 @@ def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
                                       "live" if args.action == "go-live" else "paused")
                 print(f"connection {conn.connection_id} is now {'live' if args.action == 'go-live' else 'paused'}")
                 return 0
-            control = load_module(CONNECTORS.get(conn.source, conn.source), "control")
+            connector = _registered(conn.source)
             if args.action == "verify":
+                if connector is not None:
+                    try:
+                        report = await connector.verify(connector.parse(conn), settings)
+                    except ConfigError as exc:
+                        await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+                        print(f"verification failed: {exc}", file=sys.stderr)
+                        return 1
+                    for line in report.lines():
+                        print(line)
+                    if not report.ok:
+                        await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=report.summary())
+                        print(f"verification failed: {report.summary()}", file=sys.stderr)
+                        return 1
+                    await store.set_state(conn.tenant_id, conn.connection_id, "verified")
+                    print(f"connection {conn.connection_id} verified; next: flash connections dry-run --tenant "
+                          f"{conn.tenant_id} --id {conn.connection_id}")
+                    return 0
+                control = _legacy_control(conn.source)
                 try:
-                    report = await control.verify(conn, settings)
+                    legacy = await control.verify(conn, settings)
                 except FlashError as exc:
                     await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
                     print(f"verification failed: {exc}", file=sys.stderr)
                     return 1
                 await store.set_state(conn.tenant_id, conn.connection_id, "verified")
-                print_json(report)
+                print_json(legacy)
                 return 0
             if args.action == "dry-run":
-                print_json(await control.dry_run(conn, settings, limit=args.limit))
+                if connector is not None:
+                    print_json(await kit_dry_run(connector, conn, settings, pool, limit=args.limit))
+                else:
+                    print_json(await _legacy_control(conn.source).dry_run(conn, settings, limit=args.limit))
                 return 0
         raise ConfigError(f"unknown action {args.action}")
 
@@ -205,6 +255,9 @@ def cmd_dlq(args: argparse.Namespace, settings: FlashSettings) -> int:
                 rows = await dlq_ops.depth(pool)
                 print_json(rows) if args.json else print_table(rows, empty="all dead-letter topics are empty")
             elif args.action == "replay":
+                store = PgConnectionStore(pool, CredentialCipher.from_settings(settings))
+                # Source dead letters are re-fetched from the vendor (connectorkit.replay), never re-sent.
+                rewrite = source_rewriter(store.get, settings)
                 if args.dry_run:
                     audit = await dlq_ops.replay(pool, None, _dlq_filter(args), dry_run=True)
                 else:
@@ -218,11 +271,16 @@ def cmd_dlq(args: argparse.Namespace, settings: FlashSettings) -> int:
                     publisher = KafkaPublisher(settings.kafka_bootstrap)
                     await publisher.start()
                     try:
-                        audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=False)
+                        audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=False,
+                                                     rewrite=rewrite)
                     finally:
                         await publisher.stop()
                 verb = "would replay" if args.dry_run else "replayed"
                 print(f"{verb} {audit.get('replayed', 0)} dead letter(s) (audit id {audit.get('id')})")
+                for err in audit.get("errors") or []:
+                    print(f"  not replayed: {err}", file=sys.stderr)
+                if audit.get("failed"):
+                    return 1
         return 0
 
     return asyncio.run(go())
@@ -316,8 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--credentials", required=True, help="JSON file or text; stored encrypted")
     c.add_argument("--settings", help="JSON file or text with connector settings")
     for action, text in (("show", "show one connection (credentials masked)"),
-                         ("verify", "authenticate and check read privileges; says what to fix"),
-                         ("dry-run", "fetch a sample and preview the canonical events; writes nothing"),
+                         ("verify", "host, authentication, application user, read privilege per table, change "
+                          "tracking: one line per check, with what to fix"),
+                         ("dry-run", "sample -> normalizer mapping -> member resolution -> points rules: a report of "
+                          "records per entity, member match rate, points earned/clawed back, dead letters; "
+                          "writes nothing"),
                          ("go-live", "let the pollers sync it"), ("pause", "stop syncing it")):
         c = csub.add_parser(action, help=text)
         c.add_argument("--tenant", required=True)
@@ -331,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in (("list", "list pending dead letters"),
                          ("replay", "send matching dead letters back to their original topics (idempotent)")):
         d = dsub.add_parser(action, help=text)
-        d.add_argument("--consumer", help="e.g. normalizer, resolver, points")
+        d.add_argument("--consumer", help="e.g. normalizer, resolver, points, ce-poller (a poller's letters are "
+                       "re-fetched from the vendor on replay)")
         d.add_argument("--tenant")
         d.add_argument("--error-class", help="e.g. SchemaViolation, Poison, MissingTenant")
         d.add_argument("--entity", help="source object, e.g. salesorder, Order")

@@ -1,13 +1,16 @@
 """`flash demo`: the whole pipe on embedded defaults against the vendor sandboxes, in one process.
 
 What it does, in order (each step printed as it happens):
-1. starts the Dataverse (and, when the Salesforce connector is installed, Salesforce) simulators over
-   HTTPS on loopback and seeds them with customers, products, orders, cancellations and returns;
+1. starts the installed simulators (entry point group ``flash_connect.sandboxes``: Dataverse, Salesforce)
+   over HTTPS on loopback, for the sources whose connector is installed, and seeds them with customers,
+   products, orders, cancellations and returns (``FLASH_ALLOW_SANDBOX_ENDPOINTS`` is set for this process:
+   the simulators are on loopback);
 2. opens the broker (embedded Tansu unless FLASH_KAFKA_BOOTSTRAP is set) and PostgreSQL (schema
    ``flash_demo``, recreated on every run unless FLASH_DB_SCHEMA is set);
 3. imports the tenants' members as the loyalty core would (a few customers are left out on purpose, so
    their orders park), and sets each tenant's points program;
-4. configures each connection with encrypted credentials, verifies it, and takes it live;
+4. configures each connection with encrypted credentials, verifies it, dry-runs it (what would land,
+   nothing written), and only then takes it live;
 5. runs every service and shows progress until the initial load has landed, then prints what landed;
 6. keeps applying live mutations in the sandboxes (status changes, cancellations, amendments, returns,
    new orders) and prints each with the ledger movement it caused, until Ctrl-C (or ``--duration``).
@@ -19,7 +22,8 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import random
+import importlib.util
+import os
 import sys
 import time
 import uuid
@@ -30,6 +34,10 @@ from typing import Any
 import asyncpg
 
 from canonical.events import MemberData
+from connectorkit.dryrun import dry_run
+from connectorkit.endpoints import SANDBOX_ENV
+from connectorkit.registry import connector_sources, load_connector, load_sandboxes
+from connectorkit.sandbox import DemoSandbox
 from servicekit import dlq as dlq_ops
 from servicekit.connections import CredentialCipher, PgConnectionStore
 from servicekit.embedded import resolve_database_url
@@ -78,26 +86,6 @@ async def _fresh_schema(settings: FlashSettings) -> None:
         await conn.close()
 
 
-def _dataverse_members(org: Any) -> tuple[list[MemberData], int, int]:
-    """Members for the org's customers, leaving every 12th out (their orders park until they join).
-
-    Returns the members, how many customers were left out, and how many orders belong to members.
-    """
-    from sandbox.dataverse import ground_truth
-
-    truths = list(ground_truth(org))
-    seen: dict[str, MemberData] = {}
-    for truth in truths:
-        if truth.customer_id in seen or not (truth.customer_email or truth.accountnumber):
-            continue
-        seen[truth.customer_id] = MemberData(
-            member_id=f"M-{len(seen) + 1:05d}", external_id=truth.accountnumber or None, email=truth.customer_email,
-        )
-    kept = {cid: m for i, (cid, m) in enumerate(seen.items()) if i % 12 != 11}
-    member_orders = sum(1 for t in truths if t.customer_id in kept)
-    return list(kept.values()), len(seen) - len(kept), member_orders
-
-
 async def _stats(pool: asyncpg.Pool, tenant: str) -> dict[str, Any]:
     row = await pool.fetchrow(
         """SELECT (SELECT count(*) FROM orders WHERE tenant_id = $1 AND known) AS orders,
@@ -121,75 +109,30 @@ def _line(t: Tenant, s: dict[str, Any]) -> str:
             f"  points +{s.get('earned', 0):,} / {s.get('reversed', 0):,}  dead letters {s.get('dead', 0)}")
 
 
-async def _setup_dataverse(stack: contextlib.AsyncExitStack, n_orders: int) -> tuple[Tenant, dict[str, Any]]:
-    from sandbox.dataverse import DataverseState, build_app, seed_org
-    from sandbox.dataverse.mutations import random_mutation
-    from sandbox.server import serve
+async def _setup_sandboxes(stack: contextlib.AsyncExitStack, n_orders: int) -> list[tuple[Tenant, dict[str, Any]]]:
+    """Start every installed simulator whose source has a connector (registry), as tenants + connections."""
+    from controlplane.cli import LEGACY_CONNECTORS
 
-    state = DataverseState()
-    summary = seed_org(state, "contoso", customers=max(20, n_orders // 5), products=40, orders=n_orders, seed=7)
-    running = await stack.enter_async_context(serve(build_app(state)))
-    org = state.orgs["contoso"]
-    app = state.credentials("contoso")[0]
-    members, left_out, member_orders = _dataverse_members(org)
-    say(f"  Dataverse sandbox  {running.base_url}/orgs/contoso  ({summary})")
-    say(f"    {len(members)} members to import for tenant acme ({left_out} customers are not members yet: "
-        f"{n_orders - member_orders} of their orders will park)")
-    rng = random.Random(11)
-
-    def mutate() -> str:
-        change = random_mutation(org, rng)
-        return f"Dataverse: {change.get('op', 'change')} {change.get('ordernumber') or change.get('id') or ''}".strip()
-
-    tenant = Tenant("acme", "contoso-ce", "dynamics-ce", "acme (Dynamics 365 CE)", member_orders, members, mutate)
-    conn = {
-        "endpoint": f"{running.base_url}/orgs/contoso",
-        "credentials": {"tenant_id": app.tenant_id, "client_id": app.client_id, "client_secret": app.client_secret},
-        "settings": {"authority": f"{running.base_url}/{app.tenant_id}", "ca_bundle": str(running.tls.ca_path),
-                     "page_size": 500, "poll_interval_s": 2, "external_id_field": "accountnumber"},
-    }
-    return tenant, conn
-
-
-async def _setup_salesforce(stack: contextlib.AsyncExitStack, n_orders: int) -> tuple[Tenant, dict[str, Any]] | None:
-    try:
-        importlib.import_module("sf_poller.app")
-        importlib.import_module("normalizer.mappers.salesforce")
-        from sandbox.salesforce import SalesforceState, build_app, ground_truth, random_mutations, seed_org
-        from sandbox.server import serve
-    except ImportError:
-        return None
-    state = SalesforceState()
-    seed_org(state, "globex", accounts=max(20, n_orders // 5), person_accounts=10, contacts=20, products=40,
-             orders=n_orders, seed=9)
-    running = await stack.enter_async_context(serve(build_app(state)))
-    org = state.orgs["globex"]
-    truths = [t for t in ground_truth(org).values() if not t.is_deleted]
-    # The loyalty core knows globex's customers by their account number (the connection's external ID).
-    by_account: dict[str, MemberData] = {}
-    for account in org.records("Account"):
-        by_account[account["Id"]] = MemberData(
-            member_id=f"G-{len(by_account) + 1:05d}", external_id=account.get("AccountNumber"),
-            email=account.get("PersonEmail"),
-        )
-    kept_accounts = {a: m for i, (a, m) in enumerate(by_account.items()) if i % 12 != 11}
-    kept = list(kept_accounts.values())
-    member_orders = sum(1 for t in truths if t.account_id in kept_accounts)
-    say(f"  Salesforce sandbox {running.base_url}  (org globex, {n_orders} orders)")
-    say(f"    {len(kept)} members to import for tenant globex")
-    rng = random.Random(13)
-
-    def mutate() -> str:
-        random_mutations(org, 1, rng)
-        return "Salesforce: random change"
-
-    tenant = Tenant("globex", "globex-sf", "salesforce", "globex (Salesforce)", member_orders, kept, mutate)
-    conn = {
-        "endpoint": running.base_url,
-        "credentials": {"client_id": org.client_id, "client_secret": org.client_secret},
-        "settings": {"ca_bundle": str(running.tls.ca_path), "poll_interval_s": 2},
-    }
-    return tenant, conn
+    usable = set(connector_sources()) | {s for s, m in LEGACY_CONNECTORS.items()
+                                         if importlib.util.find_spec(f"{m}.control") is not None}
+    sandboxes = load_sandboxes()
+    if not sandboxes:
+        raise ConfigError("no simulators are installed in this build (entry point group flash_connect.sandboxes); "
+                          "`flash demo` needs the sandbox package")
+    out: list[tuple[Tenant, dict[str, Any]]] = []
+    for name, setup in sandboxes.items():
+        box: DemoSandbox | None = await setup(stack, n_orders)
+        if box is None:
+            continue
+        if box.source not in usable:
+            say(f"  ({name} simulator skipped: no {box.source} connector in this build)")
+            continue
+        for note in box.notes:
+            say(f"  {note}")
+        tenant = Tenant(box.tenant_id, box.connection_id, box.source, box.label, box.expected_orders, box.members,
+                        box.mutate)
+        out.append((tenant, {"endpoint": box.endpoint, "credentials": box.credentials, "settings": box.settings}))
+    return out
 
 
 async def _configure(infra: Infra, settings: FlashSettings, tenant: Tenant, conn: dict[str, Any]) -> None:
@@ -208,18 +151,37 @@ async def _configure(infra: Infra, settings: FlashSettings, tenant: Tenant, conn
     store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(settings))
     connection = await store.upsert(tenant.tenant_id, tenant.connection_id, tenant.source, conn["endpoint"],
                                     conn["credentials"], conn["settings"])
-    module = {"dynamics-ce": "ce_poller", "salesforce": "sf_poller"}[tenant.source]
-    try:
-        control = importlib.import_module(f"{module}.control")
-        report = await control.verify(connection, settings)
-        say(f"    verified {tenant.connection_id}: {_short(report)}")
-    except ModuleNotFoundError:
-        say(f"    ({module}.control not available: skipping verify)")
-    except FlashError as exc:
-        raise ConfigError(f"connection {tenant.connection_id} failed verification: {exc}") from exc
+    if tenant.source in connector_sources():
+        connector = load_connector(tenant.source)
+        report = await connector.verify(connector.parse(connection), settings)
+        if not report.ok:
+            raise ConfigError(f"connection {tenant.connection_id} failed verification: {report.summary()}")
+        say(f"    verified {tenant.connection_id}: {len(report.checks)} checks ok")
+        preview = await dry_run(connector, connection, settings, infra.pool, limit=20)
+        say(f"    dry-run {tenant.connection_id}: {_preview_line(preview)}")
+    else:  # a connector not yet on the kit: its module hooks, found by name
+        from controlplane.cli import LEGACY_CONNECTORS
+
+        control = importlib.import_module(f"{LEGACY_CONNECTORS[tenant.source]}.control")
+        try:
+            legacy = await control.verify(connection, settings)
+        except FlashError as exc:
+            raise ConfigError(f"connection {tenant.connection_id} failed verification: {exc}") from exc
+        say(f"    verified {tenant.connection_id}: {_short(legacy)}")
+        legacy_preview = await control.dry_run(connection, settings, limit=5)
+        say(f"    dry-run {tenant.connection_id}: {_short(legacy_preview)}")
     await store.set_state(tenant.tenant_id, tenant.connection_id, "verified")
     await store.set_state(tenant.tenant_id, tenant.connection_id, "live")
     say(f"    {tenant.connection_id} is live")
+
+
+def _preview_line(preview: dict[str, Any]) -> str:
+    members = preview.get("members") or {}
+    pts = preview.get("points") or {}
+    return (f"{sum(preview.get('records', {}).values())} records sampled, member match rate "
+            f"{members.get('match_rate')}, would earn {pts.get('would_earn', 0)} / claw back "
+            f"{pts.get('would_claw_back', 0)} points, {len(preview.get('would_dead_letter') or [])} would be "
+            "dead-lettered (nothing written)")
 
 
 def _short(report: Any) -> str:
@@ -229,6 +191,8 @@ def _short(report: Any) -> str:
 
 async def run_demo(settings: FlashSettings, args: argparse.Namespace) -> int:
     run = uuid.uuid4().hex[:6]
+    # The simulators listen on loopback: let this process's connections name them (connectorkit.endpoints).
+    os.environ.setdefault(SANDBOX_ENV, "1")
     if not settings.db_schema:
         settings = settings.model_copy(update={"db_schema": DEMO_SCHEMA})
         await _fresh_schema(settings)
@@ -240,10 +204,7 @@ async def run_demo(settings: FlashSettings, args: argparse.Namespace) -> int:
     services = _load_services()
     async with contextlib.AsyncExitStack() as stack:
         say("\n1. Vendor sandboxes")
-        pairs = [await _setup_dataverse(stack, args.orders)]
-        sf = await _setup_salesforce(stack, args.orders)
-        if sf:
-            pairs.append(sf)
+        pairs = await _setup_sandboxes(stack, args.orders)
         say("\n2. Broker and database")
         infra = await stack.enter_async_context(
             open_infra(settings, migrations=[m for s in services for m in s.migrations])

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
+from connectorkit.runner import mark_failed, poll_forever, supervise_connections
 from servicekit.connections import Connection, PgCursorStore
-from servicekit.connectors import mark_failed, poll_forever, supervise_connections
 from servicekit.errors import ConfigError
 from servicekit.logging import bind, get_logger
 from servicekit.runtime import Infra, Service

@@ -61,7 +61,8 @@ def test_dlq_replay_refuses_without_the_services_broker(
 def test_one_undecryptable_connection_is_named_and_stops_nothing_else(
     cli_env: str, database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    creds = json.dumps({"client_id": "app", "client_secret": "s3cr3t"})
+    monkeypatch.setenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", "1")  # no DNS look-up of the example hosts
+    creds = json.dumps({"tenant_id": "t-guid", "client_id": "app", "client_secret": "s3cr3t"})
     for tenant in ("acme", "globex"):
         assert main(["connections", "add", "--tenant", tenant, "--id", f"{tenant}-ce", "--source", "dynamics-ce",
                      "--endpoint", f"https://{tenant}.crm.dynamics.com", "--credentials", creds]) == 0

@@ -18,7 +18,7 @@ from ce_poller.client import DataverseClient, StaticTokenSource, iter_values
 from ce_poller.config import parse_connection
 from ce_poller.limiter import UserBudget
 from ce_poller.stores import FakeKnownKeys, KnownKey
-from ce_poller.sync import ConnectionSync
+from ce_poller.streams import ConnectionSync
 from servicekit.connections import Connection, FakeCursorStore
 from servicekit.errors import ConfigError, Transient
 from servicekit.kafka import OutMessage
@@ -368,14 +368,24 @@ def test_iter_values_keeps_record_texts_exactly() -> None:
     assert '"totalamount":' in rows[0][0] and rows[0][0].split('"totalamount":')[1].split(",")[0].count(".") == 1
 
 
-def test_connection_settings_validation() -> None:
+def test_connection_settings_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     base = {"tenant_id": "t", "client_id": "c", "client_secret": "s"}
-    with pytest.raises(ConfigError, match="credentials lack client_secret"):
+    with pytest.raises(ConfigError, match=r"credentials\.client_secret is missing; put"):
         parse_connection(Connection("a", "b", "dynamics-ce", ORG, {"tenant_id": "t", "client_id": "c"}, {}))
-    with pytest.raises(ConfigError, match="unknown entity"):
+    with pytest.raises(ConfigError, match=r"settings\.entities names an unknown table 'nope'; put"):
         parse_connection(Connection("a", "b", "dynamics-ce", ORG, base, {"entities": ["nope"]}))
-    with pytest.raises(ConfigError, match="page_size"):
+    with pytest.raises(ConfigError, match=r"page_size is 9000; put a whole number 1\.\.5000"):
         parse_connection(Connection("a", "b", "dynamics-ce", ORG, base, {"page_size": 9000}))
+    # The endpoint policy (production: FLASH_ALLOW_SANDBOX_ENDPOINTS unset) refuses a non-Dataverse host.
+    with monkeypatch.context() as m:
+        m.delenv("FLASH_ALLOW_SANDBOX_ENDPOINTS", raising=False)
+        with pytest.raises(ConfigError, match=r"not a dynamics-ce endpoint; put https://\*\.crm\*\.dynamics\.com"):
+            parse_connection(Connection("a", "b", "dynamics-ce", ORG, base, {}))
+        with pytest.raises(ConfigError, match=r"settings\.authority"):
+            parse_connection(Connection("a", "b", "dynamics-ce", "https://contoso.crm.dynamics.com", base,
+                                        {"authority": "https://login.evil.example/t"}))
+        ok = parse_connection(Connection("a", "b", "dynamics-ce", "https://contoso.crm4.dynamics.com", base, {}))
+        assert ok.api == "https://contoso.crm4.dynamics.com/api/data/v9.2/"
     cc = parse_connection(Connection("a", "b", "dynamics-ce", ORG + "/", base, {}))
     assert cc.scope == f"{ORG}/.default" and cc.authority == "https://login.microsoftonline.com/t"
     assert [s.logical for s in cc.entities][-2:] == ["msdyn_rma", "msdyn_rmaproduct"]

@@ -16,6 +16,11 @@ from servicekit.logging import configure_logging, get_logger
 
 @pytest.fixture
 def json_logs() -> Iterator[None]:
+    logging.disable(logging.NOTSET)  # other tests may have silenced loggers; this one needs them as deployed
+    for name in ("aiokafka", "aiokafka.conn"):
+        lg = logging.getLogger(name)
+        lg.disabled, lg.propagate = False, True
+        lg.setLevel(logging.NOTSET)
     configure_logging("INFO", "json", service="flood-test")
     yield
     configure_logging(os.environ.get("FLASH_LOG_LEVEL", "WARNING"), "console")

@@ -29,8 +29,10 @@ def unique_name(prefix: str = "t") -> str:
 def service_env(bootstrap: str, database_url: str, settings: FlashSettings, **extra: str) -> dict[str, str]:
     """The environment of a service started as a child process (``python -m <service>``) on the broker,
     database, schema, topic prefix and state directory of ``settings``; ``extra`` adds or overrides
-    ``FLASH_`` variables (logging defaults to WARNING)."""
+    ``FLASH_`` variables (logging defaults to WARNING). Connections may name the simulators on loopback
+    (``FLASH_ALLOW_SANDBOX_ENDPOINTS=1``, unless the caller's environment says otherwise)."""
     return {
+        "FLASH_ALLOW_SANDBOX_ENDPOINTS": "1",
         **os.environ,
         "FLASH_KAFKA_BOOTSTRAP": bootstrap,
         "FLASH_DATABASE_URL": database_url,

@@ -1,7 +1,7 @@
-"""Per-entity cursor state machine: initial load -> re-read -> change tracking, resync on expiry.
+"""The CE poller's streams: one per table, initial load -> re-read -> change tracking, resync on expiry.
 
-Cursor (``cursors`` row per tenant, connection, entity; saved only after the page it covers was acknowledged
-by the broker)::
+Cursor (:class:`CeCursor`, a typed ``connectorkit.cursors.Checkpoint`` per tenant, connection, entity; saved
+only after the page it covers was acknowledged by the broker)::
 
     {"phase": "initial", "next": <nextLink or null>, "started_at": iso, "generation": n, "resync": bool}
     {"phase": "reread",  "next": <nextLink or null>, "started_at": iso, "delta_link": ..., "generation": n}
@@ -18,6 +18,9 @@ by the broker)::
 * ExpiredVersionStamp (0x80044352): the generation is bumped and the initial load runs again; every row seen
   is stamped with the new generation, and the keys left on an older one are published as deletes (deletes
   missed during the gap). Unchanged rows produce the same event ids, so nothing lands twice downstream.
+* A row that cannot be delivered (no key; an order line without its order) is dead-lettered on
+  ``dlq.ce-poller.v1`` with a re-fetch locator (``ce_poller.records.source_letter``) before the cursor moves
+  past its page; the stream goes on.
 * Before the organisation's ``expirechangetrackingindays`` closes on a stored delta link, the poller warns
   (log ``delta token near expiry`` + gauge ``flash_ce_delta_token_age_days``).
 """
@@ -31,19 +34,19 @@ import re
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from prometheus_client import Counter, Gauge
+from pydantic import BaseModel
 
-from canonical.envelope import make_event_id
-from canonical.events import RawRecord
-from canonical.topics import raw
-from ce_poller.client import DataverseClient, DeltaTokenExpired, Page, RecordNotFound, iter_values
+from ce_poller.client import DataverseClient, DeltaTokenExpired, Page, iter_values
 from ce_poller.config import CeConnection, EntitySpec
-from ce_poller.stores import KnownKey, KnownKeys, source_dead_letter
+from ce_poller.records import PRODUCER, SOURCE, raw_message, source_letter
+from ce_poller.stores import KnownKey, KnownKeys
+from connectorkit.cursors import Checkpoint, Publisher
+from connectorkit.deadletters import FakeSourceDeadLetters, SourceDeadLetters, SourceLetter
 from servicekit import metrics
 from servicekit.connections import CursorStore
-from servicekit.consumer import message_headers
 from servicekit.errors import Poison
 from servicekit.kafka import OutMessage
 from servicekit.logging import get_logger
@@ -53,6 +56,7 @@ __all__ = [
     "CURRENCY_ANNOTATION",
     "RETURNS_TOPIC_ENTITY",
     "RMA_PRODUCTS_PROPERTY",
+    "CeCursor",
     "ConnectionSync",
     "EntityResult",
     "Publisher",
@@ -61,7 +65,6 @@ __all__ = [
 
 log = get_logger(__name__)
 
-SOURCE: Literal["dynamics-ce"] = "dynamics-ce"
 CURRENCY_ANNOTATION = "_transactioncurrencyid_value@flash.isocurrencycode"
 RMA_PRODUCTS_PROPERTY = "msdyn_rmaproducts"
 RETURNS_TOPIC_ENTITY = "msdyn_rma"
@@ -76,12 +79,16 @@ TOKEN_EXPIRING = Gauge("flash_ce_delta_token_expiring", "1 when the token is wit
 RESYNCS = Counter("flash_ce_resyncs_total", "Full resyncs after an expired delta token", ["entity"])
 
 
-class Publisher(Protocol):
-    async def send_all(self, messages: Sequence[OutMessage]) -> Any: ...
+class CeCursor(BaseModel):
+    """Position of one table: ``phase`` and what that phase needs (see the module docstring)."""
 
-
-class DeadLetterSink(Protocol):
-    async def __call__(self, rows: Sequence[tuple[object, ...]]) -> None: ...
+    phase: Literal["initial", "reread", "delta"] = "initial"
+    next: str | None = None
+    started_at: str | None = None
+    delta_link: str | None = None
+    delta_at: str | None = None
+    generation: int = 1
+    resync: bool | None = None
 
 
 @dataclass
@@ -139,11 +146,19 @@ class ConnectionSync:
     cursors: CursorStore
     keys: KnownKeys
     settings: FlashSettings
-    dead_letter_sink: DeadLetterSink | None = None
+    dead_letters: SourceDeadLetters | None = None
     now: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
     currencies: dict[str, str] = field(default_factory=dict)
     expiry_days: int | None = None
     warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.dead_letters is None:  # unit tests: letters are kept in memory
+            self.dead_letters = FakeSourceDeadLetters(self.settings, PRODUCER)
+
+    def checkpoint(self, entity: str) -> Checkpoint[CeCursor]:
+        """The typed cursor of one table of this connection."""
+        return Checkpoint(self.cursors, CeCursor, self.conn.tenant_id, self.conn.connection_id, entity)
 
     # ------------------------------------------------------------------------------------------- cycle
 
@@ -191,12 +206,12 @@ class ConnectionSync:
             await self.load_expiry()
         out: list[str] = []
         for spec in self.conn.entities:
-            cur = await self.cursors.load(self.conn.tenant_id, self.conn.connection_id, spec.logical)
-            if not cur or cur.get("phase") != "delta":
+            cur = await self.checkpoint(spec.logical).load()
+            if cur is None or cur.phase != "delta" or not cur.delta_link:
                 continue
-            issued = token_issued_at(cur["delta_link"])
-            if issued is None and cur.get("delta_at"):
-                issued = dt.datetime.fromisoformat(str(cur["delta_at"]).replace("Z", "+00:00"))
+            issued = token_issued_at(cur.delta_link)
+            if issued is None and cur.delta_at:
+                issued = dt.datetime.fromisoformat(cur.delta_at.replace("Z", "+00:00"))
             if issued is None or self.expiry_days is None:
                 continue
             age = (self.now() - issued).total_seconds() / 86400
@@ -218,61 +233,57 @@ class ConnectionSync:
     # ------------------------------------------------------------------------------------------ entity
 
     async def sync_entity(self, spec: EntitySpec) -> EntityResult:
-        tenant, cid = self.conn.tenant_id, self.conn.connection_id
         res = EntityResult(spec.logical)
-        cur = await self.cursors.load(tenant, cid, spec.logical) or {"phase": "initial", "generation": 1}
+        cp = self.checkpoint(spec.logical)
+        cur = await cp.load() or CeCursor()
         while True:
-            phase = cur["phase"]
-            res.phase = phase
-            gen = int(cur.get("generation", 1))
-            if phase == "initial":
-                if not cur.get("next"):
-                    cur["started_at"] = _iso(self.now() - REREAD_MARGIN)
-                url = cur.get("next") or f"{spec.entity_set}?$select={','.join(spec.select)}"
+            res.phase = cur.phase
+            gen = cur.generation
+            if cur.phase == "initial":
+                if not cur.next:
+                    cur = cur.model_copy(update={"started_at": _iso(self.now() - REREAD_MARGIN)})
+                url = cur.next or f"{spec.entity_set}?$select={','.join(spec.select)}"
                 prefer = f"odata.track-changes,odata.maxpagesize={self.conn.page_size},{self._ann()}"
                 delta_link: str | None = None
                 async for page in self._pages(url, prefer, spec.logical):
-                    await self._publish_page(spec, page, gen, res)
+                    await self._publish_page(spec, page, gen, res)  # returns after the broker's ack
                     if page.next_link:
-                        cur = {**cur, "next": page.next_link}
-                        await self.cursors.save(tenant, cid, spec.logical, cur)
+                        cur = cur.model_copy(update={"next": page.next_link})
+                        await cp.save(cur)
                     else:
                         delta_link = page.delta_link
                 if delta_link is None:
                     raise Poison(f"{spec.entity_set}: the last page carried no @odata.deltaLink; is change tracking "
                                  "enabled on the table (Advanced options > Track changes)?")
-                if cur.get("resync"):
+                if cur.resync:
                     res.deletes += await self._infer_deletes(spec, gen)
-                cur = {"phase": "reread", "next": None, "started_at": cur["started_at"], "delta_link": delta_link,
-                       "generation": gen}
-                await self.cursors.save(tenant, cid, spec.logical, cur)
-            elif phase == "reread":
-                url = cur.get("next") or (
-                    f"{spec.entity_set}?$select={','.join(spec.select)}&$filter=modifiedon ge {cur['started_at']}"
+                cur = CeCursor(phase="reread", started_at=cur.started_at, delta_link=delta_link, generation=gen)
+                await cp.save(cur)
+            elif cur.phase == "reread":
+                url = cur.next or (
+                    f"{spec.entity_set}?$select={','.join(spec.select)}&$filter=modifiedon ge {cur.started_at}"
                 )
                 prefer = f"odata.maxpagesize={self.conn.page_size},{self._ann()}"
                 async for page in self._pages(url, prefer, spec.logical):
                     await self._publish_page(spec, page, gen, res)
                     if page.next_link:
-                        cur = {**cur, "next": page.next_link}
-                        await self.cursors.save(tenant, cid, spec.logical, cur)
-                cur = {"phase": "delta", "delta_link": cur["delta_link"], "delta_at": _iso(self.now()),
-                       "generation": gen}
-                await self.cursors.save(tenant, cid, spec.logical, cur)
+                        cur = cur.model_copy(update={"next": page.next_link})
+                        await cp.save(cur)
+                cur = CeCursor(phase="delta", delta_link=cur.delta_link, delta_at=_iso(self.now()), generation=gen)
+                await cp.save(cur)
                 return res
             else:
                 try:
-                    new_link = await self._delta(spec, cur["delta_link"], gen, res)
+                    new_link = await self._delta(spec, str(cur.delta_link), gen, res)
                 except DeltaTokenExpired as exc:
-                    log.warning("delta token expired, resyncing", tenant_id=tenant, connection_id=cid,
-                                entity=spec.logical, error=str(exc))
+                    log.warning("delta token expired, resyncing", tenant_id=self.conn.tenant_id,
+                                connection_id=self.conn.connection_id, entity=spec.logical, error=str(exc))
                     RESYNCS.labels(spec.logical).inc()
                     res.resynced = True
-                    cur = {"phase": "initial", "generation": gen + 1, "resync": True, "next": None}
-                    await self.cursors.save(tenant, cid, spec.logical, cur)
+                    cur = CeCursor(phase="initial", generation=gen + 1, resync=True)
+                    await cp.save(cur)
                     continue
-                await self.cursors.save(tenant, cid, spec.logical, {
-                    "phase": "delta", "delta_link": new_link, "delta_at": _iso(self.now()), "generation": gen})
+                await cp.save(CeCursor(phase="delta", delta_link=new_link, delta_at=_iso(self.now()), generation=gen))
                 return res
 
     async def _delta(self, spec: EntitySpec, link: str, gen: int, res: EntityResult) -> str:
@@ -317,15 +328,9 @@ class ConnectionSync:
     def _message(self, entity: str, source_id: str, version: str, payload: str, url: str,
                  op: Literal["upsert", "delete"],
                  order_source_id: str | None, topic_entity: str | None = None) -> OutMessage:
-        tenant, cid = self.conn.tenant_id, self.conn.connection_id
-        eid = make_event_id("raw.record", tenant, cid, SOURCE, entity, source_id, version)
-        rec = RawRecord.model_construct(
-            event_type="raw.record", version=1, tenant_id=tenant, connection_id=cid, source=SOURCE, entity=entity,
-            source_id=source_id, source_version=version, event_id=eid, correlation_id=eid,
-            observed_at=self.now(), op=op, payload=payload, request_url=url, order_source_id=order_source_id,
-        )
-        return OutMessage(self.settings.topic(raw(SOURCE, topic_entity or entity)),
-                          rec.model_dump_json().encode(), rec.key, message_headers(rec))
+        return raw_message(self.settings, tenant_id=self.conn.tenant_id, connection_id=self.conn.connection_id,
+                           entity=entity, source_id=source_id, version=version, payload=payload, url=url, op=op,
+                           order_source_id=order_source_id, observed_at=self.now(), topic_entity=topic_entity)
 
     async def _publish_page(self, spec: EntitySpec, page: Page, gen: int, res: EntityResult) -> None:
         tenant, cid = self.conn.tenant_id, self.conn.connection_id
@@ -333,19 +338,19 @@ class ConnectionSync:
         known: list[KnownKey] = []
         deleted: list[tuple[str, str]] = []
         rows: list[tuple[str, dict[str, Any]]] = []
-        dead: list[tuple[object, ...]] = []
+        dead: list[SourceLetter] = []
         is_custom = self._is_custom_return(spec)
         for text, obj in iter_values(page.text):
             if obj.get("reason") == "deleted" and "id" in obj and spec.key not in obj:
                 deleted.append((str(obj["id"]).lower(), text))
                 continue
             sid = obj.get(spec.key)
-            if not sid:
-                msg, row = source_dead_letter(
-                    self.settings, tenant_id=tenant, connection_id=cid, entity=spec.logical, source_id="?",
-                    url=page.url, error=Poison(f"{spec.entity_set} row without its key {spec.key}"), body=text)
-                msgs.append(msg)
-                dead.append(row)
+            problem = self._undeliverable(spec, obj, text)
+            if problem is not None:
+                dead.append(source_letter(
+                    self.settings, tenant_id=tenant, connection_id=cid, entity=spec.logical,
+                    entity_set=spec.entity_set, key=str(sid).lower() if sid else None, error=Poison(problem),
+                    body=text, topic_entity=RETURNS_TOPIC_ENTITY if is_custom else None))
                 continue
             sid = str(sid).lower()
             version = _version(obj)
@@ -382,8 +387,8 @@ class ConnectionSync:
                                       RETURNS_TOPIC_ENTITY if is_custom else None))
         if msgs:
             await self.publisher.send_all(msgs)
-        if dead and self.dead_letter_sink is not None:
-            await self.dead_letter_sink(dead)
+        if dead and self.dead_letters is not None:
+            await self.dead_letters.send(dead)  # on the DLQ and indexed before the cursor moves past them
         await self.keys.record(tenant, cid, spec.logical, known, gen)
         if deleted:
             await self.keys.forget(tenant, cid, spec.logical, [d for d, _ in deleted])
@@ -393,6 +398,18 @@ class ConnectionSync:
         res.pages += 1
         res.dead_letters += len(dead)
         metrics.RECORDS_FETCHED.labels(SOURCE, spec.logical).inc(n_up + len(deleted))
+
+    def _undeliverable(self, spec: EntitySpec, obj: dict[str, Any], text: str) -> str | None:
+        """Why a row cannot be published (None: it can). Checked the same way on a dead-letter re-fetch."""
+        if not obj.get(spec.key):
+            return f"{spec.entity_set} row without its key {spec.key}; it cannot be keyed or re-fetched"
+        size = len(text.encode())
+        if size > self.conn.max_record_bytes:
+            longest = max(((k, len(str(v))) for k, v in obj.items()), key=lambda kv: kv[1], default=("?", 0))
+            return (f"{spec.entity_set}({obj.get(spec.key)}) is {size} bytes, over settings.max_record_bytes "
+                    f"({self.conn.max_record_bytes}); its longest column is {longest[0]} ({longest[1]} characters): "
+                    "shorten it in Dynamics or remove it from settings.select, then `flash dlq replay` the letter")
+        return None
 
     async def _infer_deletes(self, spec: EntitySpec, gen: int) -> int:
         """After a full resync: keys not seen in it were deleted while the token was expired."""
@@ -474,12 +491,3 @@ class ConnectionSync:
                                       order_id))
             known.append(KnownKey(rid, order_id, str(version)))
         return msgs, known
-
-
-async def resolve_record(client: DataverseClient, entity_set: str, key: str) -> str | None:
-    """One record by key (``None`` when it no longer exists)."""
-    try:
-        page = await client.get(f"{entity_set}({key})", what=f"{entity_set}({key})")
-    except RecordNotFound:
-        return None
-    return page.text

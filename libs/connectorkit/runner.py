@@ -1,4 +1,13 @@
-"""What every vendor connector shares: one task per live connection, kept in step with the table."""
+"""The connector runtime: one task per live connection, kept in step with the ``connections`` table.
+
+:func:`supervise_connections` re-lists live connections of one source and keeps one ``runner`` task per
+connection (restarted when the connection's endpoint, settings or credentials change, or when the task
+crashed; stopped when it leaves ``live``). :func:`poll_forever` is the loop every poller runs inside its
+task: a ConfigError marks the connection ``failed`` with the message saying what to fix and ends the loop;
+a Transient (vendor trouble, a quota pause, OUR broker or database down: ``InfrastructureUnavailable``) is
+waited out with its ``retry_after`` or an exponential backoff, and the cycle is retried from the last
+acknowledged checkpoint, so nothing is lost.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,8 @@ import json
 from collections.abc import Awaitable, Callable
 
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
-from servicekit.errors import ConfigError, Transient
+from servicekit.db import db_errors
+from servicekit.errors import ConfigError, InfrastructureUnavailable, Transient
 from servicekit.logging import get_logger
 from servicekit.runtime import Infra
 
@@ -29,20 +39,22 @@ def fingerprint(c: Connection) -> str:
 async def supervise_connections(
     infra: Infra, stop: asyncio.Event, *, source: str, runner: ConnectionRunner, relist_s: float = 5.0
 ) -> None:
-    """Keep one ``runner`` task per live connection of ``source`` until ``stop``.
+    """Keep one ``runner`` task per live connection of ``source`` until ``stop`` (see the module docstring).
 
-    Re-lists ``connections`` every ``relist_s`` seconds: starts tasks for connections that went live,
-    restarts a task when its connection changed or its task crashed, and stops tasks whose connection left
-    ``live``. A runner that returns on purpose (a configuration error it marked ``failed``) stays stopped.
+    A runner that returns on purpose (a configuration error it marked ``failed``) stays stopped; a
+    database outage while listing keeps the running tasks as they are and lists again later.
     """
     store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
     running: dict[tuple[str, str], tuple[str, asyncio.Task[None]]] = {}
     try:
         while not stop.is_set():
+            live: dict[tuple[str, str], Connection] | None
             try:
-                live = {(c.tenant_id, c.connection_id): c for c in await store.list(source=source, states=("live",))}
+                async with db_errors("listing connections"):
+                    conns = await store.list(source=source, states=("live",))
+                live = {(c.tenant_id, c.connection_id): c for c in conns}
             except Transient as exc:
-                log.warning("listing connections failed", source=source, error=str(exc))
+                log.warning("listing connections failed", source=source, error=str(exc)[:300])
                 live = None
             if live is not None:
                 for key, (fp, task) in list(running.items()):
@@ -74,7 +86,14 @@ async def mark_failed(conn: Connection, infra: Infra, exc: ConfigError) -> None:
     log.warning("connection stopped: configuration error", tenant_id=conn.tenant_id,
                 connection_id=conn.connection_id, error=str(exc))
     store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
-    await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+    while True:
+        try:
+            async with db_errors("marking a connection failed"):
+                await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
+            return
+        except InfrastructureUnavailable as db_exc:
+            log.warning("cannot record the failure yet; database unavailable", error=str(db_exc)[:300])
+            await asyncio.sleep(infra.settings.backoff_max_s)
 
 
 async def poll_forever(
@@ -82,8 +101,7 @@ async def poll_forever(
 ) -> None:
     """Run ``cycle`` (one sync pass, returning the seconds until the next) until ``stop``.
 
-    One policy for every connector: a ConfigError marks the connection ``failed`` and ends the loop; a
-    Transient (vendor trouble, a quota pause, our own broker or database down) is retried after its
+    A ConfigError marks the connection ``failed`` and ends the loop; a Transient is retried after its
     ``retry_after`` or an exponential backoff; ``once`` returns after the first successful pass.
     """
     settings = infra.settings
@@ -100,7 +118,9 @@ async def poll_forever(
         except Transient as exc:
             failures += 1
             delay = exc.retry_after or min(settings.backoff_max_s * 4, settings.backoff_base_s * 2 ** min(failures, 8))
-            log.warning("cycle failed, retrying", tenant_id=conn.tenant_id, connection_id=conn.connection_id,
+            what = "our database or broker is unavailable; waiting" if isinstance(exc, InfrastructureUnavailable) \
+                else "cycle failed, retrying"
+            log.warning(what, tenant_id=conn.tenant_id, connection_id=conn.connection_id,
                         error=str(exc)[:500], retry_in_s=delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
