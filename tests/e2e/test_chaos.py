@@ -1,9 +1,11 @@
 """Chaos: the Dataverse sandbox's data flows through every service as a separate process while services
 are SIGKILLed at random moments, PostgreSQL and the broker are cut away (through TCP proxies), the
-vendor answers 429 storms and 5xx bursts, tokens expire, the sandbox's data changes, and hostile records
+vendor answers 429 storms and 5xx bursts, tokens expire, the vendor redirects token and data requests
+to a foreign host and hands out nextLinks pointing there, the sandbox's data changes, and hostile records
 are injected onto the raw topics. Then the invariant checker compares the ledger with a reference
-computed from the sandbox's final state: nothing missing, nothing awarded twice, and every hostile record
-dead-lettered with its reason (issue 15).
+computed from the sandbox's final state: nothing missing, nothing awarded twice, every hostile record
+dead-lettered with its reason, and no credential seen by the foreign host (issue 15). A connection the
+poller marked failed after a foreign redirect is put back live, as an operator would after checking it.
 
 The short variant runs by default; the long one is opt-in: ``pytest -m slow tests/e2e/test_chaos.py``.
 Each prints a summary line (kills, outages, faults, hostile records, orders checked, discrepancies).
@@ -21,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from aiohttp import web
 from test_ce_pipeline import TENANTS, Sandbox, later_changes, ledger, reference, setup
 
 from canonical.envelope import make_event_id
@@ -52,6 +55,64 @@ class Tally:
     hostile: dict[str, str] = field(default_factory=dict)
     """marker -> words its dead letter's reason must contain"""
     restarts_after_exit: int = 0
+    foreign_redirects: int = 0
+    operator_go_lives: int = 0
+
+
+class ForeignHost:
+    """A plain-http server on loopback standing for another host: records whatever reaches it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str], bytes]] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        async def record(request: web.Request) -> web.Response:
+            self.seen.append((request.path_qs, dict(request.headers), await request.read()))
+            return web.json_response({"value": []})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", record)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def credentials_seen(self, secrets: list[str]) -> list[str]:
+        leaks = []
+        for path, headers, body in self.seen:
+            if any(k.lower() == "authorization" for k in headers):
+                leaks.append(f"Authorization header on {path}")
+            for secret in secrets:
+                if secret and (secret in path or secret.encode() in body):
+                    leaks.append(f"a client secret on {path}")
+        return leaks
+
+
+def foreign_faults(foreign: ForeignHost) -> tuple[Any, dict[str, bool]]:
+    """Middleware for the sandbox: while ``mode`` is on, token and data requests are answered with a 307 to
+    the foreign host, and collection pages carry an @odata.nextLink to it."""
+    mode = {"on": False}
+
+    @web.middleware
+    async def mw(request: web.Request, handler: Any) -> web.StreamResponse:
+        if mode["on"] and ("oauth2" in request.path or "/api/data/" in request.path):
+            if random.random() < 0.5:
+                return web.Response(status=307, headers={"Location": f"{foreign.url}/steal{request.path_qs}"})
+        resp = await handler(request)
+        if mode["on"] and isinstance(resp, web.Response) and resp.body and b"@odata.nextLink" in bytes(resp.body):
+            page = json.loads(bytes(resp.body))
+            page["@odata.nextLink"] = f"{foreign.url}/steal/next"
+            return web.json_response(page, status=resp.status)
+        return resp
+
+    return mw, mode
 
 
 def _proxied(dsn: str, port: int) -> str:
@@ -141,8 +202,13 @@ async def chaos(database_url: str, tmp_path: Path, *, orders: int, seconds: floa
         state.add_org(org_name)
         seed_org(state, org_name, customers=60, products=20, orders=orders, seed=org_seed)
     procs: list[ServiceProcess] = []
+    foreign = ForeignHost()
+    await foreign.start()
+    app = build_app(state)
+    middleware, redirecting = foreign_faults(foreign)
+    app.middlewares.append(middleware)
     try:
-        async with serve(build_app(state)) as running, open_infra(settings) as infra:
+        async with serve(app) as running, open_infra(settings) as infra:
             sb = Sandbox(state, running)
             await setup(infra, sb, page_size=100)
             env = service_env(settings.kafka_bootstrap or "", _proxied(database_url, pproxy.port), settings,
@@ -154,7 +220,7 @@ async def chaos(database_url: str, tmp_path: Path, *, orders: int, seconds: floa
                 p.start()
             deadline = time.monotonic() + seconds
             changed = False
-            first = ["kill", "pg", "broker", "vendor", "token", "change"]  # every fault at least once
+            first = ["kill", "pg", "broker", "vendor", "token", "change", "foreign"]  # every fault at least once
             rng.shuffle(first)
             while time.monotonic() < deadline or first:
                 await asyncio.sleep(rng.uniform(0.5, 2.0))
@@ -163,7 +229,7 @@ async def chaos(database_url: str, tmp_path: Path, *, orders: int, seconds: floa
                         tally.restarts_after_exit += 1
                         p.start()
                 action = first.pop() if first else rng.choice(["kill", "kill", "kill", "pg", "broker", "vendor",
-                                                                   "token"])
+                                                                   "token", "foreign"])
                 if action == "kill":
                     victim = rng.choice(procs)
                     victim.kill()
@@ -184,13 +250,21 @@ async def chaos(database_url: str, tmp_path: Path, *, orders: int, seconds: floa
                 elif action == "token":
                     tally.token_expiries += 1
                     state.expire_tokens()
+                elif action == "foreign":
+                    tally.foreign_redirects += 1
+                    redirecting["on"] = True
+                    await asyncio.sleep(rng.uniform(1.0, 3.0))
+                    redirecting["on"] = False
+                    tally.operator_go_lives += await _go_live_again(infra)
                 elif action == "change":
                     later_changes(state)
                     tally.changes += 1
                     changed = True
             state.faults.clear()
+            redirecting["on"] = False
             pproxy.restore()
             kproxy.restore()
+            tally.operator_go_lives += await _go_live_again(infra)
             if not changed:
                 later_changes(state)
                 tally.changes += 1
@@ -198,18 +272,29 @@ async def chaos(database_url: str, tmp_path: Path, *, orders: int, seconds: floa
                 if not p.alive():
                     tally.restarts_after_exit += 1
                     p.start()
-            await check(infra, sb, tally, settle_s=180)
+            await check(infra, sb, tally, settle_s=180, operator=lambda: _go_live_again(infra))
+            secrets = [state.credentials(org)[0].client_secret for org, _ in TENANTS.values()]
+            leaks = foreign.credentials_seen(secrets)
+            print(f"CHAOS: foreign host received {len(foreign.seen)} requests, credentials among them: {len(leaks)}")
+            assert leaks == [], leaks[:5]
     finally:
         for p in procs:
             p.stop()
         await pproxy.stop()
         await kproxy.stop()
         await broker.stop()
+        await foreign.stop()
         await _drop_schema(database_url, schema)
     return tally
 
 
-async def check(infra: Infra, sb: Sandbox, tally: Tally, *, settle_s: float) -> None:
+async def _go_live_again(infra: Infra) -> int:
+    """What an operator does after checking a connection the poller stopped (flash connections go-live)."""
+    status = await infra.pool.execute("UPDATE connections SET state = 'live', last_error = NULL WHERE state = 'failed'")
+    return int(status.split()[-1])
+
+
+async def check(infra: Infra, sb: Sandbox, tally: Tally, *, settle_s: float, operator: Any = None) -> None:
     """The invariants, once the pipe settled: the ledger equals the reference, no entry twice, every hostile
     record dead-lettered with its reason."""
     deadline = time.monotonic() + settle_s
@@ -220,6 +305,8 @@ async def check(infra: Infra, sb: Sandbox, tally: Tally, *, settle_s: float) -> 
         want = reference(sb.state)
         if got == want:
             break
+        if operator is not None:
+            tally.operator_go_lives += await operator()
         await asyncio.sleep(1.0)
     diff = {k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)}
     doubles = await infra.pool.fetchval(
@@ -233,7 +320,8 @@ async def check(infra: Infra, sb: Sandbox, tally: Tally, *, settle_s: float) -> 
     print(f"\nCHAOS: kills={tally.kills} pg_outages={tally.pg_outages} broker_outages={tally.broker_outages} "
           f"vendor_fault_bursts={tally.vendor_faults} token_expiries={tally.token_expiries} "
           f"sandbox_changes={tally.changes} hostile_records={len(tally.hostile)} "
-          f"restarts_after_exit={tally.restarts_after_exit} orders_checked={len(want)} "
+          f"restarts_after_exit={tally.restarts_after_exit} foreign_redirect_bursts={tally.foreign_redirects} "
+          f"operator_go_lives={tally.operator_go_lives} orders_checked={len(want)} "
           f"discrepancies={len(diff)} doubled_entries={doubles} hostile_without_reason={len(unreasoned)}")
     assert diff == {}, f"{len(diff)} orders differ from the reference, e.g. {list(diff.items())[:5]}"
     assert doubles == 0
