@@ -34,8 +34,9 @@ lint: setup     ## ruff over everything
 typecheck: setup ## mypy --strict over libs and services
 	$(BIN)/mypy libs services
 
-schemas: setup  ## regenerate schemas/ from the canonical models
+schemas: setup  ## regenerate schemas/ and docs/asyncapi.yaml (+ the topic table of docs/events.md) from the code
 	$(BIN)/python -m canonical.schemas
+	$(BIN)/python -m canonical.asyncapi
 
 bench: setup    ## every benchmark, each printing its figures
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

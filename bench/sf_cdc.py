@@ -298,6 +298,7 @@ async def drive_inline(info: dict[str, Any], rate: float, n: int) -> tuple[dict[
 
 async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: float, *,
                   processes: bool = True, driver: Any = None) -> dict[str, Any]:
+    from cdc_listener.app import run_listener
     from normalizer.app import SERVICE as NORMALIZER
     from points.app import MIGRATIONS as POINTS_MIGRATIONS
     from points.app import build_service
@@ -307,7 +308,6 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
     from resolver.app import SERVICE as RESOLVER
     from resolver.cli import import_members
     from sf_poller.app import supervise
-    from sf_poller.cdc import run_listener
 
     await migrate(infra.pool, [RESOLVER_MIGRATIONS, POINTS_MIGRATIONS])
     tenant = "bench"
@@ -390,16 +390,20 @@ async def latency(infra: Infra, info: dict[str, Any], rate: float, seconds: floa
 
 # ------------------------------------------------------------------------------------------ 2. backfill
 async def backfill(infra: Infra, info: dict[str, Any], orders: int) -> dict[str, float]:
-    from sf_poller.app import build_client, http_client
-    from sf_poller.config import parse_connection
     from sf_poller.sync import ConnectionSync
+    from sfconnect.client import build_client, http_client
+    from sfconnect.config import parse_connection
+    from sfconnect.published import MIGRATIONS as SF_MIGRATIONS
+    from sfconnect.published import PgPublishedStore
+
+    await migrate(infra.pool, [SF_MIGRATIONS])  # the published-version store, as the service uses it
 
     conn = await add_conn(infra, "bulk", "sf-bulk", info, "bulk", {
         "objects": ["Order"], "bulk_threshold": 2000, "bulk_poll_s": 0.2, "cdc": False})
     conn_cc = parse_connection(conn)
     async with http_client(conn_cc) as http:
         sync = ConnectionSync(conn_cc, build_client(conn_cc, http, infra), infra.publisher,
-                              PgCursorStore(infra.pool), infra.settings)
+                              PgCursorStore(infra.pool), infra.settings, store=PgPublishedStore(infra.pool))
         base = rss_mb()
         with RssSampler() as sampler:
             t0 = time.perf_counter()

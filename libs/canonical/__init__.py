@@ -1,6 +1,6 @@
 """Canonical events of the Flash Connect pipe: the only contract services share.
 
-Every event is a frozen pydantic v2 model carrying the envelope fields of DESIGN.md; one module-level
+Every event is a frozen pydantic v2 model carrying the envelope fields of docs/events.md; one module-level
 ``TypeAdapter`` over a discriminated union decodes any of them from bytes (:func:`decode_event`).
 """
 

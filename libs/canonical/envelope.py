@@ -9,7 +9,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-__all__ = ["TENANT_ID_PATTERN", "Envelope", "Source", "TenantId", "entity_key", "make_event_id", "order_key"]
+__all__ = [
+    "TENANT_ID_PATTERN",
+    "Envelope",
+    "Source",
+    "TenantId",
+    "entity_key",
+    "make_event_id",
+    "order_key",
+    "source_sequence",
+]
 
 Source = Literal["dynamics-ce", "dynamics-fo", "salesforce", "loyalty-core", "flash"]
 
@@ -50,20 +59,50 @@ def entity_key(tenant_id: str, source_id: str) -> bytes:
     return f"{tenant_id}:{source_id}".encode()
 
 
+_SEQ_WIDTH = 20
+_UNORDERED_SOURCES = frozenset({"dynamics-fo", "flash"})
+
+
+def source_sequence(source: str, source_version: str) -> str | None:
+    """A string that sorts (bytewise) in the order the source changed the record, or ``None`` where the source
+    gives no order (docs/events.md, "Versions"):
+
+    * digit-only versions (Dataverse ``versionnumber``, a row version that grows with every change) are
+      zero-padded to 20 digits, so ``"10" > "9"``;
+    * Salesforce ``SystemModstamp`` as the connectors write it (``YYYY-MM-DDTHH:MM:SS.mmmZ``, always UTC and
+      fixed width) is already sortable and is taken as it is;
+    * Finance & Operations (``RecVersion`` is a change token, not a counter) and the platform's own events
+      (``flash``: ledger entries carry ``member_sequence`` instead) have none.
+    """
+    if source in _UNORDERED_SOURCES:
+        return None
+    v = source_version
+    if v.isdigit() and v.isascii():
+        return v.rjust(_SEQ_WIDTH, "0") if len(v) <= _SEQ_WIDTH else None
+    if len(v) == 24 and v[4] == "-" and v[10] == "T" and v[19] == "." and v[23] == "Z" and v[:4].isdigit():
+        return v
+    return None
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
 class Envelope(BaseModel):
-    """Fields every message carries (DESIGN.md, Contracts).
+    """Fields every message carries (docs/events.md, "Envelope").
 
     ``event_id`` is always derived from the fields before it (a given one is ignored: ids are never
     trusted from the producer), so a record read twice produces the same id and every consumer can
-    deduplicate on it. Unknown fields are ignored, so producers may
-    add optional fields within a version.
+    deduplicate on it. Unknown fields are ignored, so producers may add optional fields within a version.
+    ``source_sequence`` is derived from ``source`` and ``source_version`` when not given
+    (:func:`source_sequence`).
     """
 
-    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_timedelta="float")
+    # Every field is always serialised, so the published (serialization-mode) schemas mark them required.
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", ser_json_timedelta="float", json_schema_serialization_defaults_required=True,
+        use_attribute_docstrings=True,
+    )
 
     event_type: str
     version: Literal[1] = 1
@@ -73,6 +112,10 @@ class Envelope(BaseModel):
     entity: NonEmpty
     source_id: NonEmpty
     source_version: NonEmpty
+    """The source's version of the record: Dataverse ``versionnumber``, Salesforce ``SystemModstamp``
+    (``YYYY-MM-DDTHH:MM:SS.mmmZ``), F&O ``RecVersion``; for ledger entries ``<kind>:<trigger>``."""
+    source_sequence: str | None = None
+    """Sortable form of ``source_version`` where the source orders its changes, else ``None``."""
     event_id: str = ""
     correlation_id: str = ""
     observed_at: dt.datetime = Field(default_factory=_utcnow)
@@ -90,6 +133,10 @@ class Envelope(BaseModel):
         ))
         if not self.correlation_id:
             object.__setattr__(self, "correlation_id", self.event_id)
+        if self.source_sequence is None:
+            seq = source_sequence(self.source, self.source_version)
+            if seq is not None:
+                object.__setattr__(self, "source_sequence", seq)
         return self
 
     @property

@@ -2,21 +2,27 @@
 
 Naming: events are past-tense facts about a source record (``OrderUpserted``: the source now holds this
 version of the order). Money is ``Decimal`` end to end and serialised as a JSON string, never a float.
+
+Representation (docs/events.md, "Numbers"), the same whatever the source, fixed here in the models so the
+mappers need not care: money (:data:`Money`) always has exactly four decimals (``"140.0200"``, ``"980.5400"``);
+quantities and exchange rates (:data:`Quantity`, :data:`Rate`) are plain decimals without trailing zeros
+(``"7"``, ``"1.5"``). Both are validated by a pattern in the published JSON Schemas.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, WithJsonSchema
 
-from canonical.envelope import Envelope, NonEmpty, TenantId, order_key
+from canonical.envelope import Envelope, NonEmpty, TenantId, entity_key, order_key
 from canonical.limits import check_amount, check_rate
 
 __all__ = [
     "EVENT_TYPES",
+    "ZERO_MONEY",
     "AnyEvent",
     "CustomerData",
     "CustomerDeleted",
@@ -37,6 +43,8 @@ __all__ = [
     "ProductData",
     "ProductDeleted",
     "ProductUpserted",
+    "Quantity",
+    "Rate",
     "RawRecord",
     "ReturnData",
     "ReturnDeleted",
@@ -48,9 +56,64 @@ __all__ = [
     "encode",
 ]
 
-Money = Annotated[Decimal, Field(max_digits=28, decimal_places=10), AfterValidator(check_amount)]
-ExchangeRate = Annotated[Decimal, AfterValidator(check_rate)]
-"""Plausibility limits (canonical.limits): positive, within FLASH_MIN/MAX_EXCHANGE_RATE."""
+MONEY_SCALE = 4
+"""Decimals of every money amount on the wire. Four is lossless for both vendors: Dataverse money columns
+hold at most 4 decimals, Salesforce's standard currency fields 2 (docs/vendor-facts.md). A value with more
+(at most 10 are accepted) is rounded half-even to 4."""
+MONEY_PATTERN = r"^-?(0|[1-9][0-9]*)\.[0-9]{4}$"
+PLAIN_DECIMAL_PATTERN = r"^-?(0|[1-9][0-9]*)(\.[0-9]*[1-9])?$"
+ZERO_MONEY = Decimal("0.0000")
+_Q4 = Decimal(1).scaleb(-MONEY_SCALE)
+# A wide context: quantizing a 28-digit amount must not raise InvalidOperation.
+_WIDE = Context(prec=60, rounding=ROUND_HALF_EVEN)
+
+
+# The representation is applied when a value is written as JSON, not when it is read: decoding (every
+# consumer, every message) stays on pydantic-core's native Decimal path, and whatever way a value got into a
+# model (a mapper, an older body, a replay), what leaves is canonical. One Python call per field on encode.
+def money_text(v: Decimal) -> str:
+    """``140.02`` -> ``"140.0200"``; never scientific notation; no negative zero."""
+    q = _WIDE.quantize(v, _Q4)
+    # str() of a non-zero value with exponent -4 is plain notation (its adjusted exponent is >= -4).
+    return str(q) if q else "0.0000"
+
+
+def plain_text(v: Decimal) -> str:
+    """``7.00000`` -> ``"7"``, ``1.50`` -> ``"1.5"``, ``1E+2`` -> ``"100"``; no negative zero."""
+    s = str(v)
+    if "E" in s:
+        s = format(v, "f")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return "0" if s == "-0" else s
+
+
+Money = Annotated[
+    Decimal,
+    Field(max_digits=28, decimal_places=10),
+    AfterValidator(check_amount),  # plausibility (canonical.limits): within FLASH_MAX_AMOUNT
+    PlainSerializer(money_text, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {"type": "string", "pattern": MONEY_PATTERN,
+         "description": "Money: a decimal string with exactly 4 decimals, in the currency of its record"},
+        mode="serialization",
+    ),
+]
+"""An amount of money (docs/events.md, "Numbers")."""
+Quantity = Annotated[
+    Decimal,
+    Field(max_digits=28, decimal_places=10),
+    PlainSerializer(plain_text, return_type=str, when_used="json"),
+    WithJsonSchema(
+        {"type": "string", "pattern": PLAIN_DECIMAL_PATTERN,
+         "description": "A plain decimal string without trailing zeros (7, 1.5)"},
+        mode="serialization",
+    ),
+]
+"""A quantity (docs/events.md, "Numbers")."""
+Rate = Annotated[Quantity, AfterValidator(check_rate)]
+"""An exchange rate: same representation as a quantity; plausibility (canonical.limits): positive, within
+FLASH_MIN/MAX_EXCHANGE_RATE."""
 CurrencyCode = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 
 Lifecycle = Literal["pending", "awardable", "cancelled"]
@@ -63,7 +126,9 @@ PointsKind = Literal["earn", "void", "adjust", "clawback"]
 
 
 class _Data(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # Every field is always serialised, so the published (serialization-mode) schemas mark them required.
+    model_config = ConfigDict(frozen=True, extra="ignore", json_schema_serialization_defaults_required=True,
+                              use_attribute_docstrings=True)
 
 
 # --------------------------------------------------------------------------------------------- payloads
@@ -93,7 +158,7 @@ class OrderLineData(_Data):
     product_source_id: str | None = None
     sku: str | None = None
     description: str | None = None
-    quantity: Decimal = Decimal(1)
+    quantity: Quantity = Decimal(1)
     unit_price: Money | None = None
     amount: Money
     """Line amount in the order currency, after line discounts, before tax."""
@@ -107,18 +172,24 @@ class OrderData(_Data):
     status: str
     """The vendor's own status value (statuscode, Status, SalesOrderStatus), verbatim."""
     status_label: str | None = None
+    """The vendor's display label of ``status`` (Dataverse: the statuscode's formatted value, in the language
+    of the connection's user); ``None`` when the source path does not deliver one (docs/events.md)."""
     lifecycle: Lifecycle
     currency: CurrencyCode
-    exchange_rate: ExchangeRate | None = None
-    """Order-currency units per one unit of the tenant's base currency (Dataverse ``exchangerate``);
-    ``None`` when the source did not say (the points engine then needs a configured rate or rejects)."""
+    exchange_rate: Rate | None = None
+    """Order-currency units per one unit of the tenant's base currency: Dataverse ``exchangerate`` (relative to
+    the organisation's base currency); Salesforce ``CurrencyType.ConversionRate`` of the order's currency
+    (relative to the corporate currency) in multi-currency orgs whose connector reads it. ``None`` when the
+    source did not say (single-currency orgs; the points engine then needs a configured rate or rejects)."""
     total_amount: Money
     """Grand total: lines - discounts + shipping + tax."""
-    tax_amount: Money = Decimal(0)
-    shipping_amount: Money = Decimal(0)
-    discount_amount: Money = Decimal(0)
+    tax_amount: Money = ZERO_MONEY
+    shipping_amount: Money = ZERO_MONEY
+    discount_amount: Money = ZERO_MONEY
     lines: tuple[OrderLineData, ...] | None = None
-    """Lines when the source delivers them with the order; ``None`` means lines arrive separately."""
+    """Lines when the source delivers them with the order; ``None`` means lines arrive separately as
+    ``order.line_upserted`` / ``order.line_deleted`` events on the same topic and key (how to assemble an order:
+    docs/events.md, "Assembling an order"; examples/order_view.py)."""
     placed_at: dt.datetime | None = None
 
 
@@ -126,7 +197,7 @@ class ReturnLineData(_Data):
     line_id: NonEmpty
     product_source_id: str | None = None
     original_line_id: str | None = None
-    quantity: Decimal = Decimal(1)
+    quantity: Quantity = Decimal(1)
     amount: Money
 
 
@@ -139,7 +210,7 @@ class ReturnData(_Data):
     status: str
     lifecycle: ReturnLifecycle
     currency: CurrencyCode
-    exchange_rate: ExchangeRate | None = None
+    exchange_rate: Rate | None = None
     amount: Money
     """Returned/credited amount in the return's currency, on the same basis as the order's total."""
     lines: tuple[ReturnLineData, ...] = ()
@@ -287,10 +358,20 @@ class PointsLedgerEntry(Envelope):
     reason: str
     source_event_ids: tuple[str, ...] = ()
     created_at: dt.datetime
+    member_sequence: int | None = Field(default=None, ge=1)
+    """1, 2, 3 ... per (tenant, member), without gaps, in the order the entries were appended; ``None`` only on
+    entries written before the sequence existed."""
+    balance_after: int | None = None
+    """The member's balance (sum of all their entries) including this one."""
 
     @property
     def key(self) -> bytes:
+        """Key on points.ledger (by order); points.member-ledger uses :attr:`member_key`."""
         return order_key(self.tenant_id, self.order_source_id)
+
+    @property
+    def member_key(self) -> bytes:
+        return entity_key(self.tenant_id, self.member_id)
 
 
 AnyEvent = Annotated[

@@ -11,21 +11,49 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
+from pydantic.json_schema import JsonSchemaMode
 
 from canonical.events import EVENT_TYPES
 from canonical.topics import TOPICS
 
-__all__ = ["generate", "main"]
+__all__ = ["JSON_SCHEMA_DIALECT", "event_schema", "externally_produced", "generate", "main"]
+
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def externally_produced() -> frozenset[str]:
+    """Event types that others produce onto our topics (the loyalty core's members): their schema says what
+    we accept (validation mode, defaults optional); every other schema says what we emit (serialization mode,
+    every field present)."""
+    return frozenset(et for t in TOPICS if t.producer != "flash" for et in t.event_types)
+
+
+def event_schema(event_type: str) -> dict[str, Any]:
+    """The JSON Schema (2020-12) of one event type, ``event_type`` required and constant."""
+    model = EVENT_TYPES[event_type]
+    mode: JsonSchemaMode = "validation" if event_type in externally_produced() else "serialization"
+    schema = model.model_json_schema(by_alias=True, mode=mode)
+    schema["$schema"] = JSON_SCHEMA_DIALECT
+    schema["$id"] = f"https://flash-connect.dev/schemas/events/{event_type}.v1.json"
+    schema["properties"]["event_type"] = {
+        "const": event_type, "type": "string", "title": "Event Type",
+        "description": "What happened; selects this schema. Also in the message header event_type.",
+    }
+    required = schema.setdefault("required", [])
+    if "event_type" not in required:
+        required.insert(0, "event_type")
+    return schema
 
 
 def generate() -> dict[str, str]:
     """Relative path → file content for every generated artefact."""
     files: dict[str, str] = {}
-    for event_type, model in sorted(EVENT_TYPES.items()):
-        schema = model.model_json_schema(by_alias=True, mode="serialization")
-        schema["$id"] = f"https://flash-connect.dev/schemas/events/{event_type}.v1.json"
+    for event_type in sorted(EVENT_TYPES):
+        schema = event_schema(event_type)
         files[f"events/{event_type}.v1.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     topics = {
         "topics": [
@@ -36,6 +64,9 @@ def generate() -> dict[str, str]:
                 "partitions": t.partitions,
                 "retention_ms": t.retention_ms,
                 "dlq": t.dlq,
+                "replication_factor": t.replication_factor,
+                "min_insync_replicas": t.min_insync_replicas,
+                "producer": t.producer,
             }
             for t in TOPICS
         ]

@@ -11,6 +11,7 @@ __all__ = [
     "CANONICAL_RETURN",
     "MEMBERS",
     "POINTS_LEDGER",
+    "POINTS_MEMBER_LEDGER",
     "RESOLVED_ORDER",
     "RESOLVED_RETURN",
     "TOPICS",
@@ -29,6 +30,14 @@ class TopicSpec:
     retention_ms: int
     dlq: str | None = None
     """Dead-letter topic of the consumer that reads this topic in the pipe, if any."""
+    replication_factor: int = 3
+    """Copies of each partition on a real cluster (FLASH_KAFKA_REPLICATION_FACTOR overrides; the embedded
+    single-node broker gets 1)."""
+    min_insync_replicas: int = 2
+    """Replicas that must have a write before an acks=all produce succeeds (FLASH_KAFKA_MIN_INSYNC_REPLICAS
+    overrides); with replication 3 one broker may be down without stopping writes."""
+    producer: str = "flash"
+    """Who writes the topic: ``flash`` (a service of this platform) or an outside system (``loyalty-core``)."""
 
 
 _DAY = 24 * 3600 * 1000
@@ -52,6 +61,8 @@ MEMBERS = "loyalty.member.v1"
 RESOLVED_ORDER = "resolved.order.v1"
 RESOLVED_RETURN = "resolved.return.v1"
 POINTS_LEDGER = "points.ledger.v1"
+POINTS_MEMBER_LEDGER = "points.member-ledger.v1"
+"""The ledger again, keyed by member: one member's entries in one partition, in member_sequence order."""
 
 RAW_ENTITIES: dict[str, tuple[str, ...]] = {
     "dynamics-ce": (
@@ -89,11 +100,13 @@ TOPICS: tuple[TopicSpec, ...] = (
               _ORDER_KEY, 4, 30 * _DAY, dlq("resolver")),
     TopicSpec(CANONICAL_RETURN, ("return.upserted", "return.deleted"), _ORDER_KEY, 4, 30 * _DAY,
               dlq("resolver")),
-    TopicSpec(MEMBERS, ("member.upserted",), "tenant_id:member_id", 4, 30 * _DAY, dlq("resolver")),
+    TopicSpec(MEMBERS, ("member.upserted",), "tenant_id:member_id", 4, 30 * _DAY, dlq("resolver"),
+              producer="loyalty-core"),
     TopicSpec(RESOLVED_ORDER, ("order.resolved", "order.line_upserted", "order.line_deleted", "order.deleted"),
               _ORDER_KEY, 4, 30 * _DAY, dlq("points")),
     TopicSpec(RESOLVED_RETURN, ("return.resolved", "return.deleted"), _ORDER_KEY, 4, 30 * _DAY, dlq("points")),
     TopicSpec(POINTS_LEDGER, ("points.ledger_entry",), _ORDER_KEY, 4, 365 * _DAY),
+    TopicSpec(POINTS_MEMBER_LEDGER, ("points.ledger_entry",), "tenant_id:member_id", 4, 365 * _DAY),
     *(
         TopicSpec(dlq(c), ("<any, unchanged>",), "unchanged", 1, 30 * _DAY)
         for c in ("normalizer", "resolver", "points", "ce-poller", "fo-poller", "sf-poller", "cdc-listener")

@@ -5,7 +5,8 @@ Public API (import from the submodules named; everything listed is stable for co
 ``connectorkit.protocol``
     ``Connector`` protocol (``source``, ``producer``, ``parse(conn) -> config``, ``streams(config)``,
     ``await verify(config, settings) -> VerifyReport``, ``await sample(config, settings, limit=) ->
-    {stream: [RawRecord]}`` (moves no cursor), ``await refetch(config, settings, Refetch) -> [OutMessage]``);
+    Sample`` (a mapping {stream: [RawRecord]} plus ``.letters``; moves no cursor), ``await refetch(config,
+    settings, Refetch) -> [OutMessage]``);
     ``SettingError(connection_id, setting, problem, expected)`` (a ConfigError naming the setting and what to
     put); ``Check`` / ``VerifyReport`` (one line per check with its fix; ``.ok``, ``.lines()``,
     ``.summary()``, ``.as_json()``); ``Stream``.
@@ -22,6 +23,10 @@ Public API (import from the submodules named; everything listed is stable for co
     bodies), ``TokenSource`` / ``StaticTokenSource``, ``QuotaGovernor`` / ``NoQuota`` /
     ``shared_governor(key, factory)`` (one governor per credential, shared by every connection using it),
     ``Response``.
+``connectorkit.entra``
+    ``MsalTokenSource(authority=, client_id=, client_secret=, scope=, ca_bundle=)`` (Entra client-credentials
+    tokens, a TokenSource; its session never follows a redirect) and ``ENTRA_ERRORS`` (AADSTS codes -> what
+    to fix), for every Microsoft connector (Dataverse, Finance & Operations).
 ``connectorkit.cursors``
     ``Checkpoint[Model]`` (typed cursor: ``load`` / ``observe`` / ``checkpoint`` after the broker's ack),
     ``publish_then_checkpoint``, ``PgCursorStore`` (db outages -> InfrastructureUnavailable),
@@ -40,7 +45,8 @@ Public API (import from the submodules named; everything listed is stable for co
 ``connectorkit.registry``
     entry point groups ``flash_connect.connectors`` (source -> connector factory), ``flash_connect.sandboxes``
     (demo simulators), ``flash_connect.previews`` (dry-run stages); ``load_connector``, ``connector_sources``,
-    ``load_sandboxes``, ``load_preview``.
+    ``load_sandboxes``, ``load_preview``; ``validate_connection(conn)`` (endpoint policy + the connector's
+    parse: what must hold before a connection is stored, for the CLI and the HTTP API alike).
 ``connectorkit.dryrun``
     ``dry_run(connector, conn, settings, pool, limit=)``: sample -> normalize -> resolve -> points, read-only,
     and its report; the stage protocols ``NormalizeStage``, ``ResolveStage`` (``Resolution``),

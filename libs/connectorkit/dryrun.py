@@ -6,7 +6,8 @@
 - records per stream, canonical events per topic;
 - member match rate over orders and returns, with samples of unresolved ones and why;
 - points that would be earned and clawed back / voided, with samples;
-- what would be dead-lettered, and why (the mapping's reasons).
+- what would be dead-lettered, and why (the connector's own letters from ``Sample.letters``, the mapping's
+  reasons, the points rules' rejections).
 
 Stages are found through the registry (entry point group ``flash_connect.previews``: ``normalize``,
 ``resolve``, ``points``); a missing stage is reported as skipped. Database reads run inside one
@@ -101,7 +102,11 @@ async def dry_run(
                    else "skipped"},
         "records": {stream: len(items) for stream, items in records.items()},
     }
-    dead: list[dict[str, Any]] = []
+    dead: list[dict[str, Any]] = [
+        {"stream": letter.refetch.stream, "source_id": letter.refetch.source_id, "stage": "connector",
+         "reason": str(letter.error)}
+        for letter in getattr(records, "letters", [])  # a connector's Sample carries them
+    ]
     events: list[Envelope] = []
     per_topic: Counter[str] = Counter()
     if normalize is not None:

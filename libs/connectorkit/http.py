@@ -4,7 +4,8 @@
 every request:
 
 1. **Host pinning** (:class:`~connectorkit.endpoints.HostPin`): the URL (configured, or absolute from the
-   vendor: a nextLink, an instance URL) is checked BEFORE a credential is attached. Redirects are never
+   vendor: a nextLink, an instance URL) is checked BEFORE a credential is attached, and the first request
+   to a host checks its addresses (``check_resolved``: no private / loopback / link-local address). Redirects are never
    followed by httpx; a redirect to the same pinned host is followed (at most ``max_redirects``), one to any
    other host is refused. :meth:`VendorClient.token_post` (a token request carrying a secret) never
    follows a redirect at all.
@@ -40,7 +41,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from connectorkit.endpoints import EndpointRefused, HostPin
+from connectorkit.endpoints import EndpointRefused, HostPin, check_resolved
 from servicekit import metrics
 from servicekit.errors import ConfigError, FlashError, Poison, Transient
 from servicekit.logging import get_logger
@@ -348,6 +349,20 @@ class VendorClient:
     error_parser: ErrorParser = parse_error_body
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     requests: int = 0
+    source: str = ""
+    """The ``source`` label of ``flash_source_requests_total`` (the connection's source, e.g. ``dynamics-ce``);
+    empty: the vendor name."""
+    check_addresses: bool = True
+    """Resolve each new host and refuse private addresses (off only in unit tests without sockets)."""
+    _resolved: set[str] = field(default_factory=set, init=False, repr=False)
+
+    async def _check_host(self, url: str, *, what: str) -> None:
+        """Pinned host (every request) and, on the first request to a host, its addresses (no private,
+        loopback or link-local address unless the simulators are allowed)."""
+        host = self.pin.check(url, what=what)
+        if self.check_addresses and host not in self._resolved:
+            await check_resolved(host, setting=what, allow_sandbox=self.pin.allow_sandbox)
+            self._resolved.add(host)
 
     def url(self, path_or_url: str) -> str:
         if path_or_url.startswith(("https://", "http://")):
@@ -408,14 +423,14 @@ class VendorClient:
     async def token_post(self, url: str, form: Mapping[str, str], *, what: str = "token request") -> dict[str, Any]:
         """POST a token request (it carries a secret): pinned host, no redirect ever followed, no retry on a
         refusal; transport errors and 5xx are Transient. Returns the JSON body."""
-        self.pin.check(url, what=what)
+        await self._check_host(url, what=what)
         try:
             resp = await self.http.post(url, data=dict(form), headers={"Accept": "application/json"},
                                         follow_redirects=False)
         except httpx.TransportError as exc:
             raise Transient(f"{what}: cannot reach {urllib.parse.urlsplit(url).hostname}: "
                             f"{type(exc).__name__}: {scrub(str(exc))}") from exc
-        metrics.SOURCE_REQUESTS.labels(self.vendor, str(resp.status_code)).inc()
+        metrics.SOURCE_REQUESTS.labels(self.source or self.vendor, str(resp.status_code)).inc()
         if 300 <= resp.status_code < 400:
             raise EndpointRefused(f"{what}: the token endpoint answered a redirect ({resp.status_code} to "
                                   f"{scrub(resp.headers.get('location', '?'), limit=120)}); a request carrying a "
@@ -449,7 +464,7 @@ class VendorClient:
         redirects = 0
         while True:
             attempt += 1
-            self.pin.check(url, what=what)  # before any credential is attached
+            await self._check_host(url, what=what)  # before any credential is attached
             hdrs = {**self.default_headers, **(headers or {})}
             if self.tokens is not None:
                 hdrs["Authorization"] = f"Bearer {await self.tokens.token()}"
@@ -465,20 +480,20 @@ class VendorClient:
                         status = resp.status_code
                         if status < 300:
                             self.governor.observe(resp.headers)
-                            metrics.SOURCE_REQUESTS.labels(self.vendor, str(status)).inc()
+                            metrics.SOURCE_REQUESTS.labels(self.source or self.vendor, str(status)).inc()
                             await on_success(resp)
                             return
                         await resp.aread()  # error and redirect bodies are small
                     finally:
                         await resp.aclose()
             except httpx.TransportError as exc:
-                metrics.SOURCE_REQUESTS.labels(self.vendor, "network").inc()
+                metrics.SOURCE_REQUESTS.labels(self.source or self.vendor, "network").inc()
                 host = urllib.parse.urlsplit(url).hostname
                 err = Transient(f"{what}: cannot reach {host}: {type(exc).__name__}: {scrub(str(exc))}")
                 if not safe and not isinstance(exc, httpx.ConnectError):
                     raise err from exc  # the request may have been applied: never repeat it blindly
             else:
-                metrics.SOURCE_REQUESTS.labels(self.vendor, str(status)).inc()
+                metrics.SOURCE_REQUESTS.labels(self.source or self.vendor, str(status)).inc()
                 self.governor.observe(resp.headers)
                 if 300 <= status < 400 and "location" in resp.headers:
                     url = self._follow(url, resp.headers["location"], what=what)

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from canonical.events import RawRecord
-from connectorkit.deadletters import Refetch
+from connectorkit.deadletters import Refetch, SourceLetter
 from servicekit.connections import Connection
 from servicekit.errors import ConfigError
 from servicekit.kafka import OutMessage
 from servicekit.settings import FlashSettings
 
-__all__ = ["Check", "Connector", "SettingError", "Stream", "VerifyReport"]
+__all__ = ["Check", "Connector", "Sample", "SettingError", "Stream", "VerifyReport"]
 
 ConfigT = TypeVar("ConfigT")
 
@@ -104,6 +104,16 @@ class VerifyReport:
 
     def as_json(self) -> dict[str, Any]:
         return {"connection_id": self.connection_id, "ok": self.ok, "checks": self.lines(), **self.info}
+
+
+class Sample(dict[str, list[RawRecord]]):
+    """What ``sample`` returns: raw records per stream (a plain mapping), plus ``letters``: the rows of the
+    sample the connector would dead-letter (with why), so a dry-run can report them."""
+
+    def __init__(self, records: Mapping[str, list[RawRecord]] | None = None,
+                 letters: list[SourceLetter] | None = None) -> None:
+        super().__init__(records or {})
+        self.letters: list[SourceLetter] = list(letters or [])
 
 
 class Connector(Protocol[ConfigT]):

@@ -23,6 +23,7 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from servicekit.connections import Connection
 from servicekit.errors import ConfigError
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "load_connector",
     "load_preview",
     "load_sandboxes",
+    "validate_connection",
 ]
 
 CONNECTORS_GROUP = "flash_connect.connectors"
@@ -84,3 +86,19 @@ def load_preview(name: str) -> Any | None:
         return ep.load()
     except ImportError:
         return None
+
+
+def validate_connection(conn: Connection) -> Any | None:
+    """What must hold before a connection is stored (``flash connections add``, the HTTP API): its endpoint
+    passes the endpoint policy (``connectorkit.endpoints.check_endpoint``: https, the vendor's documented
+    hosts, no IP or private address) and, when the source has a registered connector, that connector parses
+    every setting. Raises a ConfigError saying which setting and what to put; returns the connector (None
+    when the source has none registered)."""
+    from connectorkit.endpoints import check_endpoint
+
+    check_endpoint(conn.endpoint, kinds=[conn.source], setting="endpoint")
+    if conn.source not in connector_sources():
+        return None
+    connector = load_connector(conn.source)
+    connector.parse(conn)
+    return connector

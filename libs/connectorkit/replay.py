@@ -16,6 +16,8 @@ from typing import Any
 from connectorkit.deadletters import refetch_of
 from connectorkit.registry import load_connector
 from servicekit.connections import Connection
+from servicekit.dlq import LEGACY_SOURCE_HEADER
+from servicekit.errors import Poison
 from servicekit.kafka import OutMessage
 from servicekit.settings import FlashSettings
 
@@ -30,8 +32,12 @@ def source_rewriter(
     """The ``rewrite`` hook of ``servicekit.dlq.replay`` for source letters (see the module docstring)."""
 
     async def rewrite(row: Mapping[str, Any]) -> Sequence[OutMessage] | None:
-        ref = refetch_of(row.get("headers"))
+        headers = row.get("headers") or []
+        ref = refetch_of(headers)
         if ref is None:
+            if any(h[0] == LEGACY_SOURCE_HEADER for h in headers):
+                raise Poison("a source dead letter written before the connector kit carries no re-fetch locator: fix "
+                             "the record at the source (change tracking then delivers it) and leave this letter")
             return None
         connector = load_connector(ref.source)
         conn = await load_connection(ref.tenant_id, ref.connection_id)

@@ -18,6 +18,7 @@ import asyncpg
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from servicekit.errors import ConfigError
+from servicekit.leases import current_lease, fenced_cursor_clear, fenced_cursor_save
 from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings
 
@@ -214,6 +215,12 @@ class PgCursorStore:
         return dict(json.loads(raw) if isinstance(raw, str) else raw)
 
     async def save(self, tenant_id: str, connection_id: str, entity: str, cursor: dict[str, Any]) -> None:
+        # Under a lease (servicekit.leases: a poller copy owns this connection) the write is fenced: a copy
+        # that lost the lease gets LeaseLost instead of moving the cursor.
+        lease = current_lease()
+        if lease is not None and (lease.tenant_id, lease.connection_id) == (tenant_id, connection_id):
+            await fenced_cursor_save(self.pool, lease, entity, cursor)
+            return
         await self.pool.execute(
             """INSERT INTO cursors (tenant_id, connection_id, entity, cursor) VALUES ($1, $2, $3, $4::jsonb)
                ON CONFLICT (tenant_id, connection_id, entity)
@@ -222,6 +229,10 @@ class PgCursorStore:
         )
 
     async def clear(self, tenant_id: str, connection_id: str, entity: str) -> None:
+        lease = current_lease()
+        if lease is not None and (lease.tenant_id, lease.connection_id) == (tenant_id, connection_id):
+            await fenced_cursor_clear(self.pool, lease, entity)
+            return
         await self.pool.execute(
             "DELETE FROM cursors WHERE tenant_id = $1 AND connection_id = $2 AND entity = $3",
             tenant_id, connection_id, entity,

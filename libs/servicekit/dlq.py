@@ -25,6 +25,8 @@ __all__ = ["REFETCH_HEADER", "DlqFilter", "Rewrite", "depth", "list_letters", "r
 
 REFETCH_HEADER = "x-flash-refetch"
 """Marks a source dead letter: its body describes where to re-fetch the record (connectorkit.deadletters)."""
+LEGACY_SOURCE_HEADER = "x-flash-source-url"
+"""Marked source dead letters written before the connector kit (CE poller): also never re-sent as they are."""
 
 Rewrite = Callable[[Mapping[str, Any]], Awaitable[Sequence[OutMessage] | None]]
 """Replaces what a replay publishes for one letter row (None: the letter unchanged)."""
@@ -149,7 +151,7 @@ async def replay(
                     headers = _headers_from_json(r["headers"])
                     marks = [("x-flash-replay-of", str(r["id"]).encode()),
                              ("x-flash-replay-id", str(replay_id).encode())]
-                    is_source = any(k == REFETCH_HEADER for k, _ in headers)
+                    is_source = any(k in (REFETCH_HEADER, LEGACY_SOURCE_HEADER) for k, _ in headers)
                     fresh: Sequence[OutMessage] | None = None
                     if rewrite is not None:
                         try:

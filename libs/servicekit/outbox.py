@@ -28,7 +28,7 @@ __all__ = [
 
 
 def message_headers(event: Envelope) -> Headers:
-    """Headers repeating tenant and correlation ids for tooling (DESIGN.md, Contracts)."""
+    """Headers on every message (docs/events.md, "Headers"): tenant, correlation, event type and event ids."""
     return [
         ("tenant_id", event.tenant_id.encode()),
         ("correlation_id", event.correlation_id.encode()),

@@ -25,7 +25,7 @@ from servicekit.consumer import PipeConsumer, prune_processed
 from servicekit.db import CORE_MIGRATIONS, Migrations, create_pool, migrate
 from servicekit.embedded import EmbeddedKafka, resolve_database_url
 from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable, classify
-from servicekit.kafka import KafkaPublisher, ensure_topics, make_broker
+from servicekit.kafka import KafkaPublisher, KafkaSecurity, ensure_topics, kafka_security, make_broker
 from servicekit.logging import bind, get_logger
 from servicekit.retention import prune_platform_tables
 from servicekit.settings import FlashSettings
@@ -42,6 +42,13 @@ T = TypeVar("T")
 STARTUP_WAIT_S = 120.0
 """How long a starting service waits for its database and broker (a restart during an outage) before it
 stops with an error."""
+TASK_GRACE_S = 8.0
+"""On stop, how long background tasks get to finish their cycle before they are cancelled."""
+DRAIN_S = 10.0
+"""On stop, how long consumers get to finish the batches already taken (commit, publish, offsets)."""
+SHUTDOWN_BOUND_S = 30.0
+"""Documented bound (README, deploy/k8s terminationGracePeriodSeconds) from SIGTERM/SIGINT to exit:
+TASK_GRACE_S + DRAIN_S + closing the broker and database connections."""
 
 
 @dataclass
@@ -53,6 +60,10 @@ class Infra:
     pool: asyncpg.Pool
     publisher: KafkaPublisher
     database_url: str = ""
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    """SASL/TLS of every Kafka client of this process (from the FLASH_KAFKA_* settings)."""
+    embedded_kafka: bool = False
+    """The broker is the embedded single-node one this process started (topics get replication 1)."""
     embedded: EmbeddedKafka | None = None
     """The broker child process this process started (no FLASH_KAFKA_BOOTSTRAP); watched while services run."""
 
@@ -78,6 +89,7 @@ async def open_infra(
     settings.apply_limits()
     embedded: EmbeddedKafka | None = None
     bootstrap = settings.kafka_bootstrap
+    security = kafka_security(settings)
     if not bootstrap:
         embedded = EmbeddedKafka()
         bootstrap = await embedded.start()
@@ -90,10 +102,11 @@ async def open_infra(
                                "PostgreSQL")
         await _until_up(lambda: migrate(pool, [CORE_MIGRATIONS, *migrations]), deadline, "PostgreSQL")
         if create_topics:
-            await _until_up(lambda: ensure_topics(bootstrap, settings), deadline, "the Kafka broker")
+            await _until_up(lambda: ensure_topics(bootstrap, settings, embedded=embedded is not None), deadline,
+                            "the Kafka broker")
 
         async def start_publisher() -> KafkaPublisher:
-            p = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash")
+            p = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash", security=security)
             try:
                 await p.start()
             except BaseException:
@@ -106,7 +119,7 @@ async def open_infra(
         # The settings handed on name what was resolved, so whoever runs services with them reuses this
         # broker and database instead of starting another embedded one.
         resolved = settings.model_copy(update={"kafka_bootstrap": bootstrap, "database_url": dsn})
-        yield Infra(resolved, bootstrap, pool, publisher, dsn, embedded)
+        yield Infra(resolved, bootstrap, pool, publisher, dsn, security, embedded is not None, embedded)
     finally:
         if publisher:
             await publisher.stop()
@@ -228,7 +241,7 @@ def build_app(
 def _wire(
     services: Sequence[Service], infra: Infra, on_fatal: Callable[[BaseException], None] | None
 ) -> tuple[FastStream, KafkaBroker, list[PipeConsumer[Any]]]:
-    broker = make_broker(infra.bootstrap)
+    broker = make_broker(infra.bootstrap, infra.security)
     fatal = on_fatal or (lambda exc: None)
     consumers: list[PipeConsumer[Any]] = []
     # Copies of a consumer share its group and split its partitions; in one process they overlap each
@@ -272,7 +285,8 @@ async def run_services(
             infra = await stack.enter_async_context(open_infra(settings, migrations=migrations,
                                                                wait_s=STARTUP_WAIT_S))
         if any(s.extra_topics for s in services):
-            await ensure_topics(infra.bootstrap, settings, (), extra=[t for s in services for t in s.extra_topics])
+            await ensure_topics(infra.bootstrap, settings, (), extra=[t for s in services for t in s.extra_topics],
+                                embedded=infra.embedded_kafka)
         _, broker, consumers = _wire(services, infra, on_fatal)
         await broker.start()
         tasks = [asyncio.ensure_future(t) for s in services for t in s.tasks(infra, stop)]
@@ -298,6 +312,11 @@ async def run_services(
                 await on_ready(infra)
             await stop.wait()
         finally:
+            # Background tasks (pollers, listeners) watch ``stop``: they get TASK_GRACE_S to finish the cycle
+            # in hand (publish, checkpoint, release their leases), then are cancelled (a cancelled cycle
+            # re-reads from its last checkpoint at the next start, nothing is lost).
+            if tasks and stop.is_set():
+                await asyncio.wait(tasks, timeout=TASK_GRACE_S)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -307,7 +326,7 @@ async def run_services(
             # next start (as after a kill).
             for c in consumers:
                 c.close()
-            await asyncio.gather(*(c.drain(timeout=10) for c in consumers), return_exceptions=True)
+            await asyncio.gather(*(c.drain(timeout=DRAIN_S) for c in consumers), return_exceptions=True)
             await broker.stop()
     if fatal:
         log.critical("stopped on error", error=str(fatal[0]))

@@ -94,7 +94,46 @@ class FlashSettings(BaseSettings):
         default=365, ge=0, description="Days a dlq_replays audit row is kept; 0 keeps them forever."
     )
     metrics_port: int | None = Field(default=None, description="Expose Prometheus metrics on this port.")
+    allow_sandbox_endpoints: bool = Field(
+        default=False,
+        description="Connections may name simulators (http, loopback, private hosts). Read from the same "
+        "variable by connectorkit.endpoints.sandbox_endpoints_allowed(); never set it in production.",
+    )
     instance_id: str | None = Field(default=None, description="Name of this process in logs and metrics.")
+
+    # --- Kafka on a real cluster (security, replication); see servicekit.kafka.kafka_security ---------------
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = Field(
+        default=None,
+        description="Kafka security protocol. Unset: SASL_SSL when a SASL mechanism is set, SSL when a CA or "
+        "client certificate is set, else PLAINTEXT.",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        default=None, description="SASL mechanism; unset means no SASL."
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user (PLAIN, SCRAM).")
+    kafka_sasl_password: SecretStr | None = Field(default=None, description="SASL password (PLAIN, SCRAM).")
+    kafka_sasl_oauth_token_url: str | None = Field(
+        default=None, description="OAUTHBEARER: OAuth 2.0 token endpoint (client-credentials grant)."
+    )
+    kafka_sasl_oauth_client_id: str | None = Field(default=None, description="OAUTHBEARER: client id.")
+    kafka_sasl_oauth_client_secret: SecretStr | None = Field(default=None, description="OAUTHBEARER: client secret.")
+    kafka_sasl_oauth_scope: str | None = Field(default=None, description="OAUTHBEARER: scope to request, if any.")
+    kafka_ssl_ca_file: Path | None = Field(
+        default=None, description="PEM file of the CA(s) that signed the brokers' certificates (unset: system CAs)."
+    )
+    kafka_ssl_cert_file: Path | None = Field(default=None, description="PEM client certificate (mutual TLS).")
+    kafka_ssl_key_file: Path | None = Field(default=None, description="PEM private key of the client certificate.")
+    kafka_ssl_key_password: SecretStr | None = Field(default=None, description="Password of the private key, if any.")
+    kafka_replication_factor: int | None = Field(
+        default=None, ge=1,
+        description="Replication factor of every topic created. Unset: each topic's value in schemas/topics.yaml "
+        "(1 on the embedded single-node broker).",
+    )
+    kafka_min_insync_replicas: int | None = Field(
+        default=None, ge=1,
+        description="min.insync.replicas of every topic created. Unset: each topic's value in schemas/topics.yaml, "
+        "at most its replication factor.",
+    )
 
     def apply_limits(self) -> None:
         """Make the canonical plausibility limits of this process the configured ones."""

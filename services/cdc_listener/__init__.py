@@ -1,6 +1,5 @@
-"""Salesforce Change Data Capture listener (``python -m cdc_listener``).
+"""Salesforce Change Data Capture listener (``python -m cdc_listener``): its own service.
 
-The implementation lives in :mod:`sf_poller.cdc`: it shares the poller's HTTP client, quota governor and SOQL
-reconcile code, and services must not import each other, so both services are defined in one package and
-this one only re-exports the listener's ``SERVICE``.
+It shares the connection settings, HTTP client and SOQL reads with the poller through :mod:`sfconnect`, never
+by importing ``sf_poller`` (services never import each other).
 """

@@ -27,8 +27,9 @@ registration bound to an application user with organisation-level Read on the ta
 ``status_overrides``       ``{"<salesorder statuscode>": "awardable" | "pending" | "cancelled"}`` for
                            organisation-defined status reasons (unknown ones follow their statecode).
 ``return_source``          ``{"kind": "msdyn_rma"}`` (default; Field Service RMAs, original order number in
-                           ``msdyn_referencenumber``, amounts from ``msdyn_rmaproducts``),
-                           ``{"kind": "msdyn_rma", "order_number_field": ..., "credited_only": true}``,
+                           ``msdyn_referenceno``, amount ``msdyn_totalamount``, products ``msdyn_rmaproducts``),
+                           ``{"kind": "msdyn_rma", "order_number_field": ..., "customer_field": ...,
+                           "credited_only": true}``,
                            ``{"kind": "custom", "entity_set": "new_returns", "entity": "new_return",
                            "fields": {"id": ..., "number": ..., "order_number": ..., "order_id": ...,
                            "amount": ..., "status": ..., "customer": ...},
@@ -52,8 +53,10 @@ Currency: Dataverse rows carry only ``_transactioncurrencyid_value``. The poller
 ``"_transactioncurrencyid_value@flash.isocurrencycode": "EUR"`` (inserted first; the rest of the text is
 untouched), so the normalizer stays a pure function of the payload.
 
-Returns (``msdyn_rma``): an RMA's amounts live on its products, which change tracking delivers separately;
+Returns (``msdyn_rma``): an RMA's total is on its row (``msdyn_totalamount``), but which products are credited
+lives on its products, which change tracking delivers separately;
 the poller tracks both tables and publishes, for each RMA touched, the RMA row with its products under
-``"msdyn_rmaproducts"`` (the shape ``$expand`` would give) and the original order's ``salesorderid``
+``"msdyn_rmaproducts"`` (a Flash name, not the vendor's: ``$expand`` would name the collection
+``msdyn_msdyn_rma_msdyn_rmaproduct_RMA``, docs/vendor-facts.md) and the original order's ``salesorderid``
 (looked up by order number) as ``order_source_id``.
 """

@@ -10,8 +10,9 @@
    access to this environment (500011), each with what to fix;
 3. ``application user``: ``WhoAmI`` answers -- else no application user for the app in this environment
    (403 0x80072560), or API access blocked for the app id (403 0x80095ffc);
-4. ``read <table>``: one row of each synced table with the connector's own column list -- else the missing
-   privilege (``prvRead<Table>``) or a column this environment lacks;
+4. ``read <table>``: the currency and organization tables every cycle reads, then one row of each synced
+   table with the connector's own column list -- else the missing privilege (``prvRead<Table>``) or a column
+   this environment lacks;
 5. ``change tracking``: every synced table has change tracking enabled (``EntityDefinitions``).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -35,7 +36,7 @@ from ce_poller.streams import RETURNS_TOPIC_ENTITY, ConnectionSync, EntityResult
 from connectorkit.deadletters import FakeSourceDeadLetters, Refetch
 from connectorkit.endpoints import EndpointRefused, HostPin, check_resolved
 from connectorkit.http import scrub
-from connectorkit.protocol import Stream, VerifyReport
+from connectorkit.protocol import Sample, Stream, VerifyReport
 from servicekit.connections import Connection, FakeCursorStore
 from servicekit.errors import ConfigError, FlashError, Poison, Transient
 from servicekit.kafka import OutMessage
@@ -114,6 +115,15 @@ class CeConnector:
             except FlashError as exc:
                 report.add("application user", False, scrub(str(exc), limit=600))
                 return report
+            # What every poll cycle reads besides the synced tables: currencies (ISO codes) and the org's
+            # change-tracking retention.
+            for logical, url in (("transactioncurrency", "transactioncurrencies?$select=isocurrencycode&$top=1"),
+                                 ("organization", "organizations?$select=expirechangetrackingindays")):
+                try:
+                    await client.get(url, prefer="odata.maxpagesize=1", what=f"read {logical}")
+                    report.add(f"read {logical}", True, "readable (the poller reads it every cycle)")
+                except FlashError as exc:
+                    report.add(f"read {logical}", False, scrub(str(exc), limit=600))
             for spec in cc.entities:
                 url = f"{spec.entity_set}?$select={','.join(spec.select)}&$top=1"
                 try:
@@ -146,12 +156,12 @@ class CeConnector:
 
     # ------------------------------------------------------------------------------------------ sample
 
-    async def sample(self, config: CeConnection, settings: FlashSettings, *,
-                     limit: int) -> Mapping[str, list[RawRecord]]:
-        """Up to ``limit`` rows per published table, built exactly as the poller builds them; no cursor."""
+    async def sample(self, config: CeConnection, settings: FlashSettings, *, limit: int) -> Sample:
+        """Up to ``limit`` rows per published table, built exactly as the poller builds them (rows it would
+        dead-letter in ``Sample.letters``); no cursor moves, nothing is published."""
         cc = config
         limit = max(1, min(int(limit), 5000))
-        out: dict[str, list[RawRecord]] = {}
+        out = Sample()
         async with http_client(cc) as http:
             sync, pub = self._scratch_sync(cc, http, settings)
             await sync.load_currencies()
@@ -165,6 +175,9 @@ class CeConnector:
                 await sync._publish_page(spec, one_page, 1, EntityResult(spec.logical))
                 out[spec.logical] = [RawRecord.model_validate_json(m.value) for m in pub.messages]
                 pub.messages.clear()
+            letters = sync.dead_letters
+            if isinstance(letters, FakeSourceDeadLetters):
+                out.letters = list(letters.letters)
         return out
 
     def _scratch_sync(self, cc: CeConnection, http: httpx.AsyncClient,
@@ -180,7 +193,9 @@ class CeConnector:
         """The fresh raw record(s) of a dead-lettered row: GET ``<entity_set>(<key>)`` again.
 
         Raises Poison (the letter stays pending) when the row is still undeliverable or has no key;
-        returns [] when the row no longer exists (its delete arrives through change tracking).
+        returns [] when the row no longer exists (its delete arrives through change tracking). The fix at the
+        source is itself a change, so the next poll delivers the same version again (same event id, landing
+        once) and records the row in ``ce_known_keys``; the replay writes no poller state.
         """
         cc = config
         key = ref.locator.get("key")

@@ -11,14 +11,17 @@ only after the page it covers was acknowledged by the broker)::
   acknowledged page the nextLink is the checkpoint, so a crash resumes at that page, not at zero.
 * reread: after the first delta link, rows with ``modifiedon ge started_at`` (sync start minus a margin) are
   read again with a plain ``$filter`` query, so edits made during a long initial load are not lost
-  whichever way the server's tracking treats them. Re-read rows have the same ids downstream when unchanged.
+  whichever way the server's tracking treats them. A re-read row whose version was already published (its
+  version in ``ce_known_keys``, recorded after the broker's ack, in PostgreSQL: any process, any table size)
+  is not published again; a changed one is.
 * delta: ``GET <deltaLink>``; upserts, then ``$deletedEntity`` tombstones (published as ``op=delete``,
   order lines keyed by the order they belonged to, from the known-key table). The new delta link is saved
   after the whole delta was acknowledged (a crash re-reads it; duplicates collapse on event ids).
 * ExpiredVersionStamp (0x80044352): the generation is bumped and the initial load runs again; every row seen
   is stamped with the new generation, and the keys left on an older one are published as deletes (deletes
-  missed during the gap). Unchanged rows produce the same event ids, so nothing lands twice downstream.
-* A row that cannot be delivered (no key; an order line without its order) is dead-lettered on
+  missed during the gap). Rows whose version was already published are not sent again (only changed rows
+  are), and any that are re-sent produce the same event ids, so nothing lands twice downstream.
+* A row that cannot be delivered (no key; larger than ``max_record_bytes``) is dead-lettered on
   ``dlq.ce-poller.v1`` with a re-fetch locator (``ce_poller.records.source_letter``) before the cursor moves
   past its page; the stream goes on.
 * Before the organisation's ``expirechangetrackingindays`` closes on a stored delta link, the poller warns
@@ -100,6 +103,8 @@ class EntityResult:
     phase: str = ""
     resynced: bool = False
     dead_letters: int = 0
+    unchanged: int = 0
+    """Rows re-read (re-read window, resync) whose version was already published: not published again."""
 
 
 def _iso(t: dt.datetime) -> str:
@@ -246,7 +251,8 @@ class ConnectionSync:
                 prefer = f"odata.track-changes,odata.maxpagesize={self.conn.page_size},{self._ann()}"
                 delta_link: str | None = None
                 async for page in self._pages(url, prefer, spec.logical):
-                    await self._publish_page(spec, page, gen, res)  # returns after the broker's ack
+                    # A resync re-reads the whole table: what was published unchanged is not sent again.
+                    await self._publish_page(spec, page, gen, res, skip_published=bool(cur.resync))
                     if page.next_link:
                         cur = cur.model_copy(update={"next": page.next_link})
                         await cp.save(cur)
@@ -265,7 +271,7 @@ class ConnectionSync:
                 )
                 prefer = f"odata.maxpagesize={self.conn.page_size},{self._ann()}"
                 async for page in self._pages(url, prefer, spec.logical):
-                    await self._publish_page(spec, page, gen, res)
+                    await self._publish_page(spec, page, gen, res, skip_published=True)
                     if page.next_link:
                         cur = cur.model_copy(update={"next": page.next_link})
                         await cp.save(cur)
@@ -332,9 +338,16 @@ class ConnectionSync:
                            entity=entity, source_id=source_id, version=version, payload=payload, url=url, op=op,
                            order_source_id=order_source_id, observed_at=self.now(), topic_entity=topic_entity)
 
-    async def _publish_page(self, spec: EntitySpec, page: Page, gen: int, res: EntityResult) -> None:
+    async def _publish_page(self, spec: EntitySpec, page: Page, gen: int, res: EntityResult, *,
+                            skip_published: bool = False) -> None:
+        """Publish one page (returns after the broker's ack), dead-letter what cannot be delivered, record keys.
+
+        ``skip_published`` (re-read window, resync): rows whose version the known-key table says was already
+        published (recorded only after an ack) are not published again; their keys are still recorded.
+        """
         tenant, cid = self.conn.tenant_id, self.conn.connection_id
         msgs: list[OutMessage] = []
+        candidates: list[tuple[int, str, str]] = []
         known: list[KnownKey] = []
         deleted: list[tuple[str, str]] = []
         rows: list[tuple[str, dict[str, Any]]] = []
@@ -364,8 +377,15 @@ class ConnectionSync:
                 order_id = str(parent).lower() if spec.logical == "salesorderdetail" and parent else None
                 if is_custom:
                     order_id = str(parent).lower() if parent else None
+                candidates.append((len(msgs), sid, version))
                 msgs.append(self._message(spec.logical, sid, version, self._annotate(text, obj), page.url, "upsert",
                                           order_id, RETURNS_TOPIC_ENTITY if is_custom else None))
+        if skip_published and candidates:
+            seen = await self.keys.lookup(tenant, cid, spec.logical, [c[1] for c in candidates])
+            drop = {i for i, sid_, v in candidates if (k := seen.get(sid_)) is not None and k.version == v}
+            if drop:
+                msgs = [m for i, m in enumerate(msgs) if i not in drop]
+                res.unchanged += len(drop)
         prior = await self.keys.lookup(tenant, cid, spec.logical, [d for d, _ in deleted]) if deleted else {}
         if spec.logical == "msdyn_rma":
             built, rma_known = await self._assemble_rmas({str(o[spec.key]).lower(): (t, o) for t, o in rows}, set())
@@ -403,8 +423,11 @@ class ConnectionSync:
         """Why a row cannot be published (None: it can). Checked the same way on a dead-letter re-fetch."""
         if not obj.get(spec.key):
             return f"{spec.entity_set} row without its key {spec.key}; it cannot be keyed or re-fetched"
+        limit = self.conn.max_record_bytes
+        if len(text) * 4 <= limit:  # UTF-8 takes at most 4 bytes a character: no need to encode the row
+            return None
         size = len(text.encode())
-        if size > self.conn.max_record_bytes:
+        if size > limit:
             longest = max(((k, len(str(v))) for k, v in obj.items()), key=lambda kv: kv[1], default=("?", 0))
             return (f"{spec.entity_set}({obj.get(spec.key)}) is {size} bytes, over settings.max_record_bytes "
                     f"({self.conn.max_record_bytes}); its longest column is {longest[0]} ({longest[1]} characters): "
@@ -457,7 +480,7 @@ class ConnectionSync:
         tenant, cid = self.conn.tenant_id, self.conn.connection_id
         rma_spec = self.conn.spec("msdyn_rma")
         prod_spec = self.conn.spec("msdyn_rmaproduct")
-        order_field = str(self.conn.return_source.get("order_number_field", "msdyn_referencenumber"))
+        order_field = str(self.conn.return_source.get("order_number_field", "msdyn_referenceno"))
         if headers is None:
             headers = {}
             if ids:

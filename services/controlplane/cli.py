@@ -19,15 +19,15 @@ from types import ModuleType
 from typing import Any
 
 from connectorkit.dryrun import dry_run as kit_dry_run
-from connectorkit.endpoints import check_endpoint
 from connectorkit.registry import connector_sources, load_connector
+from connectorkit.registry import validate_connection as kit_validate_connection
 from connectorkit.replay import source_rewriter
 from servicekit import dlq as dlq_ops
 from servicekit.cliutil import open_db, print_json, print_table
 from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
 from servicekit.db import Migrations
 from servicekit.errors import ConfigError, FlashError
-from servicekit.kafka import KafkaPublisher
+from servicekit.kafka import KafkaPublisher, kafka_security
 from servicekit.logging import configure_logging
 from servicekit.runtime import Service, run_loop, run_services
 from servicekit.settings import FlashSettings
@@ -113,6 +113,13 @@ def cmd_migrate(args: argparse.Namespace, settings: FlashSettings) -> int:
     async def go() -> None:
         async with open_db(settings, migrations):
             print("database is up to date")
+        if getattr(args, "topics", False):
+            if not settings.kafka_bootstrap:
+                raise ConfigError("--topics needs FLASH_KAFKA_BOOTSTRAP (the embedded broker creates its own topics)")
+            from servicekit.kafka import ensure_topics
+
+            await ensure_topics(settings.kafka_bootstrap, settings)
+            print("topics exist (partitions, replication factor and min.insync.replicas of schemas/topics.yaml)")
 
     asyncio.run(go())
     return 0
@@ -145,12 +152,10 @@ def _legacy_control(source: str) -> ModuleType:
 
 
 def validate_connection(conn: Connection) -> None:
-    """What ``connections add`` checks before storing: the endpoint policy (https, the vendor's hosts, no
-    private addresses; ``connectorkit.endpoints``), then the connector's own parse of every setting."""
-    check_endpoint(conn.endpoint, kinds=[conn.source], setting="--endpoint")
-    connector = _registered(conn.source)
-    if connector is not None:
-        connector.parse(conn)
+    """What ``connections add`` checks before storing (``connectorkit.registry.validate_connection``), and that
+    some connector of this build (registered, or a legacy module hook) can verify the source."""
+    if kit_validate_connection(conn) is None:
+        _legacy_control(conn.source)  # no connector for this source in this build: nothing could verify it
 
 
 def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
@@ -268,7 +273,7 @@ def cmd_dlq(args: argparse.Namespace, settings: FlashSettings) -> int:
                             "dlq replay needs the broker the services use: set FLASH_KAFKA_BOOTSTRAP to its "
                             "host:port (as for `flash run`); nothing was replayed"
                         )
-                    publisher = KafkaPublisher(settings.kafka_bootstrap)
+                    publisher = KafkaPublisher(settings.kafka_bootstrap, security=kafka_security(settings))
                     await publisher.start()
                     try:
                         audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=False,
@@ -359,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_services)
 
     p = sub.add_parser("migrate", help="apply every pending database migration")
+    p.add_argument("--topics", action="store_true",
+                   help="also create the missing topics on FLASH_KAFKA_BOOTSTRAP (partitions, replication factor, "
+                        "min.insync.replicas and retention of schemas/topics.yaml; FLASH_KAFKA_REPLICATION_FACTOR "
+                        "and FLASH_KAFKA_MIN_INSYNC_REPLICAS override)")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("connections", help="configure, verify, dry-run and go live with vendor connections")
@@ -370,7 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tenant", required=True)
     c.add_argument("--id", required=True)
     c.add_argument("--source", required=True, choices=["dynamics-ce", "dynamics-fo", "salesforce"])
-    c.add_argument("--endpoint", required=True, help="org URL (Dynamics) or My Domain URL (Salesforce)")
+    c.add_argument("--endpoint", required=True,
+                   help="org URL (Dynamics: https://<org>.crm[N].dynamics.com) or My Domain URL (Salesforce: "
+                   "https://<domain>.my.salesforce.com); https on the vendor's hosts only, checked before saving "
+                   "(simulators need FLASH_ALLOW_SANDBOX_ENDPOINTS=1)")
     c.add_argument("--credentials", required=True, help="JSON file or text; stored encrypted")
     c.add_argument("--settings", help="JSON file or text with connector settings")
     for action, text in (("show", "show one connection (credentials masked)"),

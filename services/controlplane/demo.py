@@ -175,6 +175,15 @@ async def _configure(infra: Infra, settings: FlashSettings, tenant: Tenant, conn
     say(f"    {tenant.connection_id} is live")
 
 
+def _say_attach(bootstrap: str, prefix: str) -> None:
+    """How a downstream consumer attaches to this run's topics (docs/events.md, "Attaching a consumer")."""
+    say(f"  Attach a consumer (topics are prefixed {prefix!r}; an embedded broker lives only while the demo runs):")
+    say(f"    .venv/bin/python examples/member_balances.py --bootstrap {bootstrap} --prefix {prefix}")
+    say(f"    .venv/bin/python examples/order_view.py --bootstrap {bootstrap} --prefix {prefix} --once")
+    say("    librdkafka on this broker: session.timeout.ms=6000 (the default 45 s makes each group join wait ~23 s),")
+    say("    enable.partition.eof=true (its high watermarks trail batched writes); topics and schemas: docs/events.md")
+
+
 def _preview_line(preview: dict[str, Any]) -> str:
     members = preview.get("members") or {}
     pts = preview.get("points") or {}
@@ -210,6 +219,7 @@ async def run_demo(settings: FlashSettings, args: argparse.Namespace) -> int:
             open_infra(settings, migrations=[m for s in services for m in s.migrations])
         )
         say(f"  Kafka {infra.bootstrap}   PostgreSQL {infra.database_url.rsplit('@', 1)[-1]}")
+        _say_attach(infra.bootstrap, settings.topic_prefix)
         say("\n3. Members, programs and connections")
         for tenant, conn in pairs:
             await _configure(infra, settings, tenant, conn)

@@ -1,7 +1,11 @@
 """``flash normalize FILE --source dynamics-ce --entity salesorder [--settings JSON]``.
 
 FILE holds a saved payload: a RawRecord message, one vendor record, or a collection response
-(``{"value": [...]}``, each row mapped). Prints one JSON line per canonical event (``{"topic", "event"}``) and
+(``{"value": [...]}``, each row mapped). With ``--source salesforce`` FILE may also be a SOQL query
+response (``{"records": [...]}``), one REST record, or a CDC message (or a list of them) as Salesforce sent
+it; ids, versions, ops and order keys are derived as the poller and CDC listener derive them
+(:func:`sfconnect.records.raw_record`, :func:`sfconnect.cdc.records_of_message`).
+Prints one JSON line per canonical event (``{"topic", "event"}``) and
 per dead-letter reason (``{"dead_letter": ...}``); exits 1 when any record would be dead-lettered.
 """
 
@@ -24,8 +28,10 @@ __all__ = ["cmd_normalize", "records_from_file", "register"]
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("normalize", help="run the normalizer on a saved vendor payload")
     p.add_argument("file", type=Path)
-    p.add_argument("--source", default="dynamics-ce")
-    p.add_argument("--entity", default=None, help="vendor entity (required unless FILE is a RawRecord)")
+    p.add_argument("--source", default="dynamics-ce", help="dynamics-ce (default) or salesforce: how ids, "
+                   "versions and ops are derived from a vendor payload (as the source's poller derives them)")
+    p.add_argument("--entity", default=None, help="vendor entity (required unless FILE is a RawRecord, or a "
+                   "Salesforce query response / record with attributes.type / CDC message, which name their object)")
     p.add_argument("--settings", default="{}", help="connection settings as JSON (or @file.json)")
     p.add_argument("--tenant", default="cli")
     p.add_argument("--op", choices=("upsert", "delete"), default=None)
@@ -62,6 +68,8 @@ def records_from_file(path: Path, *, source: str, entity: str | None, tenant: st
         return [decode_raw(text)]
     except ValidationError:
         pass
+    if source == "salesforce":
+        return _salesforce_records(json.loads(text), entity=entity, tenant=tenant, order_source_id=order_source_id)
     if not entity:
         raise SystemExit("--entity is required when FILE is a vendor record")
     obj = json.loads(text)
@@ -80,6 +88,27 @@ def records_from_file(path: Path, *, source: str, entity: str | None, tenant: st
             op=op or ("delete" if deleted else "upsert"), payload=t, order_source_id=order_source_id,
         ))
     return out
+
+
+def _salesforce_records(obj: Any, *, entity: str | None, tenant: str,
+                        order_source_id: str | None) -> list[RawRecord]:
+    from sfconnect.cdc import records_of_message
+    from sfconnect.records import raw_record
+
+    pairs: list[tuple[str, dict[str, Any]]] = []
+    messages = obj if isinstance(obj, list) else [obj]
+    for m in messages:
+        if isinstance(m, dict) and ("ChangeEventHeader" in m or "ChangeEventHeader" in (m.get("data") or {}).get(
+                "payload", {})):
+            pairs.extend(records_of_message(m))
+        elif isinstance(m, dict) and isinstance(m.get("records"), list):
+            pairs.extend((str((r.get("attributes") or {}).get("type") or entity or ""), r) for r in m["records"])
+        elif isinstance(m, dict):
+            pairs.append((str((m.get("attributes") or {}).get("type") or entity or ""), m))
+    missing = [r.get("Id") for o, r in pairs if not o]
+    if missing:
+        raise SystemExit(f"--entity is required: records {missing[:3]} carry no attributes.type")
+    return [raw_record(tenant, "cli", o, r, order_source_id=order_source_id) for o, r in pairs]
 
 
 def cmd_normalize(args: argparse.Namespace) -> int:

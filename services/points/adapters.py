@@ -309,6 +309,26 @@ class PgPointsStore:
         )
         return {r["event_id"] for r in written}
 
+    async def advance_members(self, moves: Sequence[tuple[str, str, int, int]]) -> dict[Key, tuple[int, int]]:
+        """Add (entries, points) to each (tenant, member)'s position; returns the new (sequence, balance).
+
+        Rows are locked in (tenant, member) order, so two engines advancing the same members cannot deadlock;
+        the second waits for the first to commit and continues from its sequence.
+        """
+        if not moves:
+            return {}
+        rows = await self.conn.fetch(
+            """INSERT INTO member_balances AS m (tenant_id, member_id, sequence, balance)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u(t, mb, n, p)
+               ORDER BY 1, 2
+               ON CONFLICT (tenant_id, member_id) DO UPDATE SET
+                   sequence = m.sequence + EXCLUDED.sequence, balance = m.balance + EXCLUDED.balance,
+                   updated_at = now()
+               RETURNING tenant_id, member_id, sequence, balance""",
+            *_cols(sorted(moves)),
+        )
+        return {(r["tenant_id"], r["member_id"]): (int(r["sequence"]), int(r["balance"])) for r in rows}
+
     async def record_shortfalls(self, rows: Sequence[tuple[str, str, str, int, str]]) -> None:
         if rows:
             await self.conn.execute(

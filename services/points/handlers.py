@@ -29,7 +29,7 @@ from canonical.events import (
     ReturnDeleted,
     ReturnResolved,
 )
-from canonical.topics import POINTS_LEDGER
+from canonical.topics import POINTS_LEDGER, POINTS_MEMBER_LEDGER
 from points.adapters import Conn, LedgerRow, PgPointsStore
 from points.rules import LineState, OrderState, Program, ReturnState, reconcile, version_key
 from servicekit.consumer import Delivery, UnitOfWork
@@ -302,11 +302,32 @@ class PointsBatch:
         await self.store.write_returns([r for r in self.returns.values() if r.dirty])
         written = await self.store.append_ledger(self.ledger)
         await self.store.record_shortfalls(self.shortfalls)
-        counts: Tally[tuple[str, str]] = Tally()
+        rows: list[LedgerRow] = []
         for row in self.ledger:
             if row[9] in written:
-                uow.emit(POINTS_LEDGER, self.entries[row[9]])
-                counts[(row[0], row[4])] += 1
+                rows.append(row)
+                written.discard(row[9])  # a repeated entry in one batch was inserted (and is counted) once
+        if not rows:
+            return
+        # Each member's entries of this batch get the next sequence numbers and running balances, in ledger
+        # order: the store hands back where each member ends, and the batch counts back from there.
+        moves: dict[Key, list[int]] = {}
+        for row in rows:
+            m = moves.setdefault((row[0], row[1]), [0, 0])
+            m[0] += 1
+            m[1] += row[5]
+        ends = await self.store.advance_members([(t, mb, n, p) for (t, mb), (n, p) in moves.items()])
+        position = {k: (ends[k][0] - n, ends[k][1] - p) for k, (n, p) in moves.items()}
+        counts: Tally[tuple[str, str]] = Tally()
+        for row in rows:
+            key = (row[0], row[1])
+            seq, balance = position[key]
+            seq, balance = seq + 1, balance + row[5]
+            position[key] = (seq, balance)
+            entry = self.entries[row[9]].model_copy(update={"member_sequence": seq, "balance_after": balance})
+            uow.emit(POINTS_LEDGER, entry)
+            uow.emit(POINTS_MEMBER_LEDGER, entry, key=entry.member_key)
+            counts[(row[0], row[4])] += 1
         for (_tenant, kind), n in counts.items():
             ENTRIES.labels(kind).inc(n)
 

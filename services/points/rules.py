@@ -5,9 +5,17 @@ Nothing here does I/O; the handlers load state, call :func:`reconcile`, and writ
 The engine is *state-reconciling*: after every event it computes what the order should hold from the
 order's latest facts, and writes the difference. For an order that is awarded (awardable status reached,
 and the program's return window after that has passed) the earned part is the order's points and the
-clawed part is ``-min(earned, points x returned / total)``; for any other order both are zero. So
+clawed part is ``-min(earned, points x returned / returnable)``; for any other order both are zero. So
 duplicates, reordering and replays converge on the same ledger, no order ever holds less than zero, and
 the sum clawed back never exceeds what the order earned.
+
+One basis for earn and clawback (:func:`order_amounts`): the order earns on its basis amount (the program's
+``basis``: total, without tax, or without tax and shipping), and a return takes back the same *share* of those
+points as it is of what a return can carry. A return carries merchandise as the order's total counts it (lines
+after discounts, with their tax; canonical ``ReturnData.amount`` is "on the same basis as the order's total")
+but never the shipping, so the share is ``returned / (total - shipping)``, capped at 1: returning every line
+leaves zero points whatever the order's tax, shipping and discounts. (The share used to be ``returned /
+total``: an order with freight kept points after a full return.)
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ __all__ = [
     "base_amount",
     "clawback_points",
     "configure",
+    "order_amounts",
     "order_points",
     "order_stage",
     "reconcile",
@@ -203,13 +212,21 @@ def order_stage(program: Program, order: OrderState) -> str:
     return order.lifecycle
 
 
-def order_points(program: Program, order: OrderState, categories: dict[str, str | None]) -> int:
-    """Points the order is worth at its current facts (before any return)."""
+def order_amounts(program: Program, order: OrderState) -> tuple[Decimal, Decimal]:
+    """(earn basis, returnable) of ``order`` in its own currency: the amount points are earned on (the
+    program's ``basis``) and the part of the total a return can carry (total without shipping). Earn and
+    clawback both use this one function (module docstring)."""
     basis = order.total_amount
     if program.basis in ("total_ex_tax", "total_ex_tax_shipping"):
         basis -= order.tax_amount
     if program.basis == "total_ex_tax_shipping":
         basis -= order.shipping_amount
+    return basis, order.total_amount - order.shipping_amount
+
+
+def order_points(program: Program, order: OrderState, categories: dict[str, str | None]) -> int:
+    """Points the order is worth at its current facts (before any return)."""
+    basis, _ = order_amounts(program, order)
     base = base_amount(program, basis, order.currency, order.exchange_rate, f"order {order.order_source_id}")
     if base <= 0 or base < program.minimum_order:
         return 0
@@ -247,14 +264,23 @@ def configure(*, default_per_order_cap: int) -> None:
     _DEFAULTS["per_order_cap"] = default_per_order_cap
 
 
-def clawback_points(program: Program, earned: int, returned_base: Decimal, total_base: Decimal) -> int:
-    """Points to take back (>= 0) for ``returned_base`` of an order totalling ``total_base``."""
-    if earned <= 0 or returned_base <= 0:
+def clawback_points(
+    program: Program, earned: int, returned: Decimal, returnable: Decimal, *, any_return: bool = True
+) -> int:
+    """Points to take back (>= 0) for ``returned`` of an order whose returnable part (total without shipping,
+    :func:`order_amounts`) is ``returnable``; both in one currency (the order's). An order with nothing
+    returnable (lines all discounted to zero) loses everything to any effective return (``any_return``)."""
+    if earned <= 0:
         return 0
-    if total_base <= 0:
-        return earned
-    share = min(Decimal(1), returned_base / total_base)
-    return min(earned, max(0, round_points(program, Decimal(earned) * share)))
+    if returnable <= 0:
+        return earned if any_return else 0
+    if returned <= 0:
+        return 0
+    # earned x returned / returnable, multiplied before dividing (9 points x 2/6 is 3, not 2.99...), and
+    # rounded to 9 places first: conversions through the base currency must not turn a full return into
+    # 0.99999... of it.
+    raw = Decimal(earned) * min(returned, returnable) / returnable
+    return min(earned, max(0, round_points(program, raw.quantize(Decimal("1e-9"), rounding=ROUND_HALF_EVEN))))
 
 
 # ------------------------------------------------------------------------------------- reconcile
@@ -295,20 +321,25 @@ def reconcile(
         order.awardable_since = None
     target = order_points(program, order, categories)
     order.target_points = target
+    # What came back, in the order's own currency: a return in that currency is compared as it is (the share of
+    # the goods returned does not depend on exchange rates, and converting the parts and the whole separately
+    # left 199 of 200 points clawed after a full return in three parts); another currency goes through base.
     returned = Decimal(0)
+    any_return = False
     for r in returns:
         if r.deleted or r.lifecycle != "effective":
             continue
-        rate = r.exchange_rate
-        if rate is None and r.currency == order.currency:
-            rate = order.exchange_rate
-        returned += base_amount(program, r.amount, r.currency, rate, f"return {r.return_source_id}")
+        any_return = True
+        if r.currency == order.currency:
+            returned += r.amount
+            continue
+        in_base = base_amount(program, r.amount, r.currency, r.exchange_rate, f"return {r.return_source_id}")
+        returned += in_base / base_amount(program, Decimal(1), order.currency, order.exchange_rate,
+                                          f"order {order.order_source_id}")
     if order.awarded:
         want_earned = target
-        total_base = base_amount(
-            program, order.total_amount, order.currency, order.exchange_rate, f"order {order.order_source_id}"
-        )
-        want_clawed = -clawback_points(program, target, returned, total_base)
+        _, returnable = order_amounts(program, order)
+        want_clawed = -clawback_points(program, target, returned, returnable, any_return=any_return)
     else:
         want_earned = want_clawed = 0
     order.pending_points = target if (not order.awarded and stage != "cancelled") else 0

@@ -35,10 +35,16 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     tls: SandboxTLS | None = None,
+    shutdown_timeout: float = 1.0,
 ) -> AsyncIterator[RunningSandbox]:
-    """Run ``app`` over HTTPS on ``host:port`` (0 picks a free port) until the block exits."""
+    """Run ``app`` over HTTPS on ``host:port`` (0 picks a free port) until the block exits.
+
+    On exit, requests still in flight get ``shutdown_timeout`` seconds, then are cancelled: a long poll
+    (CometD ``/meta/connect``) whose client already left would otherwise hold the exit for aiohttp's
+    default 60 s (measured: the demo took ~61 s to exit after Ctrl-C).
+    """
     tls = tls or make_tls()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls.server_context(), reuse_address=True)
     await site.start()

@@ -1,37 +1,5 @@
-"""Salesforce connector: REST/Bulk poller (``sf-poller``) and the CDC listener (``cdc-listener``).
+"""Salesforce REST/Bulk poller (``python -m sf_poller``): incremental SOQL on a compound cursor, Bulk API 2.0
+for large initial loads, and the safety-net reconcile when the CDC listener (``services/cdc_listener``) is on.
 
-Both services live in this package because they share the HTTP client, the quota governor and the SOQL
-reconcile code, and services must not import each other: :mod:`sf_poller.cdc` defines the listener's
-``SERVICE`` and ``services/cdc_listener`` only re-exports it (``python -m cdc_listener``).
-
-Every record goes to ``raw.salesforce.<Object>`` as a :class:`canonical.events.RawRecord` whose payload is
-the record's JSON as Salesforce sent it (Bulk CSV rows as a JSON object of strings); cursors and replay
-ids are saved in ``cursors`` only after the broker acknowledged the records they cover.
-
-Connection (``connections`` row, ``source = 'salesforce'``)
------------------------------------------------------------
-``endpoint``: the org's My Domain URL (``https://acme.my.salesforce.com``). The token comes from
-``{endpoint}/services/oauth2/token`` (client credentials); every data call goes to the ``instance_url``
-of the token response.
-
-``credentials`` (encrypted): ``{"client_id": ..., "client_secret": ...}`` of the External Client App.
-
-``settings`` (all optional)::
-
-    {"instance_version": "66.0",            # API version pinned for REST, Bulk and CometD
-     "ca_bundle": "/path/ca.pem",           # CA file (sandbox / TLS-inspecting proxies)
-     "objects": ["Account", "Contact", ...],  # default by mode (sf_poller.config.DEFAULT_OBJECTS)
-     "mode": "order" | "order_management",
-     "status_map": {"Cancelled": "cancelled", "Fulfilled": "awardable", "Activated": "pending"},
-     "external_id_field": "AccountNumber",  # the tenant's own customer id on Account / Contact
-     "price_currency": "EUR",               # PricebookEntry currency that prices products (default any)
-     "refunds": "return_order" | "credit_memo",   # default: order -> return_order, OM -> credit_memo
-     "bulk_threshold": 2000,                # initial loads above this many rows use Bulk API 2.0 (0: never)
-     "bulk_max_records": 50000, "bulk_timeout_s": 900, "bulk_poll_s": 2,
-     "page_size": 2000,                     # REST batchSize (200..2000)
-     "poll_interval_s": 30,                 # incremental polling without CDC
-     "overlap_s": 60,                       # re-read this far behind the cursor (late commits; 0: off)
-     "cdc": true,                           # CDC listener on: backfill waits for its subscription, then
-     "reconcile_interval_s": 3600,          #   the poller only runs a safety-net poll this often
-     "quota": {"run_share": 0.25, "org_share": 0.8, "pause_s": 300, "limit_backoff_s": 60}}
+The connection's settings, client and record shape are in :mod:`sfconnect` (shared with the CDC listener).
 """

@@ -19,20 +19,38 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
 import httpx
 
+from connectorkit.http import Response
 from servicekit.errors import Transient
 from servicekit.logging import get_logger
-from sf_poller.client import RecordNotFound
-from sf_poller.records import select_soql
+from sf_poller.results import EntityResult
+from sfconnect.client import RecordNotFound, SalesforceClient, ShapeMismatch
+from sfconnect.config import SfConnection
+from sfconnect.shape import OrgShape
 
-if TYPE_CHECKING:
-    from sf_poller.sync import ConnectionSync, EntityResult
+__all__ = ["BulkHost", "iter_csv_rows", "run_bulk", "start_bulk"]
 
-__all__ = ["iter_csv_rows", "run_bulk", "start_bulk"]
+
+class BulkHost(Protocol):
+    """What the backfill needs of the sync that runs it (``sf_poller.sync.ConnectionSync``); a protocol so
+    this module does not import the sync (which imports it)."""
+
+    conn: SfConnection
+    client: SalesforceClient
+    force_bulk: set[str]
+
+    def select(self, obj: str) -> str: ...
+
+    async def learn_shape(self) -> OrgShape: ...
+
+    async def save(self, obj: str, cursor: dict[str, Any]) -> None: ...
+
+    async def publish(self, obj: str, records: Sequence[dict[str, Any]], url: str | None,
+                      cur: dict[str, Any] | None = None, *, save: bool = True) -> dict[str, Any]: ...
 
 log = get_logger(__name__)
 
@@ -61,10 +79,18 @@ async def iter_csv_rows(resp: httpx.Response) -> AsyncIterator[dict[str, str]]:
             yield dict(zip(header, values, strict=False))
 
 
-async def start_bulk(sync: ConnectionSync, obj: str, res: EntityResult, *, attempt: int = 1) -> dict[str, Any]:
-    soql = f"{select_soql(obj)} ORDER BY SystemModstamp, Id"
-    resp = await sync.client.request("POST", f"{sync.client.data_path}/jobs/query", json={
-        "operation": "queryAll", "query": soql, "contentType": "CSV", "columnDelimiter": "COMMA", "lineEnding": "LF"})
+async def start_bulk(sync: BulkHost, obj: str, res: EntityResult, *, attempt: int = 1) -> dict[str, Any]:
+    async def create() -> Response:
+        soql = f"{sync.select(obj)} ORDER BY SystemModstamp, Id"
+        return await sync.client.request("POST", f"{sync.client.data_path}/jobs/query", json={
+            "operation": "queryAll", "query": soql, "contentType": "CSV", "columnDelimiter": "COMMA",
+            "lineEnding": "LF"})
+
+    try:
+        resp = await create()
+    except ShapeMismatch:  # the org changed since verify: learn its shape once, then try again
+        await sync.learn_shape()
+        resp = await create()
     job = resp.json()
     cur: dict[str, Any] = {"phase": "bulk", "ts": None, "id": None, "bulk": {
         "job_id": job["id"], "api_version": sync.client.api_version, "created_at": time.time(), "locator": None,
@@ -74,7 +100,7 @@ async def start_bulk(sync: ConnectionSync, obj: str, res: EntityResult, *, attem
     return await run_bulk(sync, obj, cur, res)
 
 
-async def _fallback(sync: ConnectionSync, obj: str, reason: str) -> dict[str, Any]:
+async def _fallback(sync: BulkHost, obj: str, reason: str) -> dict[str, Any]:
     log.warning("bulk backfill abandoned; falling back to REST", entity=obj, reason=reason)
     sync.force_bulk.discard(obj)
     cur = {"phase": "incremental", "ts": None, "id": None, "bulk_failed": True}
@@ -82,7 +108,7 @@ async def _fallback(sync: ConnectionSync, obj: str, reason: str) -> dict[str, An
     return cur
 
 
-async def run_bulk(sync: ConnectionSync, obj: str, cur: dict[str, Any], res: EntityResult) -> dict[str, Any]:
+async def run_bulk(sync: BulkHost, obj: str, cur: dict[str, Any], res: EntityResult) -> dict[str, Any]:
     """Drive the job in ``cur`` to the end; returns the new cursor (``phase`` incremental when finished)."""
     job = cur.get("bulk")
     if not job:

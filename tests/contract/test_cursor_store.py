@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from servicekit.connections import CursorStore, FakeCursorStore, PgCursorStore
+from servicekit.leases import Lease
 from servicekit.runtime import Infra
 
 
@@ -41,3 +44,36 @@ async def test_cursors_are_isolated_by_tenant_connection_and_entity(store: Curso
     assert await store.load("globex", "c1", "salesorder") == {"v": "globex"}
     assert await store.load("acme", "c2", "salesorder") == {"v": "c2"}
     assert await store.load("acme", "c1", "account") == {"v": "account"}
+
+
+async def test_under_a_lease_only_its_current_holder_moves_the_cursor(infra: Infra) -> None:
+    """Fencing: a copy whose lease expired and was taken by another copy cannot move the cursor."""
+    from servicekit.leases import ConnectionLeases, LeaseLost, PgLeaseStore, work_context
+
+    store = PgCursorStore(infra.pool)
+    leases = PgLeaseStore(infra.pool)
+    old = ConnectionLeases(leases, "ce-poller", "old-copy", ttl_s=30)
+    await old.rebalance([("acme", "c1")])
+    old_lease = old.lease(("acme", "c1"))
+
+    async def save_as(lease: Lease, page: int) -> None:
+        await asyncio.get_running_loop().create_task(store.save("acme", "c1", "salesorder", {"page": page}),
+                                                     context=work_context(lease))
+
+    await save_as(old_lease, 1)
+    assert await store.load("acme", "c1", "salesorder") == {"page": 1}
+    # the old copy stalls past its lease; a new copy takes the connection over
+    await infra.pool.execute("UPDATE connection_leases SET expires_at = now() - interval '1 second'")
+    new = ConnectionLeases(leases, "ce-poller", "new-copy", ttl_s=30)
+    await new.rebalance([("acme", "c1")])
+    new_lease = new.lease(("acme", "c1"))
+    assert new_lease.token > old_lease.token
+    await save_as(new_lease, 2)
+    with pytest.raises(LeaseLost, match="was not moved"):
+        await save_as(old_lease, 99)
+    assert await store.load("acme", "c1", "salesorder") == {"page": 2}
+    # clearing is fenced the same way
+    with pytest.raises(LeaseLost):
+        await asyncio.get_running_loop().create_task(store.clear("acme", "c1", "salesorder"),
+                                                     context=work_context(old_lease))
+    assert await store.load("acme", "c1", "salesorder") == {"page": 2}

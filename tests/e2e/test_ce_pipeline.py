@@ -41,7 +41,7 @@ from servicekit.runtime import Infra, run_services
 
 TENANTS = {"acme": ("contoso", 1), "globex": ("fabrikam", 2)}
 ORDERS_PER_TENANT = 2500
-RECEIVED = 690970001
+RECEIVED = 690970002  # msdyn_rma.msdyn_systemstatus Products Received (docs/vendor-facts.md)
 
 
 @dataclass
@@ -53,7 +53,8 @@ class Sandbox:
 
 def reference(state: DataverseState) -> dict[tuple[str, str], int]:
     """Net points per order, computed from the sandbox's ground truth (program: 1 point per USD, ex tax and
-    shipping, floor; earn on Fulfilled/Invoiced; returns claw back their share of the order's total)."""
+    shipping, floor; earn on Fulfilled/Invoiced; returns claw back their share of what a return can carry:
+    the total without freight)."""
     out: dict[tuple[str, str], int] = {}
     for tenant, (org_name, _) in TENANTS.items():
         org = state.orgs[org_name]
@@ -75,9 +76,10 @@ def reference(state: DataverseState) -> dict[tuple[str, str], int]:
             )
             claw = 0
             if pts > 0 and returned > 0:
-                total = base(o.totalamount)
-                share = min(Decimal(1), base(returned) / total) if total > 0 else Decimal(1)
-                claw = min(pts, max(0, math.floor(Decimal(pts) * share)))
+                # The share of what a return can carry, in the order's own currency (no rate is involved).
+                returnable = o.totalamount - o.freightamount
+                raw = Decimal(pts) * min(returned, returnable) / returnable if returnable > 0 else Decimal(pts)
+                claw = min(pts, max(0, math.floor(raw.quantize(Decimal("1e-9")))))
             if pts - claw:
                 out[(tenant, o.salesorderid)] = pts - claw
     return out

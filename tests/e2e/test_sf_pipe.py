@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
 from test_sf_support import add_connection, wait_for
 
 from canonical.events import MemberData
+from cdc_listener.app import run_listener
 from normalizer.app import SERVICE as NORMALIZER
 from points.app import MIGRATIONS as POINTS_MIGRATIONS
 from points.app import build_service
@@ -49,7 +50,6 @@ from servicekit.db import migrate
 from servicekit.kafka import ensure_topics
 from servicekit.runtime import Infra, run_services
 from sf_poller.app import supervise
-from sf_poller.cdc import run_listener
 
 STATUS_MAP = {"Draft": "pending", "Activated": "pending", "Fulfilled": "awardable", "Cancelled": "cancelled"}
 

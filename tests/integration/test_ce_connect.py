@@ -27,6 +27,7 @@ from ce_poller.app import MIGRATIONS, run_connection
 from ce_poller.control import CeConnector
 from ce_poller.limiter import reset_budgets
 from connectorkit import MIGRATIONS as KIT_MIGRATIONS
+from connectorkit.dryrun import dry_run
 from controlplane.cli import main
 from points.cli import set_program
 from points.rules import Program
@@ -81,7 +82,8 @@ async def test_verify_says_what_to_fix_for_each_failure() -> None:
     async with dataverse() as (state, running):
         ok = await _verify(ce_connection(running, state))
         assert [line.split(":")[0] for line in ok] == [
-            "ok    host", "ok    auth", "ok    application user", "ok    read account", "ok    read contact",
+            "ok    host", "ok    auth", "ok    application user", "ok    read transactioncurrency",
+            "ok    read organization", "ok    read account", "ok    read contact",
             "ok    read product", "ok    read salesorder", "ok    read salesorderdetail", "ok    read msdyn_rma",
             "ok    read msdyn_rmaproduct", "ok    change tracking"]
 
@@ -205,6 +207,12 @@ async def test_cli_add_verify_dry_run_go_live(infra: Infra, monkeypatch: pytest.
                                "--endpoint", "https://contoso.crm.dynamics.com.evil.example", "--credentials",
                                creds) == 2
             assert "is not a dynamics-ce endpoint" in capsys.readouterr().err
+        with monkeypatch.context() as m:  # a source whose connector is not in this build is refused at add
+            m.setattr("controlplane.cli.connector_sources", lambda: ["dynamics-ce"])
+            m.setattr("connectorkit.registry.connector_sources", lambda: ["dynamics-ce"])
+            assert await flash("connections", "add", "--tenant", "acme", "--id", "fo-1", "--source", "dynamics-fo",
+                               "--endpoint", "https://contoso.operations.dynamics.com", "--credentials", creds) == 2
+            assert "no connector for source 'dynamics-fo' is installed" in capsys.readouterr().err
         assert await flash("connections", "add", "--tenant", "acme", "--id", "ce-1", "--source", "dynamics-ce",
                            "--endpoint", conn.endpoint, "--credentials", creds, "--settings", settings) == 0
         assert await flash("connections", "go-live", "--tenant", "acme", "--id", "ce-1") == 2
@@ -259,6 +267,9 @@ async def test_source_dead_letter_is_refetched_on_replay_and_lands_once(
         update(org, "salesorders", big, {"name": "Q" * 300})  # Dataverse allows 300 characters in name
         store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
         conn = await store.upsert("acme", "ce-1", "dynamics-ce", base.endpoint, base.credentials, settings)
+        preview = await dry_run(connector, conn, infra.settings, None, limit=50)
+        assert [(d["source_id"], d["stage"]) for d in preview["would_dead_letter"]] == [(big, "connector")]
+        assert "over settings.max_record_bytes" in preview["would_dead_letter"][0]["reason"]
         await run_connection(conn, infra, asyncio.Event(), once=True)
 
         letters = await infra.pool.fetch("SELECT * FROM dead_letters WHERE consumer = 'ce-poller'")
@@ -376,3 +387,75 @@ async def test_postgres_outage_mid_poll_is_waited_out_and_nothing_is_lost(infra:
     assert len({m["source_id"] for m in orders}) == 200, "every order published despite the outage"
     phases = {json.loads(r["cursor"])["phase"] for r in await infra.pool.fetch("SELECT cursor FROM cursors")}
     assert phases == {"delta"}
+
+
+# --------------------------------------------------------------------------- token never redirected
+
+
+@pytest.mark.timeout(60)
+async def test_the_token_request_is_never_redirected_with_the_secret() -> None:
+    """An authority whose token endpoint answers 307 elsewhere: MSAL (on the connector's session) does not
+    follow it, so the secret never reaches the other host, and verify says what to check."""
+    from aiohttp import web
+
+    stolen: list[str] = []
+    thief = web.Application()
+
+    async def steal(request: web.Request) -> web.Response:
+        stolen.append(await request.text())
+        return web.json_response({"access_token": "x", "expires_in": 3600, "token_type": "Bearer"})
+
+    thief.router.add_post("/steal", steal)
+    async with serve(thief) as other:
+        idp = web.Application()
+
+        async def oidc(request: web.Request) -> web.Response:
+            base = f"{request.url.origin()}/{request.match_info['tenant']}"
+            return web.json_response({"token_endpoint": f"{base}/oauth2/v2.0/token", "issuer": f"{base}/v2.0",
+                                      "authorization_endpoint": f"{base}/oauth2/v2.0/authorize"})
+
+        async def token(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(f"{other.base_url}/steal")
+
+        async def org(request: web.Request) -> web.Response:
+            return web.json_response({"error": {"code": "0x8004a101", "message": "Bearer token is missing."}},
+                                     status=401)
+
+        idp.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", oidc)
+        idp.router.add_post("/{tenant}/oauth2/v2.0/token", token)
+        idp.router.add_get("/orgs/x/{tail:.*}", org)
+        async with serve(idp, tls=other.tls) as running:
+            conn = Connection("acme", "ce-1", "dynamics-ce", f"{running.base_url}/orgs/x",
+                              {"tenant_id": "t1", "client_id": "app", "client_secret": "top-secret-value"},
+                              {"authority": f"{running.base_url}/t1", "ca_bundle": str(running.tls.ca_path)})
+            lines = await _verify(conn)
+    assert lines[0].startswith("ok    host")
+    assert lines[-1].startswith("FAIL  auth:") and "never redirected" in lines[-1], lines
+    assert stolen == [], "the client secret went to the redirect target"
+
+
+@pytest.mark.timeout(60)
+async def test_a_source_letter_from_before_the_kit_is_never_resent_as_is(
+        infra: Infra, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CE poller used to write its letters by hand (descriptor body, ``x-flash-source-url``); replaying one
+    put the descriptor on the raw topic. Now it stays pending and the command says what to do."""
+    _cli_env(monkeypatch, infra.settings, infra.bootstrap)
+    await ensure_topics(infra.bootstrap, infra.settings)
+    topic = infra.settings.topic("raw.dynamics-ce.salesorder.v1")
+    body = json.dumps({"tenant_id": "acme", "connection_id": "ce-1", "entity": "salesorder", "source_id": "?",
+                       "url": "https://x/api/data/v9.2/salesorders", "body": "{}"})
+    headers = json.dumps([["x-flash-consumer", "ce-poller"], ["x-flash-stage", "fetch"],
+                          ["x-flash-original-topic", topic], ["x-flash-source-url", "https://x/api"]])
+    await infra.pool.execute(
+        """INSERT INTO dead_letters (consumer, tenant_id, event_id, entity, error_class, error_message, stage,
+               source_topic, source_partition, source_offset, attempts, first_failed_at, last_failed_at,
+               dlq_topic, key, value, headers)
+           VALUES ('ce-poller', 'acme', NULL, 'salesorder', 'Poison', 'row without its key', 'fetch', $1, NULL,
+                   NULL, 1, now(), now(), 'dlq.ce-poller.v1', 'acme:?', $2, $3::jsonb)""",
+        topic, body.encode(), headers)
+    before = await end_offsets(infra)
+    capsys.readouterr()
+    assert await flash("dlq", "replay", "--consumer", "ce-poller") == 1
+    assert "written before the connector kit" in capsys.readouterr().err
+    assert await end_offsets(infra) == before
+    assert await infra.pool.fetchval("SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL") == 1

@@ -107,7 +107,7 @@ async def test_two_hop_pipe_exactly_once_with_poison_and_replay(infra: Infra) ->
         assert all(row["error_class"] == "Poison" and "not sellable" in row["error_message"] for row in letters)
         assert all(row["tenant_id"] == TENANT and row["attempts"] >= 1 for row in letters)
 
-        # The DLQ topic itself holds the unchanged messages with the headers DESIGN.md lists.
+        # The DLQ topic itself holds the unchanged messages with the headers docs/events.md lists.
         on_topic = await read_topic(infra.bootstrap, infra.settings.topic(dlq("relay-hop1")), 10)
         assert len(on_topic) == 10
         by_value = {e.event_id: encode(e) for e in events}

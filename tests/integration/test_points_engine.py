@@ -37,6 +37,7 @@ from canonical.topics import (
     CANONICAL_RETURN,
     MEMBERS,
     POINTS_LEDGER,
+    POINTS_MEMBER_LEDGER,
     RESOLVED_ORDER,
     RESOLVED_RETURN,
 )
@@ -583,3 +584,90 @@ async def test_lines_before_header_tombstones_and_category_changes(infra: Infra)
     before = await ledger(infra, t)
     await pipe.feed([line(t, "o1", "o1-a", "60", product="tv"), order(t, "o1", "k1", total="100")])
     assert await ledger(infra, t) == before
+
+
+async def test_member_ledger_sequences_and_balances_follow_the_ledger(infra: Infra) -> None:
+    """points.member-ledger.v1: keyed by member, member_sequence 1..n without gaps, balance_after a running
+    sum that ends at the ledger's balance; the same entries on points.ledger carry the same numbers."""
+    await prepare(infra)
+    pipe = Pipe(infra)
+    t = "shop"
+    await set_program(infra.pool, program(t))
+    await pipe.feed([member(t, "m1", ext="K1"), member(t, "m2", ext="K2"),
+                     customer(t, "k1", ext="K1"), customer(t, "k2", ext="K2")])
+    await pipe.feed([order(t, "o1", "k1", total="100"), order(t, "o2", "k2", total="40"),
+                     order(t, "o3", "k1", total="30")])
+    await pipe.feed([order(t, "o1", "k1", v=2, total="150")])          # adjust
+    await pipe.feed([ret(t, "r1", order_id="o1", amount="75")])        # clawback half
+    await pipe.feed([order(t, "o2", "k2", v=2, total="40", status="x", lifecycle="cancelled")])  # void
+    await pipe.feed([order(t, "o1", "k1", v=2, total="150")])          # duplicate: nothing new
+    by_member = pipe.published(POINTS_MEMBER_LEDGER)
+    keyed = [m.key for m in pipe.pub.sent if m.topic == infra.settings.topic(POINTS_MEMBER_LEDGER)]
+    assert keyed == [f"{t}:{e.member_id}".encode() for e in by_member]
+    rows = await infra.pool.fetch(
+        "SELECT member_id, sum(points)::int AS n, count(*)::int AS c FROM ledger WHERE tenant_id = $1 GROUP BY 1", t
+    )
+    assert {r["member_id"] for r in rows} == {"m1", "m2"}
+    for r in rows:
+        mine = [e for e in by_member if e.member_id == r["member_id"]]
+        assert [e.member_sequence for e in mine] == list(range(1, r["c"] + 1))
+        running = 0
+        for e in mine:
+            running += e.points
+            assert e.balance_after == running
+        assert mine[-1].balance_after == r["n"]
+    assert {e.kind for e in by_member} >= {"earn", "adjust", "clawback", "void"}
+    same = {e.event_id: (e.member_sequence, e.balance_after) for e in pipe.published(POINTS_LEDGER)}
+    assert same == {e.event_id: (e.member_sequence, e.balance_after) for e in by_member}
+    # The store's position is where the stream ends.
+    pos = await infra.pool.fetch("SELECT member_id, sequence, balance FROM member_balances WHERE tenant_id = $1", t)
+    assert {p["member_id"]: (p["sequence"], p["balance"]) for p in pos} == {
+        r["member_id"]: (r["c"], r["n"]) for r in rows
+    }
+
+
+async def test_member_sequences_stay_contiguous_when_two_engines_write_one_member(infra: Infra) -> None:
+    """Two points engines (two transactions, as two replicas on different partitions) append entries for the
+    same members at once: the second waits on the first's member rows and continues from its sequence, so
+    each member's sequence is 1..n with the right running sums."""
+    import asyncio
+
+    from canonical.events import OrderResolved
+    from points.handlers import handle_events
+    from servicekit.outbox import UnitOfWork
+
+    await prepare(infra)
+    t = "shop"
+    await set_program(infra.pool, program(t))
+
+    def resolved(oid: str, member_id: str, total: str) -> OrderResolved:
+        return OrderResolved(
+            tenant_id=t, connection_id="crm", source="dynamics-ce", entity="salesorder", source_id=oid,
+            source_version="1", member_id=member_id, upstream_event_id=f"up-{oid}",
+            order=OrderData(order_number=f"N-{oid}", status="100003", lifecycle="awardable", currency="EUR",
+                            total_amount=Decimal(total)),
+        )
+
+    # Each batch touches both members, in opposite orders.
+    first = [resolved(f"a{i}", "m1" if i % 2 else "m2", "10") for i in range(20)]
+    second = [resolved(f"b{i}", "m2" if i % 2 else "m1", "5") for i in range(20)]
+
+    async def engine(events: list[OrderResolved]) -> list[OutMessage]:
+        async with infra.pool.acquire() as conn, conn.transaction():
+            uow = UnitOfWork(conn, "points", infra.settings)
+            await handle_events(events, uow, now=NOW)
+            await asyncio.sleep(0.2)  # hold the member rows while the other engine tries to take them
+            return uow.outbox
+
+    out = await asyncio.wait_for(asyncio.gather(engine(first), engine(second)), 30)
+    entries = [decode_event(m.value) for batch in out for m in batch
+               if m.topic == infra.settings.topic(POINTS_MEMBER_LEDGER)]
+    assert len(entries) == 40
+    for mid in ("m1", "m2"):
+        mine = sorted((e for e in entries if e.member_id == mid), key=lambda e: e.member_sequence)
+        assert [e.member_sequence for e in mine] == list(range(1, 21))
+        running = 0
+        for e in mine:
+            running += e.points
+            assert e.balance_after == running
+        assert running == 10 * 10 + 10 * 5

@@ -53,8 +53,9 @@ def reference(orders: dict[str, Any]) -> dict[str, tuple[int, int]]:
             continue
         target = int((Decimal(total) * PPU).quantize(Decimal(1), rounding=ROUND_FLOOR))
         returned = sum(amount for amount, lc in (r[-1] for r in h["returns"].values()) if lc == "effective")
-        share = min(Decimal(1), Decimal(returned) / Decimal(total))
-        claw = min(target, int((Decimal(target) * share).quantize(Decimal(1), rounding=ROUND_FLOOR)))
+        # multiply before dividing: 435 x 40 / 290 is exactly 60 (dividing first gives 59.999...)
+        claw_exact = Decimal(target) * returned / Decimal(total)
+        claw = min(target, int(claw_exact.quantize(Decimal(1), rounding=ROUND_FLOOR)))
         out[oid] = (target, -claw)
     return out
 

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from test_sf_support import add_connection, read_raw, wait_for
 
+from cdc_listener.app import aiohttp_session, listener_for
+from cdc_listener.listener import CdcListener
 from sandbox.salesforce import (
     SalesforceState,
     build_app,
@@ -22,11 +24,12 @@ from sandbox.salesforce import (
 )
 from sandbox.server import serve
 from servicekit.connections import PgCursorStore
+from servicekit.db import migrate
 from servicekit.runtime import Infra
-from sf_poller.app import CDC_SUBSCRIBED, build_client, http_client
-from sf_poller.cdc import CdcListener, aiohttp_session, listener_for
-from sf_poller.config import SfConnection, parse_connection
-from sf_poller.records import norm_ts
+from sfconnect.client import build_client, http_client
+from sfconnect.config import CDC_SUBSCRIBED, SfConnection, parse_connection
+from sfconnect.published import MIGRATIONS as SF_MIGRATIONS
+from sfconnect.records import norm_ts
 
 
 class Running:
@@ -66,6 +69,7 @@ class Running:
 
 @pytest.mark.timeout(120)
 async def test_cdc_listener_end_to_end_on_the_broker(infra: Infra) -> None:
+    await migrate(infra.pool, [SF_MIGRATIONS])
     state = SalesforceState(cometd_timeout_s=0.5)
     org = state.add_org("acme")
     seed_org(state, org, orders=40, seed=31)

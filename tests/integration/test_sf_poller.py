@@ -18,10 +18,10 @@ from servicekit.errors import ConfigError, Transient
 from servicekit.kafka import OutMessage
 from servicekit.runtime import Infra
 from sf_poller import control
-from sf_poller.app import build_client, http_client
-from sf_poller.config import parse_connection
-from sf_poller.records import norm_ts
 from sf_poller.sync import ConnectionSync
+from sfconnect.client import build_client, http_client
+from sfconnect.config import parse_connection
+from sfconnect.records import norm_ts
 
 
 class FlakyPublisher:
@@ -130,10 +130,13 @@ async def test_backfill_resume_stuck_fallback_and_faults(infra: Infra) -> None:
         assert any(r.op == "delete" for r in bulk_rows), "the Bulk backfill (queryAll) carries deleted orders"
 
         # verify and dry-run against the same org; a login.salesforce.com-style host says what to fix
-        report = await control.verify(conn, infra.settings)
-        assert report["ok"] and report["org_id"] == org.org_id and set(report["objects"]) == set(cc.objects)
-        preview = await control.dry_run(conn, infra.settings, limit=2)
-        assert preview["mapper"] and preview["preview"]["Order"][0]["events"]
+        connector = control.connector()
+        report = await connector.verify(cc, infra.settings)
+        assert report.ok and report.info["org_id"] == org.org_id, report.lines()
+        assert {c.name for c in report.checks} >= {f"read {o}" for o in cc.objects}
+        sample = await connector.sample(cc, infra.settings, limit=2)
+        assert set(sample) == set(cc.objects) and len(sample["Order"]) == 2
+        assert all(r.source_id and r.source_version.endswith("Z") for r in sample["Order"])
         bad = await add_connection(infra, tenant, "sf-login", sb.url_for_host("localhost"), org.client_id,
                                    org.client_secret, settings, state="draft")
         with pytest.raises(ConfigError, match="My Domain"):

@@ -217,6 +217,26 @@ async def test_delta_upserts_and_tombstones_keyed_by_known_parent() -> None:
     assert gone not in await sync.keys.lookup("acme", "ce-1", "account", [gone])
 
 
+async def test_the_reread_window_publishes_only_changed_rows() -> None:
+    """Rows edited during the initial load are read again; those whose version was already published are
+    not published twice (the known-key table holds the versions, after the broker's ack)."""
+    server = FakeDataverse()
+    sync, _, pub = _sync(server)
+    reread = [_acc(1), _acc(4, v=3)]  # account 4 changed during the load; account 1 did not
+
+    def with_reread(request: httpx.Request) -> httpx.Response:
+        if "filter=modifiedon" in str(request.url):
+            server.requests.append(request)
+            return httpx.Response(200, text=_page(reread))
+        return server(request)
+
+    sync.client.vendor.http._transport = httpx.MockTransport(with_reread)
+    res = await sync.sync_entity(sync.conn.spec("account"))
+    assert res.phase == "reread" and res.unchanged == 1
+    published = [(json.loads(m.value)["source_id"][-1], json.loads(m.value)["source_version"]) for m in pub.messages]
+    assert published == [("1", "1"), ("2", "1"), ("3", "1"), ("4", "1"), ("5", "1"), ("4", "3")]
+
+
 async def test_expired_delta_token_resyncs_and_infers_missed_deletes() -> None:
     server = FakeDataverse()
     sync, _, pub = _sync(server)
@@ -225,15 +245,22 @@ async def test_expired_delta_token_resyncs_and_infers_missed_deletes() -> None:
     await sync.keys.record("acme", "ce-1", "account", [KnownKey(ghost, None, "4")], 1)  # deleted during the gap
     pub.messages.clear()
     server.fail("$deltatoken", httpx.Response(400, text=(FIX / "error_expired_token.json").read_text()))
+    server.rows[1] = _acc(2, v=2)  # changed while the token was expired
     res = await sync.sync_entity(sync.conn.spec("account"))
-    assert res.resynced and res.upserts == 5 and res.deletes == 1
+    assert res.resynced and res.upserts == 5 and res.deletes == 1 and res.unchanged == 4
     msgs = [json.loads(m.value) for m in pub.messages]
     deletes = [m for m in msgs if m["op"] == "delete"]
     assert [(d["source_id"], d["source_version"]) for d in deletes] == [(ghost, "5")]
-    first_ids = {m["event_id"] for m in msgs if m["op"] == "upsert"}
-    sync_again, _, pub_again = _sync(FakeDataverse())
+    # The full re-read publishes only what changed; its event id is the one a fresh sync gives that version.
+    upserts = [m for m in msgs if m["op"] == "upsert"]
+    assert [(m["source_id"][-1], m["source_version"]) for m in upserts] == [("2", "2")]
+    fresh = FakeDataverse()
+    fresh.rows[1] = _acc(2, v=2)
+    sync_again, _, pub_again = _sync(fresh)
     await sync_again.sync_entity(sync_again.conn.spec("account"))
-    assert first_ids == {json.loads(m.value)["event_id"] for m in pub_again.messages}   # same ids: no doubles
+    assert upserts[0]["event_id"] in {json.loads(m.value)["event_id"] for m in pub_again.messages}
+    assert sorted(k for k in await sync.keys.lookup("acme", "ce-1", "account", [a["accountid"] for a in server.rows])
+                  ) == sorted(a["accountid"] for a in server.rows)
     cur = await sync.cursors.load("acme", "ce-1", "account")
     assert cur is not None and cur["generation"] == 2 and cur["phase"] == "delta"
 

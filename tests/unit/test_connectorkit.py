@@ -76,6 +76,17 @@ async def test_names_resolving_to_loopback_are_refused() -> None:
     await check_resolved("localhost", allow_sandbox=True)
 
 
+async def test_the_client_checks_a_new_hosts_addresses_before_sending() -> None:
+    """A pinned host that resolves into our own network (DNS pointed at loopback) gets no request."""
+    sent: list[httpx.Request] = []
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
+    client = VendorClient(http, "X", "https://localhost/api/", HostPin(frozenset({"localhost"})), TABLE,
+                          tokens=StaticTokenSource("t"))
+    with pytest.raises(EndpointRefused, match="private/loopback/link-local"):
+        await client.get("things")
+    assert sent == []
+
+
 # ------------------------------------------------------------------------------------------- client
 
 TABLE = ErrorTable("Dataverse", [
@@ -107,7 +118,8 @@ def _client(script: Script, **kw: Any) -> tuple[VendorClient, list[float]]:
     http = httpx.AsyncClient(transport=httpx.MockTransport(script))
     kw.setdefault("tokens", StaticTokenSource("t1", "t2"))
     client = VendorClient(http, "Dataverse", f"{ORG}/api/data/v9.2/", HostPin.for_urls([ORG], allow_sandbox=False),
-                          TABLE, sleep=sleep, backoff_base_s=0.01, max_attempts=4, secrets=("s3cr3t-value",), **kw)
+                          TABLE, sleep=sleep, backoff_base_s=0.01, max_attempts=4, secrets=("s3cr3t-value",),
+                          check_addresses=False, **kw)
     return client, slept
 
 
@@ -294,3 +306,29 @@ def test_verify_report_lines() -> None:
     assert not r.ok
     assert r.lines() == ["ok    auth: token issued", "FAIL  read salesorder: 403 -> fix: grant prvReadSalesOrder"]
     assert r.summary() == "read salesorder: 403 -> fix: grant prvReadSalesOrder"
+
+
+async def test_one_governor_per_credential_shared_by_its_connections() -> None:
+    from ce_poller.limiter import budget_for, reset_budgets
+
+    reset_budgets()
+    a = budget_for("https://login.microsoftonline.com/T", "App-1")
+    b = budget_for("https://login.microsoftonline.com/t/", "app-1")  # another connection, same app registration
+    c = budget_for("https://login.microsoftonline.com/t", "app-2")
+    assert a is b and a is not c
+    a.pause(5)
+    assert b.throttled == 1, "a 429 seen by one connection holds every connection of the credential"
+    reset_budgets()
+    assert budget_for("https://login.microsoftonline.com/t", "app-1") is not a
+
+
+async def test_stream_hands_over_a_2xx_body_after_retrying_failures_before_it() -> None:
+    script = Script(_err(503, "", "busy", **{"Retry-After": "1"}), httpx.Response(200, content=b"a,b\n1,2\n"))
+    client, slept = _client(script)
+    async with client.stream("GET", "jobs/1/results", what="results") as resp:
+        body = b"".join([chunk async for chunk in resp.aiter_bytes()])
+    assert body == b"a,b\n1,2\n" and slept == [1.0]
+    client, _ = _client(Script(_err(404, "0x80040217", "gone")))
+    with pytest.raises(Poison, match="the record is gone"):
+        async with client.stream("GET", "jobs/2/results", what="results"):
+            pass

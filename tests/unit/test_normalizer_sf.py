@@ -75,7 +75,8 @@ def test_order_maps_total_customer_email_and_lifecycle() -> None:
     o = e.order
     assert (o.lifecycle, o.status, o.currency) == ("awardable", "Fulfilled", rec["CurrencyIsoCode"])
     assert o.total_amount == Decimal(str(rec["TotalAmount"]))
-    assert o.customer_source_id == rec["AccountId"] and o.customer_entity == "Account"
+    assert o.customer_source_id == rec["AccountId"] and o.customer_entity == (
+        "person_account" if (rec.get("Account") or {}).get("IsPersonAccount") else "account")
     assert o.email == ((rec.get("Account") or {}).get("PersonEmail") or (rec.get("BillToContact") or {}).get("Email"))
     assert o.order_number == rec["OrderNumber"] and o.lines is None
     assert e.key == f"acme:{rec['Id']}".encode()

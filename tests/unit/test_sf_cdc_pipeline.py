@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 from canonical.events import decode_raw
+from cdc_listener.listener import CdcListener
 from servicekit.connections import Connection, FakeCursorStore
 from servicekit.errors import Transient
 from servicekit.kafka import OutMessage
 from servicekit.settings import FlashSettings
-from sf_poller.cdc import CdcListener
-from sf_poller.config import parse_connection
 from sf_poller.sync import ConnectionSync
+from sfconnect.config import parse_connection
 
 INSTANCE = "https://acme.my.salesforce.com"
 _IDS = re.compile(r"'([^']+)'")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from servicekit.errors import ConfigError, Poison, Transient
-from sf_poller.client import (
+from sfconnect.client import (
     LocatorExpired,
     QueryTimeout,
     QuotaGovernor,
@@ -20,9 +20,10 @@ from sf_poller.client import (
     RecordNotFound,
     RequestLimited,
     SalesforceClient,
+    ShapeMismatch,
     classify,
 )
-from sf_poller.config import Quota
+from sfconnect.config import Quota
 
 FIX = Path(__file__).parents[1] / "fixtures" / "salesforce"
 TOKEN = json.loads((FIX / "token.json").read_text())
@@ -71,8 +72,8 @@ def _client(org: FakeOrg, **kw: Any) -> tuple[SalesforceClient, list[float]]:
         (400, "QUERY_TIMEOUT", QueryTimeout),
         (400, "INVALID_QUERY_LOCATOR", LocatorExpired),
         (400, "MALFORMED_QUERY", ConfigError),
-        (400, "INVALID_FIELD", ConfigError),
-        (400, "INVALID_TYPE", ConfigError),
+        (400, "INVALID_FIELD", ShapeMismatch),
+        (400, "INVALID_TYPE", ShapeMismatch),
         (404, "NOT_FOUND", RecordNotFound),
         (400, "MALFORMED_ID", RecordNotFound),
         (400, "UNABLE_TO_LOCK_ROW", Transient),
@@ -183,3 +184,13 @@ def test_limit_info_header_parsing() -> None:
     assert gov.maximum and gov.used is not None
     gov.observe("api-usage=18/5000; per-app-api-usage=17/250(appName=x)")
     assert (gov.used, gov.maximum) == (18, 5000)
+
+
+async def test_an_instance_url_off_salesforce_is_refused_before_any_token_goes_there() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.host == "acme.my.salesforce.com", "nothing is sent to another host"
+        return httpx.Response(200, json={**TOKEN, "instance_url": "https://evil.example.com"})
+
+    client = SalesforceClient(httpx.AsyncClient(transport=httpx.MockTransport(handler)), MY_DOMAIN, "cid", "secret")
+    with pytest.raises(ConfigError, match=r"evil\.example\.com"):
+        await client.query_page("SELECT Id FROM Account")

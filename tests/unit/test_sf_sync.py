@@ -20,10 +20,10 @@ from servicekit.errors import Transient
 from servicekit.kafka import OutMessage
 from servicekit.settings import FlashSettings
 from sf_poller.bulk import iter_csv_rows
-from sf_poller.client import QuotaGovernor, SalesforceClient
-from sf_poller.config import Quota, parse_connection
-from sf_poller.records import norm_ts
 from sf_poller.sync import ConnectionSync, compound_where
+from sfconnect.client import QuotaGovernor, SalesforceClient
+from sfconnect.config import Quota, parse_connection
+from sfconnect.records import norm_ts
 
 FIX = Path(__file__).parents[1] / "fixtures" / "salesforce"
 PAGE = json.loads((FIX / "query_orders_page1.json").read_text())

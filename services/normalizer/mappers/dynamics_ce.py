@@ -14,10 +14,16 @@ poller's ``_transactioncurrencyid_value@flash.isocurrencycode`` annotation) and 
 * Order lines (salesorderdetail) become OrderLineUpserted keyed by their order; amount = baseamount -
   manualdiscountamount (after line discount, before tax). Tombstones become *Deleted events; a line's carries
   the order id the poller remembered.
-* Returns: ``msdyn_rma`` rows carry their products (``msdyn_rmaproducts``); amount = sum of the products'
-  ``msdyn_totalamount`` (only those with ``msdyn_credittoaccount`` unless ``credited_only`` is false);
-  ``msdyn_systemstatus`` Pending -> pending, Received -> effective, Canceled -> cancelled. A custom return
-  table maps through ``return_source.fields``.
+* Returns: ``msdyn_rma`` rows carry their products (``msdyn_rmaproducts``, attached by the poller). The amount
+  is the RMA's documented ``msdyn_totalamount`` (all RMA products including tax); when ``credited_only`` (default)
+  drops products whose ``msdyn_credittoaccount`` is false, it is the sum of the remaining products'
+  ``msdyn_totalamount``. ``msdyn_systemstatus`` 690970000 Pending -> pending, 690970001 Canceled -> cancelled,
+  690970002 Products Received -> effective. The original order number is in ``return_source.order_number_field``
+  (default ``msdyn_referenceno``), the customer in ``_msdyn_requestedbycontact_value`` else
+  ``_msdyn_serviceaccount_value``. A custom return table maps through ``return_source.fields``.
+
+Every Dataverse name and option value used here is listed, with its source, in ``docs/vendor-facts.md``
+(section "Dynamics 365 CE (Dataverse)"); ``VENDOR_FIELDS`` declares them for ``tests/unit/test_vendor_facts.py``.
 """
 
 from __future__ import annotations
@@ -54,15 +60,54 @@ from canonical.events import (
 from canonical.topics import CANONICAL_CUSTOMER, CANONICAL_ORDER, CANONICAL_PRODUCT, CANONICAL_RETURN
 from normalizer.mappers import MapResult
 
-__all__ = ["CURRENCY_ANNOTATION", "LOGICAL_ANNOTATION", "lifecycle", "map_record"]
+__all__ = [
+    "CURRENCY_ANNOTATION",
+    "LOGICAL_ANNOTATION",
+    "ORDER_STATE_LIFECYCLE",
+    "RMA_LIFECYCLE",
+    "VENDOR_FIELDS",
+    "lifecycle",
+    "map_record",
+]
 
 CURRENCY_ANNOTATION = "_transactioncurrencyid_value@flash.isocurrencycode"
 LOGICAL_ANNOTATION = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 FORMATTED = "@OData.Community.Display.V1.FormattedValue"
 RMA_PRODUCTS = "msdyn_rmaproducts"
 
-_STATE_LIFECYCLE: dict[int, Lifecycle] = {0: "pending", 1: "pending", 2: "cancelled", 3: "awardable", 4: "awardable"}
-_RMA_STATUS = {690970000: "pending", 690970001: "effective", 690970002: "cancelled"}
+# docs/vendor-facts.md: option salesorder.statecode (0 Active, 1 Submitted, 2 Canceled, 3 Fulfilled, 4 Invoiced).
+ORDER_STATE_LIFECYCLE: dict[int, Lifecycle] = {
+    0: "pending", 1: "pending", 2: "cancelled", 3: "awardable", 4: "awardable",
+}
+# docs/vendor-facts.md: option msdyn_rma.msdyn_systemstatus (690970000 Pending, 690970001 Canceled,
+# 690970002 Products Received). Not the RMA product's msdyn_itemstatus, whose 690970001 is Received.
+RMA_LIFECYCLE: dict[int, str] = {690970000: "pending", 690970001: "cancelled", 690970002: "effective"}
+RMA_ORDER_NUMBER_FIELD = "msdyn_referenceno"
+"""Default ``return_source.order_number_field`` (UNCONFIRMED tenant convention, docs/vendor-facts.md)."""
+
+VENDOR_FIELDS: dict[str, frozenset[str]] = {
+    "salesorder": frozenset({
+        "ordernumber", "_customerid_value", "emailaddress", "statuscode", "statecode", "exchangerate",
+        "totalamount", "totaltax", "freightamount", "discountamount", "submitdate", "createdon",
+        "_transactioncurrencyid_value",
+    }),
+    "salesorderdetail": frozenset({
+        "_salesorderid_value", "baseamount", "quantity", "priceperunit", "manualdiscountamount", "_productid_value",
+        "productdescription",
+    }),
+    "account": frozenset({"name", "accountnumber", "emailaddress1", "statecode"}),
+    "contact": frozenset({"fullname", "firstname", "lastname", "emailaddress1", "_parentcustomerid_value",
+                          "statecode"}),
+    "product": frozenset({"price", "productnumber", "name", "statecode", "new_category"}),
+    "msdyn_rma": frozenset({
+        "msdyn_name", RMA_ORDER_NUMBER_FIELD, "msdyn_systemstatus", "msdyn_totalamount", "exchangerate",
+        "_msdyn_requestedbycontact_value", "_msdyn_serviceaccount_value", "_transactioncurrencyid_value",
+    }),
+    "msdyn_rmaproduct": frozenset({
+        "msdyn_rmaproductid", "msdyn_credittoaccount", "msdyn_totalamount", "_msdyn_product_value",
+        "msdyn_quantitytoreturn", "exchangerate",
+    }),
+}
 _LIFECYCLES = ("pending", "awardable", "cancelled")
 
 
@@ -80,7 +125,7 @@ def lifecycle(statecode: Any, statuscode: Any, overrides: Mapping[str, str] | No
             )
         return value  # type: ignore[return-value]
     try:
-        return _STATE_LIFECYCLE[int(statecode)]
+        return ORDER_STATE_LIFECYCLE[int(statecode)]
     except (KeyError, TypeError, ValueError):
         raise Unmappable(
             f"salesorder statecode {statecode!r} (statuscode {statuscode!r}) is not a known order state "
@@ -236,7 +281,7 @@ def _product(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]
 def _rma(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) -> list[tuple[str, Envelope]]:
     what = f"msdyn_rma {raw.source_id}"
     rs = settings.get("return_source") or {}
-    order_field = str(rs.get("order_number_field", "msdyn_referencenumber"))
+    order_field = str(rs.get("order_number_field", RMA_ORDER_NUMBER_FIELD))
     credited_only = bool(rs.get("credited_only", True))
     number = _str(rec.get(order_field))
     if not number and not raw.order_source_id:
@@ -248,34 +293,42 @@ def _rma(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) ->
     if not isinstance(products, list):
         raise Unmappable(f"{what}: payload lacks its {RMA_PRODUCTS} (the CE poller assembles them); re-fetch it")
     lines: list[ReturnLineData] = []
-    rate: Decimal | None = None
+    rate: Decimal | None = _money(rec, "exchangerate")
+    dropped = False
     for p in products:
         if credited_only and p.get("msdyn_credittoaccount") is False:
+            dropped = True
             continue
-        amount = _money(p, "msdyn_totalamount") or Decimal(0)
         lines.append(ReturnLineData(
             line_id=str(p.get("msdyn_rmaproductid")),
             product_source_id=_lower(p.get("_msdyn_product_value")),
-            quantity=_money(p, "msdyn_quantity") or Decimal(1),
-            amount=amount,
+            quantity=_money(p, "msdyn_quantitytoreturn") or Decimal(1),
+            amount=_money(p, "msdyn_totalamount") or Decimal(0),
         ))
         rate = rate or _money(p, "exchangerate")
+    # The RMA's own msdyn_totalamount is "all RMA products including tax" (docs/vendor-facts.md); only when some
+    # products are not credited is the amount the sum of those that are.
+    header_total = _money(rec, "msdyn_totalamount")
+    amount = sum((ln.amount for ln in lines), Decimal(0)) if dropped or header_total is None else header_total
     status = rec.get("msdyn_systemstatus")
     overrides = rs.get("status_overrides") or {}
-    life = overrides.get(str(status)) or _RMA_STATUS.get(status if isinstance(status, int) else -1)
+    life = overrides.get(str(status)) or RMA_LIFECYCLE.get(status if isinstance(status, int) else -1)
     if life is None:
         raise Unmappable(f"{what}: msdyn_systemstatus {status!r} is unknown; map it in "
                          "return_source.status_overrides (pending | effective | cancelled)")
+    customer_field = rs.get("customer_field")
+    customer = rec.get(str(customer_field)) if customer_field else (
+        rec.get("_msdyn_requestedbycontact_value") or rec.get("_msdyn_serviceaccount_value"))
     data = ReturnData(
         return_number=_str(rec.get("msdyn_name")),
         original_order_source_id=raw.order_source_id,
         original_order_number=number,
-        customer_source_id=_lower(rec.get("_msdyn_customer_value")),
+        customer_source_id=_lower(customer),
         status=str(status),
         lifecycle=life,
         currency=_currency(rec, settings, what),
         exchange_rate=rate,
-        amount=sum((ln.amount for ln in lines), Decimal(0)),
+        amount=amount,
         lines=tuple(lines),
     )
     return [(CANONICAL_RETURN, ReturnUpserted(**_envelope(raw), **{"return": data}))]

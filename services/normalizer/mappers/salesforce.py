@@ -21,6 +21,9 @@ with columns ``"ReturnOrder.OrderId"``; both are read alike) and the connection'
     > 0 becomes a ReturnUpserted "cancellation" of ``QuantityCanceled x UnitPrice`` anchored through
     ``OrderSummary.OriginalOrderId``. Change orders and OrderSummary rows produce nothing: OrderSummary
     totals are net of cancels AND returns, so using them as well would count a refund twice.
+  - ``order_summary``: as ``order_management``, but the order comes from the OrderSummary (keyed by its
+    ``OriginalOrderId``; lifecycle from ``settings.summary_status_map``, total = ``OriginalOrder.TotalAmount``);
+    Order rows produce nothing.
 * Returns (``settings.refunds``; default ``return_order`` in order mode, ``credit_memo`` in OM):
   - ``return_order``: each ReturnOrderLineItem is a return anchored to ``ReturnOrder.OrderId``; amount =
     ``QuantityReturned x OrderItem.UnitPrice`` (effective once received; ``Canceled`` -> cancelled).
@@ -165,8 +168,13 @@ def _mode(settings: Mapping[str, Any]) -> str:
     return str(settings.get("mode") or "order")
 
 
+def _om(settings: Mapping[str, Any]) -> bool:
+    """Order Management in play (``order_management`` or ``order_summary`` mode)."""
+    return _mode(settings) in ("order_management", "order_summary")
+
+
 def _refunds(settings: Mapping[str, Any]) -> str:
-    return str(settings.get("refunds") or ("credit_memo" if _mode(settings) == "order_management" else "return_order"))
+    return str(settings.get("refunds") or ("credit_memo" if _om(settings) else "return_order"))
 
 
 def order_lifecycle(status: str | None, status_code: str | None, status_map: Mapping[str, str] | None) -> Lifecycle:
@@ -189,6 +197,12 @@ def _external_id(obj: str, rec: Mapping[str, Any], settings: Mapping[str, Any]) 
     return _str(rec, str(field)) if field else None
 
 
+def _customer_kind(rec: Mapping[str, Any]) -> str:
+    """``person_account`` when the order's Account is a person account (``Account.IsPersonAccount``, selected
+    when the org has person accounts), else ``account`` (docs/vendor-facts.md, Salesforce)."""
+    return "person_account" if _bool(rec, "Account.IsPersonAccount") else "account"
+
+
 # ------------------------------------------------------------------------------------------------ entities
 
 
@@ -196,7 +210,7 @@ def _order(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) 
     what = f"Order {raw.source_id}"
     currency = _currency(rec, settings, what)
     if _bool(rec, "IsReductionOrder"):
-        if _mode(settings) == "order_management":
+        if _om(settings):
             return []  # OM change orders: the OrderItemSummary quantities and credit memos carry the facts
         original = _str(rec, "OriginalOrderId")
         if not original:
@@ -209,11 +223,13 @@ def _order(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) 
             amount=abs(_dec(rec, "TotalAmount", required=True, what=what) or _ZERO),
         )
         return [(CANONICAL_RETURN, ReturnUpserted(**_envelope(raw), return_=ret))]
+    if _mode(settings) == "order_summary":
+        return []  # the OrderSummary carries the order (its lifecycle and total) in this mode
     status = _str(rec, "Status")
     order = OrderData(
         order_number=_str(rec, "OrderNumber"),
         customer_source_id=_str(rec, "AccountId"),
-        customer_entity="Account" if _get(rec, "AccountId") else None,
+        customer_entity=_customer_kind(rec) if _get(rec, "AccountId") else None,
         email=_str(rec, "Account.PersonEmail") or _str(rec, "BillToContact.Email"),
         status=status or "",
         status_label=status,
@@ -295,6 +311,19 @@ _MEMO_STATUS = {"Posted": "effective", "Draft": "pending", "Canceled": "cancelle
                 "Void": "cancelled", "Voided": "cancelled"}
 
 
+def _memo_lifecycle(status: str, settings: Mapping[str, Any], what: str) -> str:
+    """CreditMemo.Status -> return lifecycle: ``settings.memo_status_map`` over the defaults (the picklist's
+    values are UNCONFIRMED in the reference; docs/vendor-facts.md, Salesforce)."""
+    table = {**_MEMO_STATUS, **dict(settings.get("memo_status_map") or {})}
+    value = table.get(status)
+    if value is None:
+        raise Unmappable(f"{what}: Status {status!r} is not in settings.memo_status_map; map it to pending, "
+                         "effective or cancelled")
+    if value not in ("pending", "effective", "cancelled"):
+        raise Unmappable(f"settings.memo_status_map[{status!r}] is {value!r}; use pending, effective or cancelled")
+    return str(value)
+
+
 def _credit_memo(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) -> Events:
     if _refunds(settings) != "credit_memo":
         return []
@@ -309,7 +338,7 @@ def _credit_memo(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, 
     ret = ReturnData(
         return_number=_str(rec, "DocumentNumber"), original_order_source_id=order_id,
         customer_source_id=_str(rec, "BillingAccountId"), status=status,
-        lifecycle=_MEMO_STATUS.get(status, "effective"),
+        lifecycle=_memo_lifecycle(status, settings, what),
         currency=_currency(rec, settings, what), amount=_dec(rec, "TotalAmount", required=True, what=what) or _ZERO,
     )
     return [(CANONICAL_RETURN, ReturnUpserted(**_envelope(raw), return_=ret))]
@@ -363,6 +392,44 @@ def _pricebook_entry(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[s
                                                 product=data))]
 
 
+DEFAULT_SUMMARY_STATUS_MAP: dict[str, str] = {
+    "Created": "pending", "Approved": "pending", "Waiting to Fulfill": "pending", "Fulfilled": "awardable",
+    "Canceled": "cancelled", "Cancelled": "cancelled",
+}
+"""UNCONFIRMED defaults (OrderSummary.Status has no category; docs/vendor-facts.md, Salesforce); the connection's
+``settings.summary_status_map`` overrides them."""
+
+
+def _order_summary(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) -> Events:
+    """``order_summary`` mode: the OrderSummary is the order. Keyed by its original Order's id (returns,
+    cancellations and credit memos are anchored there), lifecycle from ``settings.summary_status_map``, total
+    = the original order's ``TotalAmount`` (pre-tax, before cancels and returns, which arrive as returns: the
+    summary's own totals are net of them and would count a refund twice)."""
+    if _mode(settings) != "order_summary":
+        return []  # other modes: the Order carries the order (see the module docstring)
+    what = f"OrderSummary {raw.source_id}"
+    original = _str(rec, "OriginalOrderId")
+    if not original:
+        raise Unmappable(f"{what}: no OriginalOrderId; an OrderSummary always mirrors an original Order")
+    status = _str(rec, "Status")
+    table = {**DEFAULT_SUMMARY_STATUS_MAP, **dict(settings.get("summary_status_map") or {})}
+    lifecycle = table.get(status or "")
+    if lifecycle not in _LIFECYCLES:
+        raise Unmappable(f"{what}: Status {status!r} is not in settings.summary_status_map; map it to pending, "
+                         "awardable or cancelled")
+    total = _dec(rec, "OriginalOrder.TotalAmount", required=True, what=what) or _ZERO
+    order = OrderData(
+        order_number=_str(rec, "OrderNumber") or _str(rec, "OriginalOrder.OrderNumber"),
+        customer_source_id=_str(rec, "AccountId"),
+        customer_entity=_customer_kind(rec) if _get(rec, "AccountId") else None,
+        email=_str(rec, "Account.PersonEmail") or _str(rec, "BillingEmailAddress"),
+        status=status or "", status_label=status, lifecycle=lifecycle,
+        currency=_currency(rec, settings, what), total_amount=total, lines=None,
+        placed_at=_time(_get(rec, "OrderedDate")) or _time(_get(rec, "CreatedDate")),
+    )
+    return [(CANONICAL_ORDER, OrderUpserted(**_envelope(raw, source_id=original), order=order))]
+
+
 def _ignored(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]) -> Events:
     return []  # OrderSummary / ReturnOrder headers: see the module docstring
 
@@ -370,7 +437,7 @@ def _ignored(raw: RawRecord, rec: Mapping[str, Any], settings: Mapping[str, Any]
 _UPSERT: dict[str, Callable[[RawRecord, Mapping[str, Any], Mapping[str, Any]], Events]] = {
     "Order": _order, "OrderItem": _order_item, "ReturnOrderLineItem": _return_line,
     "OrderItemSummary": _item_summary, "CreditMemo": _credit_memo, "Account": _account, "Contact": _contact,
-    "Product2": _product, "PricebookEntry": _pricebook_entry, "OrderSummary": _ignored, "ReturnOrder": _ignored,
+    "Product2": _product, "PricebookEntry": _pricebook_entry, "OrderSummary": _order_summary, "ReturnOrder": _ignored,
 }
 
 
@@ -379,8 +446,15 @@ def _delete(raw: RawRecord, rec: Mapping[str, Any] | None, settings: Mapping[str
     match raw.entity:
         case "Order":
             if rec is not None and _bool(rec, "IsReductionOrder"):
-                return [] if _mode(settings) == "order_management" else [(CANONICAL_RETURN, ReturnDeleted(**env))]
+                return [] if _om(settings) else [(CANONICAL_RETURN, ReturnDeleted(**env))]
+            if _mode(settings) == "order_summary":
+                return []  # the OrderSummary carries the order in this mode
             return [(CANONICAL_ORDER, OrderDeleted(**env))]
+        case "OrderSummary":
+            if _mode(settings) != "order_summary":
+                return []
+            original = (_str(rec, "OriginalOrderId") if rec else None) or raw.order_source_id
+            return [(CANONICAL_ORDER, OrderDeleted(**_envelope(raw, source_id=original)))] if original else []
         case "OrderItem":
             order_id = (_str(rec, "OrderId") if rec else None) or raw.order_source_id
             return [(CANONICAL_ORDER, OrderLineDeleted(**env, order_id=order_id))]

@@ -15,7 +15,7 @@ Addressing (one aiohttp app, any number of tenants and orgs; ``base`` is the ser
 Tables (entity sets): salesorders, salesorderdetails, accounts, contacts, products, invoices,
 transactioncurrencies, organizations (``expirechangetrackingindays``), msdyn_rmas, msdyn_rmaproducts.
 Tenant conventions chosen here: an RMA names its original order by order number in
-``msdyn_rma.msdyn_referencenumber`` (customer in ``_msdyn_customer_value``, account in
+``msdyn_rma.msdyn_referenceno`` (contact in ``_msdyn_requestedbycontact_value``, account in
 ``_msdyn_serviceaccount_value``); a product's category is the custom column ``new_category`` and, equally,
 its parent product family (``_parentproductid_value`` -> a product row with ``productstructure`` 2).
 

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from sandbox.dataverse import mutations
+from sandbox.dataverse.metadata import csdl, entity_definitions, not_implemented
 from sandbox.dataverse.odata import (
     Annotations,
     Renderer,
@@ -366,19 +367,16 @@ async def _dispatch(
                 "OrganizationId": org.organization_id,
             }
         )
-    if path == "EntityDefinitions":
-        rows = [
-            {
-                "LogicalName": e.logical,
-                "EntitySetName": e.entity_set,
-                "ChangeTrackingEnabled": e.change_tracking,
-                "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, e.logical)),
-            }
-            for e in ENTITIES.values()
-        ]
-        if "ChangeTrackingEnabled eq true" in request.query.get("$filter", ""):
-            rows = [r for r in rows if r["ChangeTrackingEnabled"]]
-        return _json({"@odata.context": f"{api_root}$metadata#EntityDefinitions", "value": rows})
+    if path == "$metadata":
+        return web.Response(text=csdl(annotations=request.query.get("annotations") == "true"),
+                             content_type="application/xml", charset="utf-8")
+    if path.startswith("EntityDefinitions"):
+        if request.method != "GET":
+            raise not_implemented(f"{request.method} on EntityDefinitions")
+        return _json(entity_definitions(path, request.query, api_root))
+    if path == "$batch":
+        # docs/vendor-facts.md "query $batch": refused, no Flash component sends batches.
+        raise not_implemented("$batch")
     m = _PATH.match(path)
     if not m or m.group("set") not in ENTITIES:
         segment = (m.group("set") if m else path.split("/")[0].split("(")[0]) or path

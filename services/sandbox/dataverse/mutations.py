@@ -302,12 +302,14 @@ def add_rma(
     lines: Sequence[tuple[str, Decimal | int]] | None = None,
     credit_to_account: bool = True,
     name: str | None = None,
-    systemstatus: int = 690970001,
+    systemstatus: int = 690970002,
 ) -> Row:
-    """Create an ``msdyn_rma`` for an order (order number in ``msdyn_referencenumber``) with products.
+    """Create an ``msdyn_rma`` for an order (order number in ``msdyn_referenceno``) with products.
 
     ``lines`` are ``(salesorderdetailid, quantity)``; default: one unit of the first line.  Each RMA product
-    is valued at the line's net unit price (``extendedamount / quantity``).
+    is valued at the line's net unit price including tax (``extendedamount / quantity``); the RMA's
+    ``msdyn_totalamount`` is the sum of its products (docs/vendor-facts.md: "all RMA products including tax").
+    ``systemstatus`` defaults to 690970002 Products Received.
     """
     so = org.tables["salesorders"]
     sod = org.tables["salesorderdetails"]
@@ -325,36 +327,43 @@ def add_rma(
     cust, kind = order[p["_customerid_value"]], order[p["_customerid_value#type"]]
     account = cust if kind == "account" else _parent_account(org, cust)
     number = name or f"RMA-{len(rmas) + 1:05d}"
+    items: list[tuple[Row, Decimal, int]] = []
+    for line_id, qty in chosen:
+        ln = order_lines[line_id.lower()]
+        lq = ln[sod.pos["quantity"]] or Decimal(1)
+        unit = round_cents(Decimal(ln[sod.pos["extendedamount"]] or 0) / lq)
+        items.append((ln, min(Decimal(qty), lq), unit))
     rma = rmas.insert_prepared(
         {
             "msdyn_name": number,
-            "msdyn_referencenumber": order[p["ordernumber"]],
+            "msdyn_referenceno": order[p["ordernumber"]],
             "_msdyn_serviceaccount_value": account,
-            "_msdyn_customer_value": cust,
-            "_msdyn_customer_value#type": kind,
+            "_msdyn_billingaccount_value": account,
+            "_msdyn_requestedbycontact_value": cust if kind == "contact" else None,
             "msdyn_description": f"Return for {order[p['ordernumber']]}",
             "msdyn_systemstatus": systemstatus,
+            "msdyn_taxable": True,
+            "msdyn_totalamount": sum(round_cents(Decimal(unit) * q) for _, q, unit in items),
             "statecode": 0,
             "statuscode": 1,
             "_transactioncurrencyid_value": order[p["_transactioncurrencyid_value"]],
+            "exchangerate": order[p["exchangerate"]],
         }
     )
     rid = rma[rmas.pos["msdyn_rmaid"]]
     rp = org.tables["msdyn_rmaproducts"]
-    for i, (line_id, qty) in enumerate(chosen, start=1):
-        ln = order_lines[line_id.lower()]
-        lq = ln[sod.pos["quantity"]] or Decimal(1)
-        unit = round_cents(Decimal(ln[sod.pos["extendedamount"]] or 0) / lq)
-        q = min(Decimal(qty), lq)
+    for i, (ln, q, unit) in enumerate(items, start=1):
         rp.insert_prepared(
             {
                 "msdyn_name": f"{number}-{i}",
                 "_msdyn_rma_value": rid,
                 "_msdyn_product_value": ln[sod.pos["_productid_value"]],
-                "msdyn_quantity": q,
+                "msdyn_quantitytoreturn": q,
                 "msdyn_unitamount": unit,
                 "msdyn_totalamount": round_cents(Decimal(unit) * q),
                 "msdyn_credittoaccount": credit_to_account,
+                "msdyn_taxable": True,
+                "msdyn_itemstatus": 690970001 if systemstatus == 690970002 else 690970000,
                 "statecode": 0,
                 "statuscode": 1,
                 "_transactioncurrencyid_value": order[p["_transactioncurrencyid_value"]],

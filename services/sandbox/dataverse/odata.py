@@ -36,7 +36,12 @@ __all__ = [
 FORMATTED = "OData.Community.Display.V1.FormattedValue"
 LOOKUP_LOGICAL = "Microsoft.Dynamics.CRM.lookuplogicalname"
 NAV_PROPERTY = "Microsoft.Dynamics.CRM.associatednavigationproperty"
-QUERY_ERROR = "0x8006088a"
+QUERY_ERROR = "0x0"
+"""OData-layer query errors (unknown property, syntax): code ``0x0`` as documented for "Could not find a property
+named" (docs/vendor-facts.md "error unknown property")."""
+# docs/vendor-facts.md "query supported options" / "query unsupported options".
+SUPPORTED_OPTIONS = {"$select", "$filter", "$orderby", "$top", "$count", "$skiptoken", "$deltatoken"}
+NOT_SIMULATED_OPTIONS = {"$expand", "$apply"}
 
 
 def query_error(message: str) -> DataverseError:
@@ -254,10 +259,15 @@ class Query:
 
 def parse_query(table: Table, params: Mapping[str, str]) -> Query:
     ent = table.entity
-    has = {k.lower() for k in params if k.startswith("$")}
-    for unsupported in ("$skip",):
-        if unsupported in has:
-            raise query_error("The query parameter $skip is not supported")
+    has = {k for k in params if k.startswith("$")}
+    for opt in sorted(has):
+        if opt in NOT_SIMULATED_OPTIONS:
+            # Dataverse supports these; the simulator refuses them rather than answer unfiltered rows.
+            raise DataverseError(501, QUERY_ERROR, f"The query option '{opt}' is not implemented by this "
+                                                   "Dataverse simulator.")
+        if opt not in SUPPORTED_OPTIONS:
+            # $skip, $search, $format are documented as unsupported; option names are case-sensitive.
+            raise query_error(f"The query parameter '{opt}' is not supported.")
     select = None
     if "$select" in params:
         select = [s.strip() for s in params["$select"].split(",") if s.strip()]
@@ -289,9 +299,6 @@ def parse_query(table: Table, params: Mapping[str, str]) -> Query:
             raise query_error(f"Invalid value '{text}' for $top query option found.")
         top = int(text)
     count = params.get("$count", "").lower() == "true"
-    if "$expand" in params:
-        # Navigation expansion is not simulated; say so the way the service reports unknown properties.
-        raise query_error("$expand is not supported by this sandbox.")
     return Query(
         select, predicate, orderby, top, count, params.get("$skiptoken"), params.get("$deltatoken"), has
     )

@@ -89,12 +89,12 @@ _SYSTEM = (
     Column("versionnumber", "version", readonly=True),
 )
 
-# salesorder statecode/statuscode (reference A2; 700970000 from the 2024 revision).
+# salesorder statecode/statuscode: docs/vendor-facts.md "option salesorder.*" rows. Other status reasons
+# (700970000, 100000001, ...) are organisation-defined: the seed adds them per org (Org.add_status_reason).
 ORDER_STATE = {0: "Active", 1: "Submitted", 2: "Canceled", 3: "Fulfilled", 4: "Invoiced"}
 ORDER_STATUS = {
     1: "New",
     2: "Pending",
-    700970000: "In Progress",
     3: "In Progress",
     4: "No Money",
     100001: "Complete",
@@ -102,7 +102,7 @@ ORDER_STATUS = {
     100003: "Invoiced",
 }
 # statuscode -> statecode it belongs to (org-defined custom reasons are added per org).
-ORDER_STATUS_STATE = {1: 0, 2: 0, 700970000: 0, 3: 1, 4: 2, 100001: 3, 100002: 3, 100003: 4}
+ORDER_STATUS_STATE = {1: 0, 2: 0, 3: 1, 4: 2, 100001: 3, 100002: 3, 100003: 4}
 
 _MONEY_TOTALS = (
     _money("totallineitemamount"),
@@ -137,7 +137,7 @@ SALESORDER = Entity(
         Column("description", "str"),
         Column("submitdate", "datetime"),
         Column("datefulfilled", "datetime"),
-        Column("exchangerate", "decimal", readonly=True, scale=10),
+        Column("exchangerate", "decimal", readonly=True, scale=12),
         *_MONEY_TOTALS,
         *_SYSTEM,
     ),
@@ -184,6 +184,8 @@ ACCOUNT = Entity(
         Column("accountnumber", "str"),
         Column("emailaddress1", "str"),
         Column("telephone1", "str"),
+        Column("fax", "str"),
+        _money("revenue"),
         Column("address1_city", "str"),
         Column("address1_country", "str"),
         _opt("statecode", {0: "Active", 1: "Inactive"}),
@@ -309,8 +311,9 @@ ORGANIZATION = Entity(
     privilege="Organization",
 )
 
-# Field Service return merchandise authorisation.  The link to the original sales order is a tenant
-# convention (reference addendum); this sandbox puts the order number in ``msdyn_referencenumber``.
+# Field Service return merchandise authorisation (docs/vendor-facts.md "msdyn_rma" rows). It has no link to a
+# sales order; this simulator's tenants put the order number in the documented "Reference No" column
+# (``msdyn_referenceno``), the convention the CE poller's ``return_source.order_number_field`` defaults to.
 RMA = Entity(
     "msdyn_rma",
     "msdyn_rmas",
@@ -319,14 +322,18 @@ RMA = Entity(
     (
         Column("msdyn_rmaid", "guid"),
         Column("msdyn_name", "str"),
-        Column("msdyn_referencenumber", "str"),
+        Column("msdyn_referenceno", "str"),
         _lookup("msdyn_serviceaccount", "account"),
-        _lookup("msdyn_customer", "account", "contact"),
+        _lookup("msdyn_billingaccount", "account"),
+        _lookup("msdyn_requestedbycontact", "contact"),
         Column("msdyn_description", "str"),
-        _opt("msdyn_systemstatus", {690970000: "Pending", 690970001: "Received", 690970002: "Canceled"}),
+        _opt("msdyn_systemstatus", {690970000: "Pending", 690970001: "Canceled", 690970002: "Products Received"}),
+        Column("msdyn_taxable", "bool"),
+        _money("msdyn_totalamount"),
         _opt("statecode", {0: "Active", 1: "Inactive"}),
         _opt("statuscode", {1: "Active", 2: "Inactive"}),
         _lookup("transactioncurrencyid", "transactioncurrency"),
+        Column("exchangerate", "decimal", readonly=True, scale=10),
         *_SYSTEM,
     ),
     privilege="msdyn_rma",
@@ -342,10 +349,12 @@ RMAPRODUCT = Entity(
         Column("msdyn_name", "str"),
         _lookup("msdyn_rma", "msdyn_rma"),
         _lookup("msdyn_product", "product"),
-        Column("msdyn_quantity", "decimal", scale=2),
+        Column("msdyn_quantitytoreturn", "decimal", scale=2),
         _money("msdyn_unitamount"),
         _money("msdyn_totalamount"),
         Column("msdyn_credittoaccount", "bool"),
+        Column("msdyn_taxable", "bool"),
+        _opt("msdyn_itemstatus", {690970000: "Pending", 690970001: "Received", 690970002: "Canceled"}),
         _opt("statecode", {0: "Active", 1: "Inactive"}),
         _opt("statuscode", {1: "Active", 2: "Inactive"}),
         _lookup("transactioncurrencyid", "transactioncurrency"),

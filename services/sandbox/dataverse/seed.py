@@ -109,6 +109,7 @@ def seed_org(
 
     org.add_status_reason("salesorder", 100000001, "Delivered", statecode=3)
     org.add_status_reason("salesorder", 100000002, "Fraud Suspected", statecode=2)
+    org.add_status_reason("salesorder", 700970000, "In Progress", statecode=0)
 
     cur_ids: dict[str, tuple[str, Decimal]] = {}
     ct = t["transactioncurrencies"]
@@ -351,7 +352,7 @@ def seed_org(
             oid,
             lines=[(pick[0], qty)],
             credit_to_account=rng.random() < 0.8,
-            systemstatus=rng.choice([690970000, 690970001, 690970001]),
+            systemstatus=rng.choice([690970000, 690970002, 690970002]),
         )
     summary.rmas = len(rma_candidates)
     return summary
@@ -421,7 +422,7 @@ def ground_truth(org: Org) -> Iterator[OrderTruth]:
                 )
             )
         returns = []
-        for rma in rmas.lookup("msdyn_referencenumber", order[p["ordernumber"]]):
+        for rma in rmas.lookup("msdyn_referenceno", order[p["ordernumber"]]):
             for item in rp.lookup("_msdyn_rma_value", rma[0]):
                 returns.append(
                     {
@@ -429,7 +430,7 @@ def ground_truth(org: Org) -> Iterator[OrderTruth]:
                         "msdyn_name": rma[rmas.pos["msdyn_name"]],
                         "msdyn_rmaproductid": item[0],
                         "productid": item[rp.pos["_msdyn_product_value"]],
-                        "quantity": item[rp.pos["msdyn_quantity"]],
+                        "quantity": item[rp.pos["msdyn_quantitytoreturn"]],
                         "totalamount": from_units(item[rp.pos["msdyn_totalamount"]] or 0),
                         "credittoaccount": item[rp.pos["msdyn_credittoaccount"]],
                     }

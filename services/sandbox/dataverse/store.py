@@ -43,7 +43,7 @@ _INDEXED = {
     "salesorderdetails": ("_salesorderid_value",),
     "salesorders": ("ordernumber",),
     "msdyn_rmaproducts": ("_msdyn_rma_value",),
-    "msdyn_rmas": ("msdyn_referencenumber",),
+    "msdyn_rmas": ("msdyn_referenceno",),
     "invoices": ("_salesorderid_value",),
 }
 _UNITS = Decimal(10000)

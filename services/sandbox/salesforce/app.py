@@ -154,12 +154,18 @@ class _Api:
         self.state.bump("token_requests")
         if host not in self.state.my_domain_hosts:
             return _oauth_error(400, "invalid_grant", "request not supported on this domain")
-        if grant != "client_credentials":
+        if grant not in ("client_credentials", "refresh_token"):
             return _oauth_error(400, "unsupported_grant_type", "grant type not supported")
         org = self.state.org_for_client(client_id)
         if org is None or not client_id:
             return _oauth_error(400, "invalid_client_id", "client identifier invalid")
-        if client_secret != org.client_secret:
+        if grant == "refresh_token":
+            # docs/vendor-facts.md (Salesforce, refresh_token grant): the secret is optional for this grant
+            if client_secret and client_secret != org.client_secret:
+                return _oauth_error(400, "invalid_client", "invalid client credentials")
+            if str(form.get("refresh_token", "")) != org.refresh_token:
+                return _oauth_error(400, "invalid_grant", "expired access/refresh token")
+        elif client_secret != org.client_secret:
             return _oauth_error(400, "invalid_client", "invalid client credentials")
         path_org = request.match_info.get("org")
         if path_org is not None and path_org != org.name:
@@ -185,6 +191,7 @@ class _Api:
         return web.json_response(
             {
                 "DailyApiRequests": {"Max": maximum, "Remaining": max(0, maximum - used)},
+                "DailyBulkApiBatches": {"Max": 15000, "Remaining": 15000},
                 "DailyBulkV2QueryJobs": {
                     "Max": org.bulk_jobs_max,
                     "Remaining": org.bulk_jobs_max - len(org.bulk_job_times),
@@ -202,6 +209,7 @@ class _Api:
         if q is None:
             raise SalesforceError(400, "MALFORMED_QUERY", "A query string has to be specified")
         query = parse_soql(q)
+        self._check_features(org, query.sobject.name, q)
         batch = self._batch_size(request)
         ids = org.execute(query, include_deleted=include_deleted)
         org.bump("queries")
@@ -212,6 +220,27 @@ class _Api:
         if len(ids) > batch:
             org.cursors[cursor_id] = cursor
         return self._page(request, org, cursor_id, cursor, 0, batch)
+
+    @staticmethod
+    def _check_features(org: Org, obj: str, soql: str) -> None:
+        """An org without multicurrency / person accounts / Order Management has no such fields or
+        objects: Salesforce answers INVALID_TYPE / INVALID_FIELD (docs/vendor-facts.md, Salesforce)."""
+        if not org.has_object(obj):
+            raise SalesforceError(400, "INVALID_TYPE", f"sObject type '{obj}' is not supported. If you are attempting "
+                                  "to use a custom object, be sure to append the '__c' after the entity name.")
+        hidden = org.hidden_fields()
+        if not hidden:
+            return
+        for token in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", soql):
+            name = token.rsplit(".", 1)[-1]
+            if name in hidden:
+                raise SalesforceError(400, "INVALID_FIELD", f"No such column '{name}' on entity '{obj}'. If you are "
+                                      "attempting to use a custom field, be sure to append the '__c' after the "
+                                      "custom field name. Please reference your WSDL or the describe call for the "
+                                      "appropriate names.")
+        for obj_name in re.findall(r"\bFROM\s+([A-Za-z_][A-Za-z0-9_]*)", soql, re.I):
+            if not org.has_object(obj_name):
+                raise SalesforceError(400, "INVALID_TYPE", f"sObject type '{obj_name}' is not supported.")
 
     def _batch_size(self, request: web.Request) -> int:
         m = re.search(r"batchSize=(\d+)", request.headers.get("Sforce-Query-Options", ""))
@@ -268,9 +297,40 @@ class _Api:
             org.render(obj, rec, self._fields(obj, fields.split(",") if fields else None), self._version(request))
         )
 
+    async def describe_global(self, request: web.Request) -> web.Response:
+        """Describe Global (docs/vendor-facts.md, Salesforce: REST resources_describeGlobal)."""
+        org = self._auth(request)
+        ver = self._version(request)
+        base = f"/services/data/v{ver}/sobjects"
+        return web.json_response({
+            "encoding": "UTF-8",
+            "maxBatchSize": 200,
+            "sobjects": [
+                {"name": od.name, "label": od.name, "labelPlural": od.name, "keyPrefix": od.prefix,
+                 "custom": False, "queryable": True, "retrieveable": True, "replicateable": True,
+                 "searchable": True, "createable": True, "updateable": True, "deletable": True,
+                 "undeletable": True, "triggerable": True, "layoutable": True, "activateable": False,
+                 "customSetting": False, "deprecatedAndHidden": False, "feedEnabled": False, "mergeable": False,
+                 "urls": {"sobject": f"{base}/{od.name}", "describe": f"{base}/{od.name}/describe",
+                          "rowTemplate": f"{base}/{od.name}/{{ID}}"}}
+                for od in SCHEMA.values() if org.has_object(od.name)
+            ],
+        })
+
+    async def bulk_v1(self, request: web.Request) -> web.Response:
+        """Bulk API 1.0 is not served: the vendor's Bulk 1.0 error body (XML), never 200."""
+        self._auth(request, count=False)
+        body = ('<?xml version="1.0" encoding="UTF-8"?><error xmlns="http://www.force.com/2009/06/asyncapi/dataload">'
+                "<exceptionCode>FeatureNotEnabled</exceptionCode><exceptionMessage>Bulk API 1.0 is not enabled in "
+                "this simulated org; use Bulk API 2.0 (/services/data/vXX.X/jobs/query)</exceptionMessage></error>")
+        return web.Response(status=400, text=body, content_type="application/xml")
+
     async def sobject_describe(self, request: web.Request) -> web.Response:
-        self._auth(request)
+        org = self._auth(request)
         od = SCHEMA[self._object(request.match_info["sobject"])]
+        if not org.has_object(od.name):
+            raise _not_found()
+        hidden = org.hidden_fields()
         return web.json_response(
             {
                 "name": od.name,
@@ -285,7 +345,7 @@ class _Api:
                         "relationshipName": f.relationship,
                         "nillable": f.name not in ("Id", "IsDeleted"),
                     }
-                    for f in od.fields.values()
+                    for f in od.fields.values() if f.name not in hidden
                 ],
             }
         )
@@ -376,6 +436,7 @@ class _Api:
         ):
             raise SalesforceError(400, "INVALIDJOB", "InvalidJob : the simulator supports CSV, COMMA and LF only")
         query = parse_soql(str(body.get("query", "")))
+        self._check_features(org, query.sobject.name, str(body.get("query", "")))
         if query.offset is not None:
             raise SalesforceError(400, "INVALIDJOB", "InvalidJob : OFFSET is not supported by Bulk API 2.0 query")
         now = org.clock.now_ms()
@@ -527,6 +588,9 @@ class _Api:
             "org_id": org.org_id,
             "user_id": org.user_id,
             "mode": org.mode,
+            "multi_currency": org.multi_currency,
+            "person_accounts": org.person_accounts,
+            "refresh_token": org.refresh_token,
             "client_id": org.client_id,
             "client_secret": org.client_secret,
             "my_domain": my_domain,
@@ -546,6 +610,8 @@ class _Api:
                 mode=str(body.get("mode", "order")),
                 client_id=body.get("client_id"),
                 client_secret=body.get("client_secret"),
+                multi_currency=bool(body.get("multi_currency", True)),
+                person_accounts=bool(body.get("person_accounts", True)),
             )
         except (KeyError, ValueError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
@@ -756,7 +822,10 @@ def build_app(state: SalesforceState) -> web.Application:
         r.add_get(d + "/{kind:query|queryAll}", api.query)
         r.add_get(d + "/{kind:query|queryAll}/", api.query)
         r.add_get(d + "/{kind:query|queryAll}/{locator}", api.query_more)
+        r.add_get(d + "/sobjects", api.describe_global)
+        r.add_get(d + "/sobjects/", api.describe_global)
         r.add_get(d + "/sobjects/{sobject}/describe", api.sobject_describe)
+        r.add_get(d + "/sobjects/{sobject}/describe/", api.sobject_describe)
         r.add_post(d + "/sobjects/{sobject}", api.sobject_create)
         r.add_post(d + "/sobjects/{sobject}/", api.sobject_create)
         r.add_get(d + "/sobjects/{sobject}/{id}", api.sobject_get)
@@ -771,6 +840,7 @@ def build_app(state: SalesforceState) -> web.Application:
         r.add_patch(d + "/jobs/query/{job}", api.bulk_patch)
         r.add_delete(d + "/jobs/query/{job}", api.bulk_delete)
         r.add_get(d + "/jobs/query/{job}/results", api.bulk_results)
+        r.add_route("*", prefix + "/services/async/{aver}/{tail:.*}", api.bulk_v1)
         r.add_post(prefix + "/cometd/{cver}", api.cometd)
         r.add_post(prefix + "/cometd/{cver}/{tail:.*}", api.cometd)
     _control_routes(r, api)

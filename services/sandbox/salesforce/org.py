@@ -90,6 +90,10 @@ class CdcEvent:
         return header
 
 
+PERSON_FIELDS = frozenset({"IsPersonAccount", "PersonEmail", "PersonContactId", "PersonHasOptedOutOfEmail"})
+OM_OBJECTS = frozenset({"OrderSummary", "OrderItemSummary", "OrderItemSummaryChange", "CreditMemo", "CreditMemoLine"})
+
+
 @dataclass
 class Cursor:
     """A REST query cursor: the matching ids are fixed when the query first runs."""
@@ -150,6 +154,8 @@ class Org:
         client_secret: str,
         mode: str = "order",
         seed: int = 0,
+        multi_currency: bool = True,
+        person_accounts: bool = True,
     ) -> None:
         if mode not in ("order", "order_management"):
             raise ValueError("mode must be 'order' or 'order_management'")
@@ -160,6 +166,9 @@ class Org:
         self.client_id = client_id
         self.client_secret = client_secret
         self.mode = mode
+        self.refresh_token = f"{name}-refresh-token"
+        self.multi_currency = multi_currency
+        self.person_accounts = person_accounts
         self.rng = random.Random(int.from_bytes(digest[:8], "big"))
         self.ids = IdFactory(pod=pod, base=int.from_bytes(digest[2:5], "big") % 50_000)
         self.org_id = to_18(f"00D{pod}0000{base62(int.from_bytes(digest[5:8], 'big'), 6)}")
@@ -204,6 +213,21 @@ class Org:
                 "SystemModstamp": user_ts,
             },
         )
+
+    # ------------------------------------------------------------------ features
+    def hidden_fields(self) -> frozenset[str]:
+        """Fields this org does not have (docs/vendor-facts.md, Salesforce: CurrencyIsoCode only with
+        multicurrency, the Person* fields only with person accounts)."""
+        out: set[str] = set()
+        if not self.multi_currency:
+            out.add("CurrencyIsoCode")
+        if not self.person_accounts:
+            out.update(PERSON_FIELDS)
+        return frozenset(out)
+
+    def has_object(self, obj: str) -> bool:
+        """Order Management objects exist only in Order Management orgs."""
+        return obj not in OM_OBJECTS or self.mode == "order_management"
 
     # ------------------------------------------------------------------ reads
     def lookup(self, record_id: str | None) -> dict[str, Any] | None:
@@ -614,9 +638,16 @@ class Org:
                 "commitUser": self.user_id,
                 "changedFields": change.changed,
             }
+            hidden = self.hidden_fields()
+            if change.change_type == "UPDATE":
+                header["nulledFields"] = [n for n, v in change.fields.items() if v is None and n not in hidden]
+            else:
+                header["nulledFields"] = []
+            header["diffFields"] = []
             payload: dict[str, Any] = {"ChangeEventHeader": header}
             for name, value in change.fields.items():
-                payload[name] = format_cdc(od.fields[name], value)
+                if name not in hidden:
+                    payload[name] = format_cdc(od.fields[name], value)
             self._append_event(change.entity, commit_ms, payload)
         self._notify()
 

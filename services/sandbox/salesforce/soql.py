@@ -36,7 +36,7 @@ __all__ = [
 _TOKEN = re.compile(
     r"""
     (?P<ws>\s+)
-  | (?P<dt>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,3})?(?:Z|[+-]\d{2}:?\d{2}))
+  | (?P<dt>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2}))
   | (?P<date>\d{4}-\d{2}-\d{2})
   | (?P<num>-?\d+(?:\.\d+)?)
   | (?P<str>'(?:[^'\\]|\\.)*')
@@ -79,8 +79,10 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def parse_datetime(text: str) -> int:
-    """ISO 8601 with zone -> epoch milliseconds."""
-    value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    """ISO 8601 with zone -> epoch milliseconds. Any number of fractional digits is accepted and cut to
+    milliseconds (docs/vendor-facts.md, Salesforce: SOQL dateTime literal)."""
+    text = re.sub(r"\.(\d{1,3})\d*", lambda m: "." + m.group(1).ljust(3, "0"), text.replace("Z", "+00:00"), count=1)
+    value = dt.datetime.fromisoformat(text)
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
     return (value - _EPOCH) // dt.timedelta(milliseconds=1)

@@ -88,6 +88,8 @@ class SalesforceState:
         client_id: str | None = None,
         client_secret: str | None = None,
         seed: int = 0,
+        multi_currency: bool = True,
+        person_accounts: bool = True,
     ) -> Org:
         """Register an org. Credentials default to ``<name>-client-id`` / ``<name>-client-secret``."""
         if name in self.orgs:
@@ -101,6 +103,8 @@ class SalesforceState:
             client_secret=client_secret or f"{name}-client-secret",
             mode=mode,
             seed=seed,
+            multi_currency=multi_currency,
+            person_accounts=person_accounts,
         )
         self.orgs[name] = org
         return org

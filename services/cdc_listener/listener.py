@@ -1,7 +1,8 @@
 """Change Data Capture listener: an aiohttp CometD (Bayeux long-polling) client per live connection.
 
-Defined in the poller's package because it shares the client, governor and SOQL code (services must not
-import each other); ``python -m cdc_listener`` runs :data:`SERVICE`.
+The client, governor and SOQL fetch-back/reconcile code are shared with the poller through
+:mod:`sfconnect` (services never import each other); ``python -m cdc_listener`` runs
+:data:`cdc_listener.app.SERVICE`.
 
 * ``/meta/handshake`` -> ``/meta/subscribe`` to ``/data/<Object>ChangeEvent`` of every synced object with
   ``ext.replay`` = the stored replay id of that channel -> ``/meta/connect`` long polls, following the
@@ -36,28 +37,31 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-import ssl
+import json
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from prometheus_client import Histogram
 
-from canonical.events import RawRecord
-from servicekit.connections import Connection, CredentialCipher, CursorStore, PgConnectionStore, PgCursorStore
+from servicekit.connections import CursorStore
 from servicekit.errors import ConfigError, Transient
-from servicekit.kafka import OutMessage
-from servicekit.logging import bind, get_logger
-from servicekit.runtime import Infra, Service
-from sf_poller.app import CDC_SUBSCRIBED, build_client, http_client, supervise
-from sf_poller.client import QuotaGovernor, SalesforceClient
-from sf_poller.config import Quota, SfConnection, parse_connection
-from sf_poller.records import SOURCE, out_message, raw_record, ts_of_ms
-from sf_poller.sync import ConnectionSync
+from servicekit.logging import get_logger
+from sfconnect.cdc import apply_event as _apply
+from sfconnect.cdc import commit_of as _commit_of
+from sfconnect.cdc import read_event as _read_event
+from sfconnect.cdc import replay_of as _replay_of
+from sfconnect.client import SalesforceClient
+from sfconnect.config import CDC_SUBSCRIBED, SfConnection
+from sfconnect.cursors import ReplayPosition, checked
+from sfconnect.deadletters import DeadLetterSink, FakeDeadLetters, SourceLetter
+from sfconnect.reader import RecordReader
+from sfconnect.records import field_value, select_fields, ts_of_ms
+from sfconnect.shape import PARENT_OBJECT
 
-__all__ = ["EMPTY_ID", "SERVICE", "CdcListener", "StreamDropped", "run_listener"]
+__all__ = ["EMPTY_ID", "CdcListener", "StreamDropped"]
 
 log = get_logger(__name__)
 
@@ -101,9 +105,15 @@ def _retrieve(fut: asyncio.Future[None]) -> None:
         fut.exception()  # the failure surfaces through the batch's task; don't log it twice
 
 
+_Item = tuple[str, dict[str, Any], str | None]
+"""(object, record as REST would return it, request url of a fetch-back or None)."""
+
+
 @dataclass
 class BatchStats:
     events: int = 0
+    from_events: int = 0
+    """Records built from the event alone (no API call)."""
     fetched: int = 0
     reconciled: int = 0
     tombstones: int = 0
@@ -115,7 +125,7 @@ class CdcListener:
 
     conn: SfConnection
     client: SalesforceClient
-    sync: ConnectionSync
+    sync: RecordReader
     cursors: CursorStore
     session: aiohttp.ClientSession
     replay: dict[str, int | None] = field(default_factory=dict)
@@ -126,6 +136,7 @@ class CdcListener:
     reconciles: list[tuple[str, str]] = field(default_factory=list)
     stats: BatchStats = field(default_factory=BatchStats)
     advice_timeout_s: float = 110.0
+    dead_letters: DeadLetterSink = field(default_factory=FakeDeadLetters)
     on_batch: Any = None
     """Test hook: ``async (events) -> None`` called after a batch was published, before the save."""
 
@@ -144,7 +155,8 @@ class CdcListener:
     async def load(self) -> None:
         t, c = self.conn.tenant_id, self.conn.connection_id
         for ch in self.channels:
-            cur = await self.cursors.load(t, c, self._key(ch)) or {}
+            raw = await self.cursors.load(t, c, self._key(ch))
+            cur = checked(ReplayPosition, raw, where=f"{c}/{ch}") if raw else {}
             self.replay[ch] = cur.get("replay_id")
             if cur.get("commit_ms"):
                 self.commit_ms[ch] = int(cur["commit_ms"])
@@ -153,6 +165,7 @@ class CdcListener:
     async def _send(self, *messages: dict[str, Any]) -> list[dict[str, Any]]:
         await self.client.ensure_token()
         assert self.client.token is not None
+        self.client.pin().check(self.url, what="CometD")  # the bearer token goes to pinned hosts only
         out = []
         for m in messages:
             self.seq += 1
@@ -282,7 +295,7 @@ class CdcListener:
                 STAGE_SECONDS.labels("wait").observe(time.time() - received_at)
                 delivery = STAGE_SECONDS.labels("delivery")
                 for ev in events:
-                    commit = ev["data"]["payload"].get("ChangeEventHeader", {}).get("commitTimestamp")
+                    commit = _commit_of(ev)
                     if commit:
                         delivery.observe(max(0.0, received_at - int(commit) / 1000))
             steps = self._plan(events)
@@ -294,18 +307,20 @@ class CdcListener:
                 after = None
             prepared: list[tuple[str, Any]] = []
             for kind, arg in steps:
-                if kind == "reconcile" or serial:
+                if kind in ("reconcile", "dead") or serial:
                     prepared.append((kind, arg))
                 else:
-                    prepared.append(("publish", await self._fetch(arg)))
+                    prepared.append(("publish", await self._build(arg)))
             if after is not None:
                 await after.published
             publishing = time.time()
             for kind, arg in prepared:
                 if kind == "publish":
-                    await self.sync.publisher.send_all(arg)
-                elif kind == "fetch":  # serial: fetched only now, between the reconciles
-                    await self.sync.publisher.send_all(await self._fetch(arg))
+                    await self._publish(arg)
+                elif kind == "fetch":  # serial: built only now, between the reconciles
+                    await self._publish(await self._build(arg))
+                elif kind == "dead":  # before the replay id that covers it is saved
+                    await self.dead_letters.write(arg)
                 else:
                     await self._reconcile_from(*arg)
             STAGE_SECONDS.labels("publish").observe(time.time() - publishing)
@@ -325,22 +340,30 @@ class CdcListener:
             raise
 
     def _plan(self, events: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
-        """The batch as steps: ``("fetch", [(object, record id, header)..])`` for runs of record changes and
-        ``("reconcile", (object, since_ms))`` for overflow / wildcard events, transactions in arrival order
-        and the changes of one transaction in ``sequenceNumber`` order."""
+        """The batch as steps: ``("fetch", [(object, record id, header, body)..])`` for runs of record
+        changes, ``("reconcile", (object, since_ms))`` for overflow / wildcard events and ``("dead",
+        [SourceLetter])`` for messages that cannot be read (no ``ChangeEventHeader``, no entity, change type
+        or record ids); transactions in arrival order and the changes of one transaction in
+        ``sequenceNumber`` order."""
         first_seen: dict[str, int] = {}
         keyed = []
+        steps: list[tuple[str, Any]] = []
+        dead: list[SourceLetter] = []
         for i, ev in enumerate(events):
-            header = ev["data"]["payload"].get("ChangeEventHeader", {})
+            read = _read_event(ev)
+            if isinstance(read, str):
+                dead.append(self._letter(ev, read))
+                continue
+            header = read[0]
             tx = str(header.get("transactionKey") or f"#{i}")
             first_seen.setdefault(tx, i)
-            keyed.append(((first_seen[tx], int(header.get("sequenceNumber") or 0), i), ev))
-        ordered = [ev for _, ev in sorted(keyed, key=lambda p: p[0])]
-        steps: list[tuple[str, Any]] = []
-        segment: list[tuple[str, str, dict[str, Any]]] = []  # (object, record id, header)
-        for ev in ordered:
-            header = ev["data"]["payload"].get("ChangeEventHeader", {})
-            obj = str(header.get("entityName") or "")
+            keyed.append(((first_seen[tx], int(header.get("sequenceNumber") or 0), i), read))
+        if dead:
+            steps.append(("dead", dead))
+        ordered = [read for _, read in sorted(keyed, key=lambda p: p[0])]
+        segment: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []  # (object, record id, header, body)
+        for header, body in ordered:
+            obj = str(header["entityName"])
             if obj not in self.conn.objects:
                 continue
             self.stats.events += 1
@@ -351,18 +374,33 @@ class CdcListener:
                 segment = []
                 steps.append(("reconcile", (obj, header.get("commitTimestamp"))))
                 continue
-            segment.extend((obj, rid, header) for rid in ids)
+            segment.extend((obj, rid, header, body) for rid in ids)
         if segment:
             steps.append(("fetch", segment))
         return steps
+
+    def _letter(self, ev: Any, reason: str) -> SourceLetter:
+        channel = str(ev.get("channel") or "") if isinstance(ev, dict) else ""
+        obj = channel[len("/data/"):-len("ChangeEvent")] if channel.startswith("/data/") and channel.endswith(
+            "ChangeEvent") else ""
+        try:
+            body = json.dumps(ev, default=str)
+        except (TypeError, ValueError):
+            body = repr(ev)
+        return SourceLetter("cdc-listener", self.conn.tenant_id, self.conn.connection_id, obj,
+                            f"change event cannot be read: {reason}", error_class="UnreadableChangeEvent",
+                            channel=channel or None, replay_id=_replay_of(ev), since_ms=self.commit_ms.get(channel),
+                            body=body)
 
     async def _save(self, events: Sequence[dict[str, Any]]) -> None:
         """The newest replay id (and commit time) of each channel in the batch, one upsert each, at once."""
         latest: dict[str, tuple[int, int]] = {}
         for ev in events:
+            rid = _replay_of(ev)
+            if rid is None or not isinstance(ev, dict) or not ev.get("channel"):
+                continue  # dead-lettered; nothing to position on
             ch = str(ev["channel"])
-            rid = int(ev["data"]["event"]["replayId"])
-            commit = int(ev["data"]["payload"].get("ChangeEventHeader", {}).get("commitTimestamp") or 0)
+            commit = _commit_of(ev) or 0
             prev = latest.get(ch)
             latest[ch] = (max(rid, prev[0]) if prev else rid, max(commit, prev[1]) if prev else commit)
         t, c = self.conn.tenant_id, self.conn.connection_id
@@ -372,46 +410,156 @@ class CdcListener:
             if commit:
                 self.commit_ms[ch] = commit
         await asyncio.gather(*(
-            self.cursors.save(t, c, self._key(ch), {"replay_id": self.replay[ch], "commit_ms": self.commit_ms.get(ch)})
+            self.cursors.save(t, c, self._key(ch), checked(ReplayPosition, {
+                "replay_id": self.replay[ch], "commit_ms": self.commit_ms.get(ch)}, where=f"{c}/{ch}"))
             for ch in latest))
         STAGE_SECONDS.labels("save").observe(time.time() - saving)
 
-    async def _fetch(self, segment: list[tuple[str, str, dict[str, Any]]]) -> list[OutMessage]:
-        """The current records of a run of changes (one query per object per 200 ids, all at once), as
-        messages in the order of each record's last change; a record gone for good becomes a tombstone."""
-        last_pos: dict[tuple[str, str], int] = {}
+    async def _build(self, segment: list[tuple[str, str, dict[str, Any], dict[str, Any]]]) -> list[_Item]:
+        """The records a run of changes leaves, in the order of each record's last change.
+
+        CREATE / UNDELETE: the event body is the record (docs/vendor-facts.md, Salesforce: body by
+        operation), parent fields filled from the parents' last published state. UPDATE: changed and nulled
+        fields applied to the record's last published state. DELETE: that state marked deleted. A record is
+        fetched back (one query per object per 200 ids) only when the event cannot give it: a gap event, no
+        last known state, a changed lookup whose parent fields we read, ``diffFields``, or a parent whose
+        state we do not hold. A record gone for good after a delete becomes a tombstone."""
+        t, c = self.conn.tenant_id, self.conn.connection_id
+        keys_needing_state: dict[str, set[str]] = {}
+        for obj, rid, header, _ in segment:
+            if header.get("changeType") in ("UPDATE", "DELETE"):
+                keys_needing_state.setdefault(obj, set()).add(rid)
+        states: dict[tuple[str, str], dict[str, Any]] = {}
+        for obj, ids in keys_needing_state.items():
+            for rid, pub in (await self.sync.store.load(t, c, obj, sorted(ids))).items():
+                if pub.payload:
+                    with contextlib.suppress(ValueError):
+                        states[(obj, rid)] = json.loads(pub.payload)
+        work: dict[tuple[str, str], dict[str, Any] | None] = {}
         headers: dict[tuple[str, str], dict[str, Any]] = {}
-        for pos, (obj, rid, header) in enumerate(segment):
-            last_pos[(obj, rid)] = pos
-            headers[(obj, rid)] = header
-        by_obj: dict[str, list[str]] = {}
-        for obj, rid in last_pos:
-            by_obj.setdefault(obj, []).append(rid)
-        found: dict[tuple[str, str], RawRecord] = {}
+        last_pos: dict[tuple[str, str], int] = {}
+        need: dict[tuple[str, str], None] = {}  # ordered: fetch-backs in the order of the changes
+        for pos, (obj, rid, header, body) in enumerate(segment):
+            key = (obj, rid)
+            last_pos[key], headers[key] = pos, header
+            ct = str(header.get("changeType") or "")
+            base = work.get(key) if key in work else states.get(key)
+            if ct in ("CREATE", "UNDELETE"):
+                work[key] = _apply({}, rid, header, body, created=True)
+                need.pop(key, None)
+            elif ct == "UPDATE" and base is not None and key not in need and not self._needs_fetch(obj, header):
+                work[key] = _apply(base, rid, header, body)
+            elif ct == "DELETE" and base is not None and key not in need:
+                work[key] = {**base, "Id": rid, "IsDeleted": True,
+                             "SystemModstamp": ts_of_ms(int(header.get("commitTimestamp") or 0))}
+            else:  # gap events, or nothing known to apply the change to: read it
+                work[key] = None
+                need[key] = None
+        # parent fields (``Account.PersonEmail``..) of records built from events, from the parents' state
+        built = {key: rec for key, rec in work.items() if rec is not None and key not in need}
+        parents = await self._parent_states(built)
+        for key, record in built.items():
+            if not self._fill_parents(key[0], record, parents):
+                need[key] = None
+        if need:
+            by_obj: dict[str, list[str]] = {}
+            for obj, rid in need:
+                by_obj.setdefault(obj, []).append(rid)
+            fetching = time.time()
+            found: dict[tuple[str, str], dict[str, Any]] = {}
+            urls: dict[str, str | None] = {}
 
-        async def fetch(obj: str, ids: list[str]) -> None:
-            records, url = await self.sync.fetch_by_ids(obj, ids)
-            for raw in await self.sync.to_raw(obj, records, url):
-                found[(obj, raw.source_id)] = raw
-            self.stats.fetched += len(records)
+            async def fetch(obj: str, ids: list[str]) -> None:
+                records, url = await self.sync.fetch_by_ids(obj, ids)
+                urls[obj] = url
+                for r in records:
+                    found[(obj, str(field_value(r, "Id")))] = r
+                self.stats.fetched += len(records)
 
-        fetching = time.time()
-        await asyncio.gather(*(fetch(obj, ids) for obj, ids in by_obj.items()))
-        STAGE_SECONDS.labels("fetch").observe(time.time() - fetching)
-        out = []
+            await asyncio.gather(*(fetch(obj, ids) for obj, ids in by_obj.items()))
+            STAGE_SECONDS.labels("fetch").observe(time.time() - fetching)
+            for key in need:
+                work[key] = found.get(key)
+        else:
+            urls = {}
+        out: list[_Item] = []
         for key in sorted(last_pos, key=lambda k: last_pos[k]):
-            got = found.get(key)
-            if got is None:
+            rec = work.get(key)
+            if rec is None:
                 header = headers[key]
-                if not str(header.get("changeType", "")).endswith("DELETE"):
-                    log.info("changed record no longer readable; skipped", entity=key[0], id=key[1])
+                ct = str(header.get("changeType", ""))
+                if ct not in ("DELETE", "GAP_DELETE"):  # UNDELETE is not a delete
+                    log.info("changed record no longer readable; skipped", entity=key[0], id=key[1], change=ct)
                     continue
-                commit = int(header.get("commitTimestamp") or 0)
-                got = raw_record(self.conn.tenant_id, self.conn.connection_id, key[0],
-                                 {"Id": key[1], "IsDeleted": True, "SystemModstamp": ts_of_ms(commit)})
+                rec = {"Id": key[1], "IsDeleted": True,
+                       "SystemModstamp": ts_of_ms(int(header.get("commitTimestamp") or 0))}
                 self.stats.tombstones += 1
-            out.append(out_message(self.sync.settings, got))
+            else:
+                self.stats.from_events += key not in need
+            out.append((key[0], rec, urls.get(key[0]) if key in need else None))
         return out
+
+    def _needs_fetch(self, obj: str, header: dict[str, Any]) -> bool:
+        """An UPDATE the event cannot give: ``diffFields`` (text diffs), or a changed lookup whose parent
+        fields the connector reads (``AccountId`` changed on an Order: ``Account.PersonEmail`` is stale)."""
+        if header.get("diffFields"):
+            return True
+        changed = {str(f) for f in (header.get("changedFields") or []) + (header.get("nulledFields") or [])}
+        rels = {p.split(".", 1)[0] for p in select_fields(obj, self.sync.shape, self.conn.own_ids(obj)) if "." in p}
+        return any(f"{rel}Id" in changed for rel in rels)
+
+    def _parent_paths(self, obj: str) -> list[str]:
+        return [p for p in select_fields(obj, self.sync.shape, self.conn.own_ids(obj)) if "." in p]
+
+    async def _parent_states(self, records: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], Any]:
+        """The last published state of every parent the records' ``Parent.Field`` paths name: one
+        published-store read per parent object for the whole batch."""
+        wanted: dict[str, set[str]] = {}
+        for (obj, _), rec in records.items():
+            for path in self._parent_paths(obj):
+                rel = path.split(".", 1)[0]
+                parent_obj, parent_id = PARENT_OBJECT.get(rel), rec.get(f"{rel}Id")
+                if parent_obj and parent_id and field_value(rec, path) is None:
+                    wanted.setdefault(parent_obj, set()).add(str(parent_id))
+        out: dict[tuple[str, str], Any] = {}
+        t, c = self.conn.tenant_id, self.conn.connection_id
+        for parent_obj, ids in wanted.items():
+            for rid, got in (await self.sync.store.load(t, c, parent_obj, sorted(ids))).items():
+                if got.payload:
+                    with contextlib.suppress(ValueError):
+                        out[(parent_obj, rid)] = json.loads(got.payload)
+        return out
+
+    def _fill_parents(self, obj: str, rec: dict[str, Any], parents: dict[tuple[str, str], Any]) -> bool:
+        """Set the ``Parent.Field`` values of the select list from the parents' last published state;
+        False when a parent's state is not held (the record is then fetched back)."""
+        for path in self._parent_paths(obj):
+            rel, _, name = path.partition(".")
+            if field_value(rec, path) is not None:
+                continue
+            parent_id = rec.get(f"{rel}Id")
+            if not parent_id:
+                continue  # no parent: the value is null, as SOQL would return it
+            parent = parents.get((PARENT_OBJECT.get(rel) or "", str(parent_id)))
+            if not isinstance(parent, dict) or name not in parent:
+                return False
+            nested = rec.setdefault(rel, {})
+            if isinstance(nested, dict):
+                nested[name] = parent[name]
+        return True
+
+    async def _publish(self, items: Sequence[_Item]) -> None:
+        """Publish in order, one run of the same object at a time, skipping versions already published."""
+        i = 0
+        while i < len(items):
+            obj = items[i][0]
+            j = i
+            while j < len(items) and items[j][0] == obj:
+                j += 1
+            run = items[i:j]
+            fresh = await self.sync.fresh(obj, [rec for _, rec, _ in run])
+            await self.sync.send(obj, fresh, run[-1][2])
+            i = j
 
     async def _reconcile_from(self, obj: str, commit_ms: Any) -> None:
         ch = f"/data/{obj}ChangeEvent"
@@ -442,50 +590,3 @@ class CdcListener:
                             retry_in_s=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-
-
-def listener_for(cc: SfConnection, client: SalesforceClient, infra: Infra,
-                 session: aiohttp.ClientSession) -> CdcListener:
-    cursors = PgCursorStore(infra.pool)
-    sync = ConnectionSync(cc, client, infra.publisher, cursors, infra.settings)
-    return CdcListener(cc, client, sync, cursors, session)
-
-
-def aiohttp_session(cc: SfConnection) -> aiohttp.ClientSession:
-    ctx = ssl.create_default_context(cafile=cc.ca_bundle) if cc.ca_bundle else ssl.create_default_context()
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=4))
-
-
-async def run_listener(conn: Connection, infra: Infra, stop: asyncio.Event) -> None:
-    """Stream one connection's change events until ``stop``."""
-    bind(tenant_id=conn.tenant_id, connection_id=conn.connection_id, source=SOURCE)
-    store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(infra.settings))
-    try:
-        cc = parse_connection(conn)
-    except ConfigError as exc:
-        log.warning("connection misconfigured", error=str(exc))
-        return
-    if not cc.cdc:
-        return
-    # the stream only reads (fetch-backs) at the org share; the poller's per-run share does not apply
-    quota = Quota(run_share=1.0, org_share=cc.quota.org_share, pause_s=cc.quota.pause_s,
-                  limit_backoff_s=cc.quota.limit_backoff_s)
-    async with http_client(cc) as http, aiohttp_session(cc) as session:
-        client = build_client(cc, http, infra)
-        client.governor = QuotaGovernor(quota)
-        listener = listener_for(cc, client, infra, session)
-        started = time.monotonic()
-        try:
-            await listener.run(stop)
-        except ConfigError as exc:
-            log.warning("listener stopped: configuration error", error=str(exc))
-            await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-        finally:
-            log.info("listener stopped", seconds=round(time.monotonic() - started, 1), events=listener.stats.events)
-
-
-def _tasks(infra: Infra, stop: asyncio.Event) -> Sequence[Awaitable[None]]:
-    return [supervise(infra, stop, run_listener)]
-
-
-SERVICE = Service("cdc-listener", tasks=_tasks)

@@ -8,14 +8,23 @@ from typing import Any, Literal
 from servicekit.connections import Connection
 from servicekit.errors import ConfigError
 
-__all__ = ["DEFAULT_OBJECTS", "DEFAULT_STATUS_MAP", "FIELDS", "SfConnection", "parse_connection"]
+__all__ = ["CDC_SUBSCRIBED", "DEFAULT_OBJECTS", "DEFAULT_STATUS_MAP", "DEFAULT_SUMMARY_STATUS_MAP", "FIELDS",
+           "SfConnection", "parse_connection"]
 
-Mode = Literal["order", "order_management"]
+Mode = Literal["order", "order_management", "order_summary"]
+
+CDC_SUBSCRIBED = "cdc:subscribed"
+"""Cursor entity the CDC listener writes once its first subscription succeeded; the poller's backfill waits
+for it (nothing between snapshot and stream is lost)."""
 
 DEFAULT_OBJECTS: dict[str, tuple[str, ...]] = {
     "order": ("Account", "Contact", "Product2", "PricebookEntry", "Order", "OrderItem", "ReturnOrderLineItem"),
     "order_management": (
         "Account", "Contact", "Product2", "PricebookEntry", "Order", "OrderItem", "OrderItemSummary", "CreditMemo",
+    ),
+    "order_summary": (
+        "Account", "Contact", "Product2", "PricebookEntry", "OrderSummary", "OrderItem", "OrderItemSummary",
+        "CreditMemo",
     ),
 }
 """Objects synced by mode. ``ReturnOrder`` headers carry no amounts: their lines are read with
@@ -26,6 +35,14 @@ DEFAULT_STATUS_MAP: dict[str, str] = {
     "Draft": "pending", "Activated": "pending", "Fulfilled": "awardable", "Cancelled": "cancelled",
     "Canceled": "cancelled",
 }
+
+DEFAULT_SUMMARY_STATUS_MAP: dict[str, str] = {
+    "Created": "pending", "Approved": "pending", "Waiting to Fulfill": "pending", "Fulfilled": "awardable",
+    "Canceled": "cancelled", "Cancelled": "cancelled",
+}
+"""OrderSummary.Status -> lifecycle in ``order_summary`` mode. OrderSummary.Status has no status category and
+its values are org-defined (docs/vendor-facts.md, Salesforce: only ``Created`` is documented): UNCONFIRMED
+defaults, overridden per connection by ``settings.summary_status_map``."""
 
 _SYSTEM = ("Id", "IsDeleted", "SystemModstamp", "LastModifiedDate")
 
@@ -40,7 +57,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
                        "Product2.ProductCode", "Product2.Family", "Product2.IsActive"),
     "Order": (*_SYSTEM, "OrderNumber", "AccountId", "Status", "StatusCode", "EffectiveDate", "ActivatedDate",
               "TotalAmount", "CurrencyIsoCode", "BillToContactId", "IsReductionOrder", "OriginalOrderId",
-              "Account.PersonEmail", "BillToContact.Email", "CreatedDate"),
+              "Account.PersonEmail", "Account.IsPersonAccount", "BillToContact.Email", "CreatedDate"),
     "OrderItem": (*_SYSTEM, "OrderId", "Product2Id", "Quantity", "UnitPrice", "TotalPrice", "OriginalOrderItemId",
                   "OrderItemNumber", "Product2.StockKeepingUnit", "Description", "CurrencyIsoCode"),
     "ReturnOrder": (*_SYSTEM, "ReturnOrderNumber", "AccountId", "OrderId", "OrderSummaryId", "Status",
@@ -51,7 +68,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
                             "ReturnOrder.ReturnOrderNumber", "OrderItem.UnitPrice"),
     "OrderSummary": (*_SYSTEM, "OrderNumber", "AccountId", "Status", "OriginalOrderId", "GrandTotalAmount",
                      "TotalAdjustedProductAmount", "TotalAdjustedProductTaxAmount", "BillingEmailAddress",
-                     "CurrencyIsoCode"),
+                     "CurrencyIsoCode", "OrderedDate", "Account.IsPersonAccount", "Account.PersonEmail",
+                     "OriginalOrder.TotalAmount", "OriginalOrder.OrderNumber"),
     "OrderItemSummary": (*_SYSTEM, "OrderSummaryId", "OriginalOrderItemId", "Product2Id", "Quantity",
                          "QuantityOrdered", "QuantityCanceled", "QuantityReturned", "UnitPrice",
                          "AdjustedLineAmount", "CurrencyIsoCode", "OrderSummary.OriginalOrderId",
@@ -97,6 +115,9 @@ class SfConnection:
     mode: Mode = "order"
     status_map: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_STATUS_MAP))
     external_id_field: str = "AccountNumber"
+    own_id_fields: dict[str, str] = field(default_factory=lambda: {"Account": "AccountNumber"})
+    """Object -> the field holding the tenant's own customer id (``settings.external_id_field``: a field name
+    for Accounts, or ``{"Account": .., "Contact": ..}``); selected in every SOQL of that object."""
     bulk_threshold: int = 2000
     bulk_max_records: int = 50_000
     bulk_timeout_s: float = 900.0
@@ -115,6 +136,10 @@ class SfConnection:
     @property
     def data_path(self) -> str:
         return f"/services/data/v{self.api_version}"
+
+    def own_ids(self, obj: str) -> tuple[str, ...]:
+        f = self.own_id_fields.get(obj)
+        return (f,) if f else ()
 
 
 def _float(settings: dict[str, Any], key: str, default: float, *, lo: float = 0.0) -> float:
@@ -144,8 +169,12 @@ def parse_connection(conn: Connection) -> SfConnection:
         raise ConfigError("use the org's My Domain URL (https://<mydomain>.my.salesforce.com), not "
                           f"{host}: the client credentials grant is rejected there")
     mode = s.get("mode", "order")
-    if mode not in ("order", "order_management"):
-        raise ConfigError(f"settings.mode must be 'order' or 'order_management', got {mode!r}")
+    if mode not in ("order", "order_management", "order_summary"):
+        raise ConfigError(f"settings.mode must be 'order', 'order_management' or 'order_summary', got {mode!r}")
+    summary_map = {**DEFAULT_SUMMARY_STATUS_MAP, **dict(s.get("summary_status_map") or {})}
+    bad_summary = {k: v for k, v in summary_map.items() if v not in ("pending", "awardable", "cancelled")}
+    if bad_summary:
+        raise ConfigError(f"settings.summary_status_map values must be pending|awardable|cancelled, got {bad_summary}")
     objects = tuple(s.get("objects") or DEFAULT_OBJECTS[mode])
     unknown = [o for o in objects if o not in FIELDS]
     if unknown:
@@ -161,12 +190,24 @@ def parse_connection(conn: Connection) -> SfConnection:
     )
     if not (0 < quota.run_share <= 1 and 0 < quota.org_share <= 1):
         raise ConfigError("settings.quota.run_share and org_share are fractions in (0, 1]")
+    ext = s.get("external_id_field", "AccountNumber")
+    if isinstance(ext, dict):
+        own = {str(k): str(v) for k, v in ext.items() if v}
+    elif isinstance(ext, str):
+        own = {"Account": ext} if ext else {}
+    else:
+        raise ConfigError(f"settings.external_id_field must be a field name (Accounts) or "
+                          f"{{\"Account\": .., \"Contact\": ..}}, got {ext!r}")
+    bad_own = [f for f in own.values() if not f.replace("_", "").isalnum()]
+    if bad_own:
+        raise ConfigError(f"settings.external_id_field names invalid field(s) {bad_own}: use API names such as "
+                          "AccountNumber or Loyalty_Id__c")
     version = str(s.get("instance_version") or s.get("api_version") or "66.0").lstrip("v")
     return SfConnection(
         tenant_id=conn.tenant_id, connection_id=conn.connection_id, my_domain=endpoint,
         client_id=creds["client_id"], client_secret=creds["client_secret"], api_version=version,
         ca_bundle=s.get("ca_bundle"), objects=objects, mode=mode, status_map=status_map,
-        external_id_field=str(s.get("external_id_field") or "AccountNumber"),
+        external_id_field=str(own.get("Account") or ""), own_id_fields=own,
         bulk_threshold=int(s.get("bulk_threshold", 2000)),
         bulk_max_records=int(s.get("bulk_max_records", 50_000)),
         bulk_timeout_s=_float(s, "bulk_timeout_s", 900.0), bulk_poll_s=_float(s, "bulk_poll_s", 2.0),

@@ -4,14 +4,14 @@ Every path that reads a record (REST page, Bulk CSV row, CDC fetch-back) publish
 record's JSON text as received (a CSV row as a JSON object of strings, columns named ``Parent.Field``),
 ``source_version`` = ``SystemModstamp`` normalised to ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (so a row read by REST
 and by Bulk gets the same event id), ``op = delete`` when ``IsDeleted`` is true, and ``order_source_id``
-for order-scoped objects (:data:`sf_poller.config.ORDER_PARENT`).
+for order-scoped objects (:data:`sfconnect.config.ORDER_PARENT`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from canonical.events import RawRecord
@@ -19,9 +19,11 @@ from canonical.topics import raw
 from servicekit.consumer import message_headers
 from servicekit.kafka import OutMessage
 from servicekit.settings import FlashSettings
-from sf_poller.config import FIELDS, ORDER_PARENT
+from sfconnect.config import FIELDS, ORDER_PARENT
+from sfconnect.shape import OrgShape
 
-__all__ = ["SOURCE", "field_value", "norm_ts", "out_message", "raw_record", "select_soql", "soql_ts"]
+__all__ = ["SOURCE", "field_value", "norm_ts", "out_message", "raw_record", "select_fields", "select_soql", "soql_ts",
+           "version_of"]
 
 SOURCE: Literal["salesforce"] = "salesforce"
 
@@ -62,8 +64,19 @@ def ts_of_ms(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
-def select_soql(obj: str) -> str:
-    return f"SELECT {', '.join(FIELDS[obj])} FROM {obj}"
+def select_fields(obj: str, shape: OrgShape | None = None, own_ids: Sequence[str] = ()) -> list[str]:
+    """The select list of ``obj``: :data:`sfconnect.config.FIELDS` without what the org lacks, plus the
+    connection's own-ID field(s) (``own_ids``) when the object has them."""
+    out = [f for f in FIELDS[obj] if shape is None or shape.has_field(obj, f)]
+    for f in own_ids:
+        if f not in out and (shape is None or shape.has_field(obj, f)):
+            out.append(f)
+    return out
+
+
+def select_soql(obj: str, shape: OrgShape | None = None, own_ids: Sequence[str] = ()) -> str:
+    """``SELECT <fields> FROM obj`` built from the org's shape (docs/vendor-facts.md, Salesforce)."""
+    return f"SELECT {', '.join(select_fields(obj, shape, own_ids))} FROM {obj}"
 
 
 def _truthy(v: Any) -> bool:
@@ -81,12 +94,17 @@ def order_of(obj: str, rec: Mapping[str, Any]) -> str | None:
     return None
 
 
+def version_of(rec: Mapping[str, Any]) -> str:
+    """A record's version: ``SystemModstamp`` (else ``LastModifiedDate``) as ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
+    return norm_ts(field_value(rec, "SystemModstamp")) or norm_ts(field_value(rec, "LastModifiedDate")) or "0"
+
+
 def raw_record(
     tenant_id: str, connection_id: str, obj: str, rec: Mapping[str, Any], *, text: str | None = None,
     request_url: str | None = None, order_source_id: str | None = None,
 ) -> RawRecord:
     payload = text if text is not None else json.dumps(rec, separators=(",", ":"))
-    version = norm_ts(field_value(rec, "SystemModstamp")) or norm_ts(field_value(rec, "LastModifiedDate")) or "0"
+    version = version_of(rec)
     return RawRecord(
         tenant_id=tenant_id, connection_id=connection_id, source=SOURCE, entity=obj,
         source_id=str(field_value(rec, "Id")), source_version=version,
