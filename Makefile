@@ -6,7 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint typecheck schemas bench clean help
+.PHONY: setup browser demo test test-fast lint typecheck schemas bench clean help
 
 help:           ## list the recipes
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,7 +22,15 @@ setup: $(STAMP) ## create the virtualenv and install the project with its dev to
 demo: setup     ## run the whole pipe on embedded defaults against the vendor sandboxes (Ctrl-C stops)
 	$(BIN)/flash demo
 
-test: setup     ## the whole test suite (unit, contract, integration, e2e) on the real broker and PostgreSQL
+browser:        ## Debian's chromium for the browser test (apt-get as root; otherwise that test is skipped, saying why)
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (apt-get) for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	    >/dev/null) || echo "chromium could not be installed: the browser test will be skipped"; \
+	else echo "no chromium, and not root with apt-get: the browser test will be skipped (install chromium)"; fi
+
+test: setup browser ## the whole test suite (unit, contract, integration, e2e) on the real broker and PostgreSQL
 	$(BIN)/pytest -m "not slow" -q
 
 test-fast: setup ## unit tests only (no sockets)

@@ -68,7 +68,9 @@ RAW_ENTITIES: dict[str, tuple[str, ...]] = {
     "dynamics-ce": (
         "salesorder", "salesorderdetail", "account", "contact", "product", "msdyn_rma", "msdyn_rmaproduct",
     ),
-    "dynamics-fo": ("SalesOrderHeadersV2", "SalesOrderLines", "CustomersV3", "ReleasedProductsV2"),
+    "dynamics-fo": (
+        "SalesOrderHeadersV2", "SalesOrderLines", "CustomersV3", "ReleasedProductsV2", "ReturnOrderHeaders",
+    ),
     "salesforce": (
         "Order", "OrderItem", "Account", "Contact", "Product2", "PricebookEntry", "ReturnOrder",
         "ReturnOrderLineItem", "CreditMemo", "OrderSummary", "OrderItemSummary",
@@ -77,6 +79,7 @@ RAW_ENTITIES: dict[str, tuple[str, ...]] = {
 
 ORDER_SCOPED_ENTITIES = frozenset({
     "salesorder", "salesorderdetail", "msdyn_rma", "msdyn_rmaproduct", "SalesOrderHeadersV2", "SalesOrderLines",
+    "ReturnOrderHeaders",
     "Order", "OrderItem", "ReturnOrder", "ReturnOrderLineItem", "CreditMemo", "OrderSummary", "OrderItemSummary",
 })
 """Vendor entities whose raw records are keyed by their order, so an order and its parts stay ordered."""

@@ -185,6 +185,15 @@ class DeadLetter:
         return original + [(k, v.encode()) for k, v in ours] + self.extra_headers
 
 
+def _correlation_of(rec: ConsumerRecordLike) -> str | None:
+    """The record's correlation id (header, else body) for the log line of a dead letter."""
+    for k, v in rec.headers or ():
+        if k == "correlation_id":
+            return bytes(v).decode("utf-8", "replace")
+    value = _peek(rec.value).get("correlation_id")
+    return str(value) if value else None
+
+
 def _peek(value: bytes | None) -> dict[str, Any]:
     """The body as a dict when it is one (for a dead letter's tenant and ids); never raises."""
     if not value or json_depth_exceeds(value):
@@ -438,6 +447,7 @@ class PipeConsumer(Generic[E]):
             while True:
                 try:
                     await self.publisher.send_all(messages)
+                    metrics.PUBLISHED.labels(self.name).inc(len(messages))
                     break
                 except InfrastructureUnavailable as exc:
                     await self._backoff(1, exc, unbounded=True)
@@ -447,6 +457,7 @@ class PipeConsumer(Generic[E]):
                 log.error(
                     "message dead-lettered",
                     consumer=self.name, tenant_id=letter.tenant_id, event_id=letter.event_id,
+                    correlation_id=_correlation_of(letter.record),
                     error_class=letter.error_class, error=letter.error_message[:500], stage=letter.stage,
                     topic=letter.record.topic, partition=letter.record.partition, offset=letter.record.offset,
                     attempts=letter.attempts,
@@ -512,6 +523,7 @@ class PipeConsumer(Generic[E]):
                     continue
                 if issubclass(kind, ConfigError):
                     raise _as_config(exc) from exc
+                metrics.FAILED.labels(self.name, type(exc).__name__).inc()
                 first = first or _now()
                 if issubclass(kind, Poison) or attempt >= self.settings.max_attempts:
                     letter = self._dead(d.record, exc, attempts=attempt, first=first, event=d.event)

@@ -41,6 +41,7 @@ class DlqFilter:
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     include_replayed: bool = False
+    ids: tuple[int, ...] | None = None
 
     def where(self) -> tuple[str, list[Any]]:
         clauses: list[str] = []
@@ -62,12 +63,15 @@ class DlqFilter:
             add("first_failed_at >= {}", self.since)
         if self.until:
             add("first_failed_at < {}", self.until)
+        if self.ids is not None:
+            add("id = ANY({}::bigint[])", list(self.ids))
         if not self.include_replayed:
             clauses.append("replayed_at IS NULL")
         return (" AND ".join(clauses) or "TRUE"), args
 
     def as_json(self) -> dict[str, Any]:
-        return {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in self.__dict__.items()}
+        return {k: (v.isoformat() if isinstance(v, dt.datetime) else list(v) if isinstance(v, tuple) else v)
+                for k, v in self.__dict__.items()}
 
 
 _COLUMNS = """id, consumer, tenant_id, event_id, entity, error_class, error_message, stage, source_topic,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import MutableMapping
@@ -57,6 +58,8 @@ def configure_logging(
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     if service:
         structlog.contextvars.bind_contextvars(service=service)
+    if os.environ.get("FLASH_INSTANCE_ID"):  # names this process in every line (README: FLASH_INSTANCE_ID)
+        structlog.contextvars.bind_contextvars(instance_id=os.environ["FLASH_INSTANCE_ID"])
 
 
 class RepeatLimiter:

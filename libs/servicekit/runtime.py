@@ -21,12 +21,14 @@ from faststream import FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 
+from servicekit import metrics
 from servicekit.consumer import PipeConsumer, prune_processed
 from servicekit.db import CORE_MIGRATIONS, Migrations, create_pool, migrate
 from servicekit.embedded import EmbeddedKafka, resolve_database_url
 from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable, classify
 from servicekit.kafka import KafkaPublisher, KafkaSecurity, ensure_topics, kafka_security, make_broker
 from servicekit.logging import bind, get_logger
+from servicekit.metrics import metrics_server
 from servicekit.retention import prune_platform_tables
 from servicekit.settings import FlashSettings
 
@@ -184,6 +186,7 @@ def subscribe(
             # Exactly this batch's offsets: by now the consumer may have fetched (and be handling) the next one.
             await kafka_consumer.commit(offsets)  # type: ignore[call-arg]
 
+        _observe_lag(consumer.name, kafka_consumer, last)
         try:
             await consumer.handle_batch(records, after_publish=commit_offsets)
         except Exception as exc:  # noqa: BLE001 - a ConfigError, or a defect: either way nothing may move on
@@ -284,6 +287,11 @@ async def run_services(
         if infra is None:
             infra = await stack.enter_async_context(open_infra(settings, migrations=migrations,
                                                                wait_s=STARTUP_WAIT_S))
+        if settings.instance_id:
+            bind(instance_id=settings.instance_id)  # FLASH_INSTANCE_ID: which copy of the service wrote the line
+        started = asyncio.Event()  # /readyz answers 200 once the consumers are subscribed
+        if settings.metrics_port is not None:  # /metrics, /healthz, /readyz (servicekit.metrics)
+            await stack.enter_async_context(metrics_server(settings.metrics_port, _readiness(infra, started)))
         if any(s.extra_topics for s in services):
             await ensure_topics(infra.bootstrap, settings, (), extra=[t for s in services for t in s.extra_topics],
                                 embedded=infra.embedded_kafka)
@@ -307,6 +315,7 @@ async def run_services(
         for t in tasks:
             t.add_done_callback(lambda task: _task_done(task, on_fatal))
         log.info("services started", services=[s.name for s in services], bootstrap=infra.bootstrap)
+        started.set()
         try:
             if on_ready:
                 await on_ready(infra)
@@ -332,6 +341,27 @@ async def run_services(
         log.critical("stopped on error", error=str(fatal[0]))
         return 2
     return 0
+
+
+def _observe_lag(name: str, kafka_consumer: Any, last: dict[tuple[str, int], int]) -> None:
+    """Consumer lag per partition: the high watermark the last fetch saw, minus what this batch reaches."""
+    for (topic, partition), offset in last.items():
+        high = kafka_consumer.highwater(TopicPartition(topic, partition))
+        if high is not None:
+            metrics.CONSUMER_LAG.labels(name, topic, str(partition)).set(max(0, high - offset - 1))
+
+
+def _readiness(infra: Infra, started: asyncio.Event) -> Callable[[], Awaitable[str | None]]:
+    async def ready() -> str | None:
+        if not started.is_set():
+            return "starting: consumers not subscribed yet"
+        try:
+            await asyncio.wait_for(infra.pool.fetchval("SELECT 1"), 2)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return f"PostgreSQL does not answer: {exc}"
+        return None
+
+    return ready
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -135,6 +135,22 @@ class FlashSettings(BaseSettings):
         "at most its replication factor.",
     )
 
+    # --- Finance & Operations Business Events receiver (fo-poller; see fo_poller.events) ---------------------
+    fo_events_port: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="fo-poller: HTTPS port of the Business Events receiver. Unset: no receiver (date windows and "
+        "scans only).",
+    )
+    fo_events_host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - the environment calls in from Microsoft's cloud
+        description="fo-poller: address the Business Events receiver listens on.",
+    )
+    fo_events_cert: Path | None = Field(default=None, description="fo-poller: PEM certificate of the receiver.")
+    fo_events_key: Path | None = Field(default=None, description="fo-poller: PEM private key of the receiver.")
+    fo_events_public_url: str | None = Field(
+        default=None, description="fo-poller: the receiver's URL as the environment reaches it (shown by verify).",
+    )
+
     def apply_limits(self) -> None:
         """Make the canonical plausibility limits of this process the configured ones."""
         from canonical import limits

@@ -43,6 +43,7 @@ import httpx
 
 from connectorkit.endpoints import HostPin
 from connectorkit.http import ErrorRule, ErrorTable, Response, VendorClient, shared_governor
+from servicekit import metrics
 from servicekit.errors import ConfigError, FlashError, Poison, Transient
 from servicekit.logging import get_logger
 from servicekit.runtime import Infra
@@ -185,6 +186,7 @@ class QuotaGovernor:
         if not m:
             return
         self.used, self.maximum = int(m.group(1)), int(m.group(2))
+        metrics.observe_quota("salesforce", self.used, self.maximum)
         if self.run_start is None:
             self.run_start = self.used - 1  # this response's own call counts toward the run
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 
 from connectorkit.http import reset_governors, shared_governor
+from servicekit import metrics
 from servicekit.logging import get_logger
 
 __all__ = ["UserBudget", "budget_for", "reset_budgets"]
@@ -94,6 +95,7 @@ class UserBudget:
             remaining = int(float(burst))
         except ValueError:
             return
+        metrics.observe_quota("dynamics-ce", max(0, self.requests_per_window - remaining), self.requests_per_window)
         if remaining <= max(1, self.requests_per_window // 50):
             # Less than 2 % left: the server counts differently from us (other clients of the same user,
             # another process); slow to the rate that reaches the end of the window.

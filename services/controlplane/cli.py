@@ -18,13 +18,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from connectorkit.dryrun import dry_run as kit_dry_run
-from connectorkit.registry import connector_sources, load_connector
-from connectorkit.registry import validate_connection as kit_validate_connection
 from connectorkit.replay import source_rewriter
+from controlplane.ops import LEGACY_CONNECTORS
 from servicekit import dlq as dlq_ops
 from servicekit.cliutil import open_db, print_json, print_table
-from servicekit.connections import Connection, CredentialCipher, PgConnectionStore
+from servicekit.connections import CredentialCipher, PgConnectionStore
 from servicekit.db import Migrations
 from servicekit.errors import ConfigError, FlashError
 from servicekit.kafka import KafkaPublisher, kafka_security
@@ -32,11 +30,12 @@ from servicekit.logging import configure_logging
 from servicekit.runtime import Service, run_loop, run_services
 from servicekit.settings import FlashSettings
 
-__all__ = ["SERVICES", "main"]
+__all__ = ["LEGACY_CONNECTORS", "SERVICES", "main"]
 
 #: name → module holding ``SERVICE``; started with ``flash run <name>`` or ``python -m <module>``.
 SERVICES: dict[str, str] = {
     "ce-poller": "ce_poller",
+    "fo-poller": "fo_poller",
     "sf-poller": "sf_poller",
     "cdc-listener": "cdc_listener",
     "normalizer": "normalizer",
@@ -44,9 +43,7 @@ SERVICES: dict[str, str] = {
     "points": "points",
 }
 #: Connectors are found through the registry (entry point group ``flash_connect.connectors``, see
-#: ``connectorkit.registry``). Until a connector is registered there, a source listed here is served by the
-#: older module hooks ``<module>.control.verify`` / ``dry_run`` (found by name, never imported statically).
-LEGACY_CONNECTORS: dict[str, str] = {"salesforce": "sf_poller"}
+#: ``connectorkit.registry``); sources not registered yet: ``controlplane.ops.LEGACY_CONNECTORS``.
 #: modules contributing subcommands through ``cli.register(subparsers)``.
 PLUGINS = ("resolver", "points", "normalizer")
 
@@ -109,6 +106,7 @@ def cmd_migrate(args: argparse.Namespace, settings: FlashSettings) -> int:
             migrations.extend(load_service(name).migrations)
         except ConfigError:
             continue
+    migrations.append(load_module("controlplane", "ops").CONTROLPLANE_MIGRATIONS)
 
     async def go() -> None:
         async with open_db(settings, migrations):
@@ -139,90 +137,55 @@ def _read_json_arg(value: str | None) -> dict[str, Any]:
     return data
 
 
-def _registered(source: str) -> Any | None:
-    """The registered connector of ``source``, or None (legacy hooks or nothing)."""
-    return load_connector(source) if source in connector_sources() else None
-
-
-def _legacy_control(source: str) -> ModuleType:
-    if source not in LEGACY_CONNECTORS:
-        installed = ", ".join(connector_sources()) or "none"
-        raise ConfigError(f"no connector for source {source!r} is installed in this build (installed: {installed})")
-    return load_module(LEGACY_CONNECTORS[source], "control")
-
-
-def validate_connection(conn: Connection) -> None:
-    """What ``connections add`` checks before storing (``connectorkit.registry.validate_connection``), and that
-    some connector of this build (registered, or a legacy module hook) can verify the source."""
-    if kit_validate_connection(conn) is None:
-        _legacy_control(conn.source)  # no connector for this source in this build: nothing could verify it
-
-
 def cmd_connections(args: argparse.Namespace, settings: FlashSettings) -> int:
+    """Every action goes through controlplane.ops, as the HTTP API does (same checks, audit rows, answers)."""
+    from controlplane.ops import CONTROLPLANE_MIGRATIONS, Operations
+    from controlplane.tokens import cli_actor
+
     async def go() -> int:
-        async with open_db(settings) as pool:
-            store = PgConnectionStore(pool, CredentialCipher.from_settings(settings))
+        async with open_db(settings, [CONTROLPLANE_MIGRATIONS]) as pool:
+            ops, actor = Operations(pool, settings), cli_actor()
             if args.action == "list":
-                conns = await store.list(source=args.source, include_unreadable=True)
-                rows = [{k: v for k, v in c.redacted().items() if k not in ("credentials", "settings")}
-                        for c in conns]
+                conns = await ops.list_connections(actor, source=args.source)
+                rows = [{k: v for k, v in c.items() if k not in ("credentials", "settings")} for c in conns]
                 print_json(rows) if args.json else print_table(rows)
                 return 0
             if args.action == "add":
-                creds = {k: str(v) for k, v in _read_json_arg(args.credentials).items()}
-                draft = Connection(args.tenant, args.id, args.source, args.endpoint, creds,
-                                   _read_json_arg(args.settings))
-                validate_connection(draft)
-                conn = await store.upsert(args.tenant, args.id, args.source, args.endpoint, creds, draft.settings)
-                print(f"connection {conn.connection_id} saved for tenant {conn.tenant_id} (state: draft); "
-                      f"next: flash connections verify --tenant {conn.tenant_id} --id {conn.connection_id}")
+                conn = await ops.create_connection(actor, {
+                    "tenant_id": args.tenant, "connection_id": args.id, "source": args.source,
+                    "endpoint": args.endpoint, "credentials": _read_json_arg(args.credentials),
+                    "settings": _read_json_arg(args.settings)}, replace=True)
+                print(f"connection {conn['connection_id']} saved for tenant {conn['tenant_id']} (state: draft); "
+                      f"next: flash connections verify --tenant {conn['tenant_id']} --id {conn['connection_id']}")
                 return 0
-            conn = await store.get(args.tenant, args.id)
             if args.action == "show":
-                print_json(conn.redacted())
+                print_json(await ops.get_connection(actor, args.tenant, args.id))
                 return 0
-            if args.action in ("pause", "go-live"):
-                if args.action == "go-live" and conn.state not in ("verified", "paused", "live"):
-                    raise ConfigError(f"connection {conn.connection_id} is {conn.state}; verify it first "
-                                      f"(flash connections verify --tenant {conn.tenant_id} --id {conn.connection_id})")
-                await store.set_state(conn.tenant_id, conn.connection_id,
-                                      "live" if args.action == "go-live" else "paused")
-                print(f"connection {conn.connection_id} is now {'live' if args.action == 'go-live' else 'paused'}")
+            if args.action == "status":
+                print_json(await ops.status(actor, args.tenant, args.id))
                 return 0
-            connector = _registered(conn.source)
+            if args.action == "delete":
+                await ops.delete_connection(actor, args.tenant, args.id)
+                print(f"connection {args.id} deleted (its cursors too)")
+                return 0
+            if args.action in ("pause", "go-live", "resume"):
+                conn = await ops.set_state(actor, args.tenant, args.id, args.action)
+                print(f"connection {conn['connection_id']} is now {conn['state']}")
+                return 0
             if args.action == "verify":
-                if connector is not None:
-                    try:
-                        report = await connector.verify(connector.parse(conn), settings)
-                    except ConfigError as exc:
-                        await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-                        print(f"verification failed: {exc}", file=sys.stderr)
-                        return 1
-                    for line in report.lines():
-                        print(line)
-                    if not report.ok:
-                        await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=report.summary())
-                        print(f"verification failed: {report.summary()}", file=sys.stderr)
-                        return 1
-                    await store.set_state(conn.tenant_id, conn.connection_id, "verified")
-                    print(f"connection {conn.connection_id} verified; next: flash connections dry-run --tenant "
-                          f"{conn.tenant_id} --id {conn.connection_id}")
-                    return 0
-                control = _legacy_control(conn.source)
-                try:
-                    legacy = await control.verify(conn, settings)
-                except FlashError as exc:
-                    await store.set_state(conn.tenant_id, conn.connection_id, "failed", error=str(exc))
-                    print(f"verification failed: {exc}", file=sys.stderr)
+                result = await ops.verify(actor, args.tenant, args.id)
+                for line in result.get("lines") or []:
+                    print(line)
+                if not result["ok"]:
+                    print(f"verification failed: {result['error']}", file=sys.stderr)
                     return 1
-                await store.set_state(conn.tenant_id, conn.connection_id, "verified")
-                print_json(legacy)
+                if not result.get("lines"):
+                    print_json(result["report"])  # a connector not on the kit yet: its own report
+                print(f"connection {args.id} verified; next: flash connections dry-run --tenant {args.tenant} "
+                      f"--id {args.id}")
                 return 0
             if args.action == "dry-run":
-                if connector is not None:
-                    print_json(await kit_dry_run(connector, conn, settings, pool, limit=args.limit))
-                else:
-                    print_json(await _legacy_control(conn.source).dry_run(conn, settings, limit=args.limit))
+                print_json((await ops.dry_run(actor, args.tenant, args.id, limit=args.limit))["report"])
                 return 0
         raise ConfigError(f"unknown action {args.action}")
 
@@ -351,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
     p.add_argument("--until-landed", action="store_true",
                    help="exit after the initial load has landed (exit code 1 if it did not within --duration)")
+    p.add_argument("--api-port", type=int, default=8080,
+                   help="serve the HTTP API and the Data Sources page on 127.0.0.1:PORT (default 8080; a free port "
+                   "if taken; -1: off); an operator token is printed")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run one or more services in this process",
@@ -391,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                          ("dry-run", "sample -> normalizer mapping -> member resolution -> points rules: a report of "
                           "records per entity, member match rate, points earned/clawed back, dead letters; "
                           "writes nothing"),
-                         ("go-live", "let the pollers sync it"), ("pause", "stop syncing it")):
+                         ("go-live", "let the pollers sync it"), ("pause", "stop syncing it"),
+                         ("resume", "sync a paused connection again"),
+                         ("status", "last sync, lag, records per entity, errors, dead-letter depth"),
+                         ("delete", "remove the connection and its cursors")):
         c = csub.add_parser(action, help=text)
         c.add_argument("--tenant", required=True)
         c.add_argument("--id", required=True)
@@ -427,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    load_module("controlplane", "serve").register(sub)  # flash serve, flash tokens, flash secrets
+
     for plugin in PLUGINS:
         try:
             register: Callable[[Any], None] = importlib.import_module(f"{plugin}.cli").register
@@ -440,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = FlashSettings()
-    configure_logging(args.log_level or settings.log_level, settings.log_format if args.command == "run" else "console")
+    long_running = args.command in ("run", "serve")  # structured logs; one-off commands print for people
+    configure_logging(args.log_level or settings.log_level, settings.log_format if long_running else "console")
     func: Callable[[argparse.Namespace, FlashSettings], int] = args.func
     try:
         result = func(args, settings) if _takes_settings(func) else func(args)  # type: ignore[call-arg]

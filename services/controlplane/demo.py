@@ -223,6 +223,7 @@ async def run_demo(settings: FlashSettings, args: argparse.Namespace) -> int:
         say("\n3. Members, programs and connections")
         for tenant, conn in pairs:
             await _configure(infra, settings, tenant, conn)
+        await _serve_control_plane(stack, infra, settings, getattr(args, "api_port", 8080))
         say("\n4. Ingesting (services: " + ", ".join(s.name for s in services) + ")")
         runner = asyncio.create_task(run_services(services, settings, stop=stop, infra=infra))
         code = await _watch(infra, [t for t, _ in pairs], stop, args)
@@ -291,6 +292,27 @@ async def _summary(infra: Infra, tenants: list[Tenant], stats: list[dict[str, An
     if depth:
         say("  dead letters per consumer: " + ", ".join(f"{d['consumer']}/{d['tenant_id']}={d['depth']}" for d in depth)
             + "   (inspect: flash dlq list)")
+
+
+async def _serve_control_plane(
+    stack: contextlib.AsyncExitStack, infra: Infra, settings: FlashSettings, port: int
+) -> None:
+    """The HTTP API and the Data Sources page, with an operator token for this demo (printed once)."""
+    if port < 0:
+        return
+    from controlplane.api import serve_api
+    from controlplane.ops import CONTROLPLANE_MIGRATIONS
+    from controlplane.tokens import create_token
+    from servicekit.db import migrate
+
+    await migrate(infra.pool, [CONTROLPLANE_MIGRATIONS])
+    token, _ = await create_token(infra.pool, tenant_id=None, name="flash demo operator", created_by="flash demo")
+    try:
+        url = await stack.enter_async_context(serve_api(infra.pool, settings, infra.publisher, port=port))
+    except OSError:  # the port is taken: any free one
+        url = await stack.enter_async_context(serve_api(infra.pool, settings, infra.publisher, port=0))
+    say(f"  Control plane  {url}/  (Settings -> Data Sources; API {url}/api/v1)")
+    say(f"    operator token for this demo (every tenant): {token}")
 
 
 if __name__ == "__main__":  # pragma: no cover - `flash demo` is the entry point

@@ -32,6 +32,7 @@ from canonical.events import (
 from canonical.topics import POINTS_LEDGER, POINTS_MEMBER_LEDGER
 from points.adapters import Conn, LedgerRow, PgPointsStore
 from points.rules import LineState, OrderState, Program, ReturnState, reconcile, version_key
+from servicekit import metrics
 from servicekit.consumer import Delivery, UnitOfWork
 from servicekit.errors import Poison
 
@@ -40,6 +41,7 @@ __all__ = ["EVENT_HANDLERS", "PointsBatch", "handle", "make_handler", "mature_or
 Key = tuple[str, str]
 Clock = Callable[[], dt.datetime]
 
+# No tenant label: one series per tenant per metric would grow without bound (servicekit.metrics).
 ENTRIES = Counter("flash_points_ledger_entries_total", "Ledger entries appended", ["kind"])
 
 
@@ -330,6 +332,16 @@ class PointsBatch:
             counts[(row[0], row[4])] += 1
         for (_tenant, kind), n in counts.items():
             ENTRIES.labels(kind).inc(n)
+        _count_points(rows)
+
+
+def _count_points(rows: Iterable[LedgerRow]) -> None:
+    """flash_points_total by kind (absolute points; no tenant label: servicekit.metrics)."""
+    points: Tally[str] = Tally()
+    for row in rows:
+        points[row[4]] += abs(row[5])
+    for kind, n in points.items():
+        metrics.POINTS.labels(kind).inc(n)
 
 
 # ----------------------------------------------------------------------------------------- handlers

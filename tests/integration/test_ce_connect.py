@@ -208,7 +208,7 @@ async def test_cli_add_verify_dry_run_go_live(infra: Infra, monkeypatch: pytest.
                                creds) == 2
             assert "is not a dynamics-ce endpoint" in capsys.readouterr().err
         with monkeypatch.context() as m:  # a source whose connector is not in this build is refused at add
-            m.setattr("controlplane.cli.connector_sources", lambda: ["dynamics-ce"])
+            m.setattr("controlplane.ops.connector_sources", lambda: ["dynamics-ce"])  # the CLI and API share ops
             m.setattr("connectorkit.registry.connector_sources", lambda: ["dynamics-ce"])
             assert await flash("connections", "add", "--tenant", "acme", "--id", "fo-1", "--source", "dynamics-fo",
                                "--endpoint", "https://contoso.operations.dynamics.com", "--credentials", creds) == 2

@@ -34,6 +34,9 @@ class KafkaConsumerStub:
     async def commit(self, offsets: Any) -> None:
         self.commits.append(offsets)
 
+    def highwater(self, tp: Any) -> int | None:
+        return None
+
 
 class Msg:
     def __init__(self, records: Sequence[Rec], consumer: KafkaConsumerStub) -> None:

@@ -11,7 +11,7 @@ from connectorkit.registry import connector_sources, load_connector, load_previe
 from servicekit.errors import ConfigError
 
 SANDBOX_MODULES = ("sandbox", "sandbox.dataverse", "sandbox.dataverse.demo", "sandbox.salesforce",
-                   "sandbox.salesforce.demo", "sandbox.server")
+                   "sandbox.salesforce.demo", "sandbox.fo", "sandbox.fo.demo", "sandbox.server")
 
 
 def test_installed_entry_points() -> None:

@@ -41,7 +41,7 @@ def _section(title: str) -> list[list[str]]:
     return rows
 
 
-_FIELD_VALUE = re.compile(r"^`([a-z0-9_]+)`:\s*(.*)$")
+_FIELD_VALUE = re.compile(r"^`([A-Za-z0-9_]+)`:\s*(.*)$")  # F&O entity sets and Salesforce objects are CamelCase
 
 
 def documented_fields(title: str) -> Names:
@@ -99,14 +99,45 @@ def _dataverse_simulator() -> Names:
     return {e.logical: {c.name for c in e.columns} for e in ENTITIES.values()}
 
 
+def _fo_poller() -> Names:
+    from fo_poller.config import ENTITY_SETS, FIELD_DEFAULTS
+    from fo_poller.metadata import FIELD_SPECS
+
+    out: Names = {}
+    for name, (role, _, _) in FIELD_SPECS.items():
+        field = FIELD_DEFAULTS.get(name)
+        out.setdefault(ENTITY_SETS[role], {"dataAreaId"}).update({field} if field else set())
+    return out
+
+
+def _fo_simulator() -> Names:
+    from sandbox.fo.schema import ENTITIES
+
+    return {es: set(e.fields) for es, e in ENTITIES.items()}
+
+
+def _fo_events() -> Names:
+    from fo_poller.config import DEFAULT_EVENTS
+
+    return {event: {"BusinessEventId", "ControlNumber", "EventTime", *spec.values()}
+            for event, spec in DEFAULT_EVENTS.items()}
+
+
 AREAS: dict[str, list[tuple[str, Callable[[], Names]]]] = {
+    "Finance & Operations": [
+        ("mapper normalizer.mappers.dynamics_fo", _mapper("normalizer.mappers.dynamics_fo")),
+        ("poller fo_poller.config FIELD_DEFAULTS", _fo_poller),
+        ("poller fo_poller.config DEFAULT_EVENTS", _fo_events),
+        ("simulator sandbox.fo.schema", _fo_simulator),
+    ],
     "Dynamics 365 CE (Dataverse)": [
         ("mapper normalizer.mappers.dynamics_ce", _mapper("normalizer.mappers.dynamics_ce")),
         ("poller ce_poller.config BASE_SELECT", _ce_poller),
         ("simulator sandbox.dataverse.schema", _dataverse_simulator),
     ],
 }
-MAPPERS = {"Dynamics 365 CE (Dataverse)": ["normalizer.mappers.dynamics_ce"]}
+MAPPERS = {"Dynamics 365 CE (Dataverse)": ["normalizer.mappers.dynamics_ce"],
+           "Finance & Operations": ["normalizer.mappers.dynamics_fo"]}
 CASES = [(area, label, fn) for area, mods in AREAS.items() for label, fn in mods]
 
 
