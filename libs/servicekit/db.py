@@ -64,9 +64,10 @@ async def db_errors(what: str) -> AsyncIterator[None]:
         kind = classify(exc)
         if issubclass(kind, InfrastructureUnavailable):
             raise InfrastructureUnavailable(f"PostgreSQL unavailable during {what}: {exc}") from exc
-        if issubclass(kind, ConfigError):
-            raise ConfigError(f"PostgreSQL refused {what}: {exc}. Grant the role access or run `flash migrate`.") \
-                from exc
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            raise ConfigError(f"PostgreSQL refused {what}: {exc}. Grant the role access.") from exc
+        # Anything else passes unchanged: callers may handle a PostgresError themselves (a dry run reports a
+        # missing table as a stage that failed); the consumer runtime classifies what reaches it by the table.
         raise
 
 
