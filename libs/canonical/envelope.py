@@ -91,10 +91,11 @@ def _utcnow() -> dt.datetime:
 class Envelope(BaseModel):
     """Fields every message carries (docs/events.md, "Envelope").
 
-    ``event_id`` is derived from the fields before it when not given, so a record read twice produces
-    the same id and every consumer can deduplicate on it. Unknown fields are ignored, so producers may
-    add optional fields within a version. ``source_sequence`` is derived from ``source`` and
-    ``source_version`` when not given (:func:`source_sequence`).
+    ``event_id`` is always derived from the fields before it (a given one is ignored: ids are never
+    trusted from the producer), so a record read twice produces the same id and every consumer can
+    deduplicate on it. Unknown fields are ignored, so producers may add optional fields within a version.
+    ``source_sequence`` is derived from ``source`` and ``source_version`` when not given
+    (:func:`source_sequence`).
     """
 
     # Every field is always serialised, so the published (serialization-mode) schemas mark them required.
@@ -124,11 +125,12 @@ class Envelope(BaseModel):
         # An "after" validator keeps pydantic-core on its JSON fast path (a "before" one makes it build a
         # dict per message first): decoding costs ~7 us instead of ~15 us. The model is frozen, so the
         # derived ids are set the way pydantic itself sets fields, once, during validation.
-        if not self.event_id:
-            object.__setattr__(self, "event_id", make_event_id(
-                self.event_type, self.tenant_id, self.connection_id, self.source, self.entity, self.source_id,
-                self.source_version,
-            ))
+        # Always derived, never taken from the producer: a producer that copied another record's id would
+        # otherwise have its record taken for that one (and the other never land). A body's own id is ignored.
+        object.__setattr__(self, "event_id", make_event_id(
+            self.event_type, self.tenant_id, self.connection_id, self.source, self.entity, self.source_id,
+            self.source_version,
+        ))
         if not self.correlation_id:
             object.__setattr__(self, "correlation_id", self.event_id)
         if self.source_sequence is None:

@@ -15,9 +15,10 @@ import datetime as dt
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, TypeAdapter, WithJsonSchema
 
 from canonical.envelope import Envelope, NonEmpty, TenantId, entity_key, order_key
+from canonical.limits import check_amount, check_rate
 
 __all__ = [
     "EVENT_TYPES",
@@ -90,6 +91,7 @@ def plain_text(v: Decimal) -> str:
 Money = Annotated[
     Decimal,
     Field(max_digits=28, decimal_places=10),
+    AfterValidator(check_amount),  # plausibility (canonical.limits): within FLASH_MAX_AMOUNT
     PlainSerializer(money_text, return_type=str, when_used="json"),
     WithJsonSchema(
         {"type": "string", "pattern": MONEY_PATTERN,
@@ -109,8 +111,9 @@ Quantity = Annotated[
     ),
 ]
 """A quantity (docs/events.md, "Numbers")."""
-Rate = Quantity
-"""An exchange rate: same representation as a quantity."""
+Rate = Annotated[Quantity, AfterValidator(check_rate)]
+"""An exchange rate: same representation as a quantity; plausibility (canonical.limits): positive, within
+FLASH_MIN/MAX_EXCHANGE_RATE."""
 CurrencyCode = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 
 Lifecycle = Literal["pending", "awardable", "cancelled"]

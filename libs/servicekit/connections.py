@@ -19,6 +19,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from servicekit.errors import ConfigError
 from servicekit.leases import current_lease, fenced_cursor_clear, fenced_cursor_save
+from servicekit.logging import get_logger
 from servicekit.settings import FlashSettings
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "PgConnectionStore",
     "PgCursorStore",
 ]
+
+log = get_logger(__name__)
 
 ConnectionState = Literal["draft", "verified", "live", "paused", "failed"]
 
@@ -64,7 +67,7 @@ class CredentialCipher:
     def decrypt(self, token: bytes) -> dict[str, str]:
         try:
             return dict(json.loads(self._fernet.decrypt(token)))
-        except InvalidToken as exc:
+        except (InvalidToken, ValueError, TypeError) as exc:  # not ours, corrupt, or not a JSON object
             raise ConfigError(
                 "connection credentials cannot be decrypted with the configured FLASH_SECRET_KEY "
                 "(was the key rotated without keeping the old one?)"
@@ -82,6 +85,8 @@ class Connection:
     state: ConnectionState = "draft"
     last_error: str | None = None
     verified_at: dt.datetime | None = None
+    readable: bool = True
+    """False when the stored credentials could not be decrypted (then ``credentials`` is empty)."""
 
     def redacted(self) -> dict[str, Any]:
         """Safe to print or log: credential values are masked."""
@@ -98,12 +103,24 @@ class PgConnectionStore:
         self.pool = pool
         self.cipher = cipher
 
-    def _row(self, r: asyncpg.Record) -> Connection:
+    def _row(self, r: asyncpg.Record, *, unreadable_ok: bool = False) -> Connection:
+        """The connection of row ``r``. Credentials that cannot be decrypted raise a ConfigError naming the
+        row, or with ``unreadable_ok`` give the connection with no credentials and the reason as last_error."""
         settings = r["settings"]
+        try:
+            credentials = self.cipher.decrypt(r["credentials"])
+        except ConfigError as exc:
+            message = f"connection {r['connection_id']!r} of tenant {r['tenant_id']!r}: {exc}"
+            if not unreadable_ok:
+                raise ConfigError(message) from exc
+            return Connection(
+                tenant_id=r["tenant_id"], connection_id=r["connection_id"], source=r["source"],
+                endpoint=r["endpoint"], credentials={}, settings=_settings(settings), state=r["state"],
+                last_error=message, verified_at=r["verified_at"], readable=False,
+            )
         return Connection(
             tenant_id=r["tenant_id"], connection_id=r["connection_id"], source=r["source"], endpoint=r["endpoint"],
-            credentials=self.cipher.decrypt(r["credentials"]),
-            settings=json.loads(settings) if isinstance(settings, str) else dict(settings),
+            credentials=credentials, settings=_settings(settings),
             state=r["state"], last_error=r["last_error"], verified_at=r["verified_at"],
         )
 
@@ -133,13 +150,28 @@ class PgConnectionStore:
             raise ConfigError(f"no connection {connection_id!r} for tenant {tenant_id!r}; see `flash connections list`")
         return self._row(row)
 
-    async def list(self, *, source: str | None = None, states: tuple[str, ...] | None = None) -> list[Connection]:
+    async def list(
+        self, *, source: str | None = None, states: tuple[str, ...] | None = None, include_unreadable: bool = False
+    ) -> list[Connection]:
+        """Connections in id order. A row whose credentials cannot be decrypted (a rotated key, a corrupt
+        value) is one tenant's problem: it is left out with an error log naming it, so the others still
+        sync; ``include_unreadable`` (listings, status) returns it too, without credentials, its last_error
+        saying what is wrong."""
         rows = await self.pool.fetch(
             """SELECT * FROM connections WHERE ($1::text IS NULL OR source = $1)
                AND ($2::text[] IS NULL OR state = ANY($2::text[])) ORDER BY tenant_id, connection_id""",
             source, list(states) if states else None,
         )
-        return [self._row(r) for r in rows]
+        out: list[Connection] = []
+        for r in rows:
+            conn = self._row(r, unreadable_ok=True)
+            if not conn.readable:
+                log.error("connection skipped: its credentials cannot be decrypted", tenant_id=conn.tenant_id,
+                          connection_id=conn.connection_id, error=conn.last_error)
+                if not include_unreadable:
+                    continue
+            out.append(conn)
+        return out
 
     async def set_state(
         self, tenant_id: str, connection_id: str, state: ConnectionState, *, error: str | None = None
@@ -150,6 +182,10 @@ class PgConnectionStore:
                WHERE tenant_id = $1 AND connection_id = $2""",
             tenant_id, connection_id, state, error,
         )
+
+
+def _settings(value: Any) -> dict[str, Any]:
+    return json.loads(value) if isinstance(value, str) else dict(value)
 
 
 class CursorStore(Protocol):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from servicekit.errors import ConfigError, InfrastructureUnavailable
+from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable, classify
 from servicekit.logging import get_logger
 
 __all__ = ["DbConnection", "Migrations", "create_pool", "db_errors", "migrate"]
@@ -53,15 +53,22 @@ CORE_MIGRATIONS = Migrations("servicekit", "servicekit")
 
 @contextlib.asynccontextmanager
 async def db_errors(what: str) -> AsyncIterator[None]:
-    """Translate asyncpg/OS errors at the adapter edge into our error tree."""
+    """Translate asyncpg/OS errors at the adapter edge into our error tree (by the one table,
+    :data:`servicekit.errors.CLASSIFICATION`). Poison and unclassified errors pass through unchanged, for
+    the consumer runtime to dead-letter (poison) or retry a bounded number of times (unclassified)."""
     try:
         yield
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
-        raise InfrastructureUnavailable(f"PostgreSQL unavailable during {what}: {exc}") from exc
-    except asyncpg.InsufficientPrivilegeError as exc:
-        raise ConfigError(f"PostgreSQL refused {what}: {exc}. Grant the role access.") from exc
-    except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError) as exc:
-        raise InfrastructureUnavailable(f"PostgreSQL conflict during {what}: {exc}") from exc
+    except FlashError:
+        raise
+    except Exception as exc:
+        kind = classify(exc)
+        if issubclass(kind, InfrastructureUnavailable):
+            raise InfrastructureUnavailable(f"PostgreSQL unavailable during {what}: {exc}") from exc
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            raise ConfigError(f"PostgreSQL refused {what}: {exc}. Grant the role access.") from exc
+        # Anything else passes unchanged: callers may handle a PostgresError themselves (a dry run reports a
+        # missing table as a stage that failed); the consumer runtime classifies what reaches it by the table.
+        raise
 
 
 async def create_pool(

@@ -110,7 +110,7 @@ async def depth(pool: asyncpg.Pool) -> list[dict[str, Any]]:
 
 async def replay(
     pool: asyncpg.Pool,
-    publisher: KafkaPublisher,
+    publisher: KafkaPublisher | None,
     flt: DlqFilter,
     *,
     dry_run: bool = False,
@@ -135,8 +135,10 @@ async def replay(
         total = 0
         if dry_run:
             total = int(await conn.fetchval(f"SELECT count(*) FROM dead_letters WHERE {where}", *args))
+        if not dry_run and publisher is None:
+            raise ValueError("a replay that is not a dry run needs a publisher")
         skipped: list[int] = []
-        while not dry_run:
+        while publisher is not None and not dry_run:
             async with conn.transaction():
                 # Lock the rows so two concurrent replays cannot both publish them.
                 rows = await conn.fetch(

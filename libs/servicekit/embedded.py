@@ -48,8 +48,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class EmbeddedKafka:
     """The Tansu broker as a child process. Use ``await start()`` / ``stop()`` or ``async with``."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, advertised_port: int | None = None) -> None:
         self.port = port or free_port()
+        self.advertised_port = advertised_port
+        """Port clients are told to connect to (a TCP proxy in front of the broker, in chaos tests)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,8 +67,9 @@ class EmbeddedKafka:
 
     async def start(self, timeout: float = 20.0) -> str:
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}" if self.advertised_port else url
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - a short fork/exec, not a blocking wait
-            [self.binary(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--silent"],
+            [self.binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised, "--silent"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -82,6 +85,22 @@ class EmbeddedKafka:
             await asyncio.sleep(0.05)
         await self.stop()
         raise InfrastructureUnavailable(f"embedded Kafka broker did not answer within {timeout}s")
+
+    async def watch(self, stop: asyncio.Event, interval: float = 0.5) -> None:
+        """Return when ``stop`` is set; raise InfrastructureUnavailable as soon as the broker process dies."""
+        while not stop.is_set():
+            proc = self.proc
+            if proc is None:
+                return  # stopped on purpose
+            code = proc.poll()
+            if code is not None:
+                log.critical("embedded kafka broker died", exit_code=code, pid=proc.pid)
+                raise InfrastructureUnavailable(
+                    f"the embedded Kafka broker (pid {proc.pid}) exited with {code}; it is memory-only, so what it "
+                    "held is gone. Restart the command, or set FLASH_KAFKA_BOOTSTRAP to a durable broker"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None

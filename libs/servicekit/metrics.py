@@ -32,6 +32,7 @@ __all__ = [
     "PUBLISHED",
     "RECORDS_FETCHED",
     "RETRIES",
+    "REWRITES",
     "SOURCE_REQUESTS",
     "VENDOR_QUOTA_LIMIT",
     "VENDOR_QUOTA_USED",
@@ -47,6 +48,9 @@ MESSAGES = Counter("flash_messages_total", "Messages consumed (handled or dead-l
 PUBLISHED = Counter("flash_messages_published_total", "Messages published after commit (outbox)", ["consumer"])
 FAILED = Counter("flash_messages_failed_total", "Failed attempts at handling one message", ["consumer", "error_class"])
 DUPLICATES = Counter("flash_duplicates_total", "Messages skipped as already processed", ["consumer"])
+REWRITES = Counter(
+    "flash_rewrites_total", "Messages whose event id was handled before with different content", ["consumer"]
+)
 DEAD_LETTERS = Counter("flash_dead_letters_total", "Messages dead-lettered", ["consumer", "error_class"])
 RETRIES = Counter("flash_retries_total", "Retries after a failure", ["consumer", "error_class"])
 BATCH_SECONDS = Histogram(
@@ -61,6 +65,8 @@ POINTS = Counter("flash_points_total", "Points written to the ledger (absolute v
 RECORDS_FETCHED = Counter("flash_records_fetched_total", "Vendor records fetched", ["source", "entity"])
 SOURCE_REQUESTS = Counter("flash_source_requests_total", "Vendor HTTP requests", ["source", "status"])
 PARKED = Gauge("flash_parked", "Orders/returns parked waiting for a member")
+# Labels stay bounded: never a tenant, connection or record id (tests/unit/test_metric_labels.py). Per-tenant
+# figures are in the database (`flash status`, `flash dlq depth`); logs carry the ids.
 VENDOR_QUOTA_USED = Gauge("flash_vendor_quota_used", "Vendor API calls used in the current allocation (last seen)",
                           ["source"])
 VENDOR_QUOTA_LIMIT = Gauge("flash_vendor_quota_limit", "Vendor API allocation (last seen)", ["source"])

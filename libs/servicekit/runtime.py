@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -24,10 +25,11 @@ from servicekit import metrics
 from servicekit.consumer import PipeConsumer, prune_processed
 from servicekit.db import CORE_MIGRATIONS, Migrations, create_pool, migrate
 from servicekit.embedded import EmbeddedKafka, resolve_database_url
-from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable
+from servicekit.errors import ConfigError, FlashError, InfrastructureUnavailable, classify
 from servicekit.kafka import KafkaPublisher, KafkaSecurity, ensure_topics, kafka_security, make_broker
 from servicekit.logging import bind, get_logger
 from servicekit.metrics import metrics_server
+from servicekit.retention import prune_platform_tables
 from servicekit.settings import FlashSettings
 
 __all__ = [
@@ -39,6 +41,9 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
+STARTUP_WAIT_S = 120.0
+"""How long a starting service waits for its database and broker (a restart during an outage) before it
+stops with an error."""
 TASK_GRACE_S = 8.0
 """On stop, how long background tasks get to finish their cycle before they are cancelled."""
 DRAIN_S = 10.0
@@ -61,6 +66,8 @@ class Infra:
     """SASL/TLS of every Kafka client of this process (from the FLASH_KAFKA_* settings)."""
     embedded_kafka: bool = False
     """The broker is the embedded single-node one this process started (topics get replication 1)."""
+    embedded: EmbeddedKafka | None = None
+    """The broker child process this process started (no FLASH_KAFKA_BOOTSTRAP); watched while services run."""
 
 
 @dataclass
@@ -74,9 +81,14 @@ class Service:
 
 @contextlib.asynccontextmanager
 async def open_infra(
-    settings: FlashSettings, *, migrations: Sequence[Migrations] = (), create_topics: bool = True
+    settings: FlashSettings, *, migrations: Sequence[Migrations] = (), create_topics: bool = True,
+    wait_s: float = 0.0,
 ) -> AsyncIterator[Infra]:
-    """Broker (configured or embedded), database (configured, local or embedded), pool, publisher."""
+    """Broker (configured or embedded), database (configured, local or embedded), pool, publisher.
+
+    With ``wait_s`` (services starting), an outage of the configured database or broker is waited out for
+    up to that long, with a warning per attempt, instead of failing at once."""
+    settings.apply_limits()
     embedded: EmbeddedKafka | None = None
     bootstrap = settings.kafka_bootstrap
     security = kafka_security(settings)
@@ -87,16 +99,29 @@ async def open_infra(
     publisher: KafkaPublisher | None = None
     try:
         dsn = await resolve_database_url(settings.database_url, settings.state_dir)
-        pool = await create_pool(dsn, schema=settings.db_schema, max_size=10)
-        await migrate(pool, [CORE_MIGRATIONS, *migrations])
+        deadline = time.monotonic() + wait_s
+        pool = await _until_up(lambda: create_pool(dsn, schema=settings.db_schema, max_size=10), deadline,
+                               "PostgreSQL")
+        await _until_up(lambda: migrate(pool, [CORE_MIGRATIONS, *migrations]), deadline, "PostgreSQL")
         if create_topics:
-            await ensure_topics(bootstrap, settings, embedded=embedded is not None)
-        publisher = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash", security=security)
-        await publisher.start()
+            await _until_up(lambda: ensure_topics(bootstrap, settings, embedded=embedded is not None), deadline,
+                            "the Kafka broker")
+
+        async def start_publisher() -> KafkaPublisher:
+            p = KafkaPublisher(bootstrap, client_id=settings.instance_id or "flash", security=security)
+            try:
+                await p.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await p.stop()
+                raise
+            return p
+
+        publisher = await _until_up(start_publisher, deadline, "the Kafka broker")
         # The settings handed on name what was resolved, so whoever runs services with them reuses this
         # broker and database instead of starting another embedded one.
         resolved = settings.model_copy(update={"kafka_bootstrap": bootstrap, "database_url": dsn})
-        yield Infra(resolved, bootstrap, pool, publisher, dsn, security, embedded is not None)
+        yield Infra(resolved, bootstrap, pool, publisher, dsn, security, embedded is not None, embedded)
     finally:
         if publisher:
             await publisher.stop()
@@ -104,6 +129,20 @@ async def open_infra(
             await pool.close()
         if embedded:
             await embedded.stop()
+
+
+async def _until_up(attempt: Callable[[], Awaitable[T]], deadline: float, what: str) -> T:
+    """``attempt()``, retried while it fails for an outage (the one classification table) until ``deadline``."""
+    delay = 0.2
+    while True:
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not issubclass(classify(exc), InfrastructureUnavailable) or time.monotonic() + delay > deadline:
+                raise
+            log.warning(f"waiting for {what} to answer at start", error=str(exc)[:300], retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def subscribe(
@@ -124,9 +163,12 @@ def subscribe(
 
     def fatal(exc: BaseException) -> None:
         nonlocal stopped
+        consumer.close()
         if not stopped:
             stopped = True
-            log.critical("consumer stopped: configuration error", consumer=consumer.name, error=str(exc))
+            what = "configuration error" if isinstance(exc, ConfigError) else "unexpected error"
+            log.critical(f"consumer stopped: {what}", consumer=consumer.name, error=str(exc)[:500],
+                         error_class=type(exc).__name__)
             on_fatal(exc)
 
     consumer.on_fatal = fatal  # a transaction runs on after on_batch returned: it reports through this
@@ -147,8 +189,10 @@ def subscribe(
         _observe_lag(consumer.name, kafka_consumer, last)
         try:
             await consumer.handle_batch(records, after_publish=commit_offsets)
-        except ConfigError as exc:
-            with contextlib.suppress(ConfigError):
+        except Exception as exc:  # noqa: BLE001 - a ConfigError, or a defect: either way nothing may move on
+            # Take no further batch: a later batch's offset commit would move past this one's records.
+            consumer.close()
+            with contextlib.suppress(Exception):
                 await consumer.drain()
             await msg.nack()
             fatal(exc)
@@ -236,11 +280,13 @@ async def run_services(
         stop.set()
 
     install_signal_handlers(stop)
+    settings.apply_limits()
     bind(service="+".join(s.name for s in services))
     migrations = [m for s in services for m in s.migrations]
     async with contextlib.AsyncExitStack() as stack:
         if infra is None:
-            infra = await stack.enter_async_context(open_infra(settings, migrations=migrations))
+            infra = await stack.enter_async_context(open_infra(settings, migrations=migrations,
+                                                               wait_s=STARTUP_WAIT_S))
         if settings.instance_id:
             bind(instance_id=settings.instance_id)  # FLASH_INSTANCE_ID: which copy of the service wrote the line
         started = asyncio.Event()  # /readyz answers 200 once the consumers are subscribed
@@ -252,11 +298,19 @@ async def run_services(
         _, broker, consumers = _wire(services, infra, on_fatal)
         await broker.start()
         tasks = [asyncio.ensure_future(t) for s in services for t in s.tasks(infra, stop)]
+        if infra.embedded is not None:
+            # The embedded broker is memory-only: restarting it would bring back an empty broker (topics,
+            # offsets and undelivered messages gone), so its death stops the process with a clear error.
+            tasks.append(asyncio.ensure_future(infra.embedded.watch(stop)))
         if consumers and settings.processed_retention_days:
             names = sorted({c.name for c in consumers})
             tasks.append(asyncio.ensure_future(every(
                 3600, stop, lambda: prune_processed(infra.pool, names, settings.processed_retention_days),
                 what="processed pruning",
+            )))
+        if consumers:  # dead letters and replay audits: pruned by every consumer process (chunked, idempotent)
+            tasks.append(asyncio.ensure_future(every(
+                3600, stop, lambda: prune_platform_tables(infra.pool, settings), what="dead-letter pruning",
             )))
         for t in tasks:
             t.add_done_callback(lambda task: _task_done(task, on_fatal))
@@ -332,17 +386,23 @@ def _task_done(task: asyncio.Future[None], on_fatal: Callable[[BaseException], N
 async def every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[int]], *, what: str) -> None:
     """Run ``job`` until it returns 0 (nothing left), then wait ``interval`` s; repeat until ``stop``.
 
-    For background tasks (re-linking, maturing): our own outage is waited out; any other FlashError is
-    logged and retried next round, so one bad record never stops the task.
+    For background tasks (re-linking, maturing, pruning): our own outage is waited out; a configuration
+    error stops the service; anything else (poison, a transient or unclassified error: the one table
+    decides) is logged and retried next round, so one bad record never stops the task or the service.
     """
     while not stop.is_set():
         try:
             while await job():
                 pass
-        except InfrastructureUnavailable as exc:
-            log.warning(f"{what} deferred", error=str(exc))
-        except FlashError as exc:
-            log.error(f"{what} failed", error=str(exc), error_class=type(exc).__name__)  # noqa: TRY400
+        except Exception as exc:
+            kind = classify(exc)
+            if issubclass(kind, ConfigError):
+                raise
+            if issubclass(kind, InfrastructureUnavailable):
+                log.warning(f"{what} deferred", error=str(exc)[:500])
+            else:
+                log.error(f"{what} failed; retried next round", error=str(exc)[:500],  # noqa: TRY400
+                          error_class=type(exc).__name__)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
 
@@ -370,4 +430,8 @@ def main(service: Service) -> int:
 
     settings = FlashSettings()
     configure_logging(settings.log_level, settings.log_format, service=service.name)
-    return run_loop(run_services([service], settings), settings)
+    try:
+        return run_loop(run_services([service], settings), settings)
+    except FlashError as exc:  # said once, clearly, instead of a traceback
+        log.critical("service stopped", error=str(exc)[:1000], error_class=type(exc).__name__)
+        return 2

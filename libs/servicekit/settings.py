@@ -6,6 +6,7 @@ an embedded one from a wheel). Every field is documented in the README's setting
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +62,36 @@ class FlashSettings(BaseSettings):
         description="Event loop of long-running processes: uvloop (libuv; less CPU per socket operation, "
         "measured 3-10% more throughput through resolver + points) or the standard asyncio loop. auto: "
         "uvloop where it is installed.",
+    )
+    # ---- limits and retention (issue 15): every one documented in the README's settings table
+    max_message_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest message body a consumer accepts; larger ones are "
+        "dead-lettered as MessageTooLarge (Kafka's default message.max.bytes is the same 1 MiB).",
+    )
+    max_json_depth: int = Field(
+        default=64, ge=8, le=500, description="Deepest nesting of a message body or vendor payload; deeper ones "
+        "are dead-lettered as NestingTooDeep before any parser recurses into them.",
+    )
+    max_amount: Decimal = Field(
+        default=Decimal(10) ** 12, gt=0, description="Largest plausible money amount (order total, line, tax, "
+        "return) in any currency; larger ones fail the canonical schema (SchemaViolation).",
+    )
+    min_exchange_rate: Decimal = Field(default=Decimal("1e-9"), gt=0, description="Smallest plausible exchange rate.")
+    max_exchange_rate: Decimal = Field(default=Decimal("1e9"), gt=0, description="Largest plausible exchange rate.")
+    points_max_per_order: int = Field(
+        default=1_000_000, ge=0, description="Most points one order earns when its program sets no per_order_cap "
+        "(an order whose rules give more earns the cap); 0 = no default cap.",
+    )
+    dead_letter_retention_days: int = Field(
+        default=90, ge=0, description="Days a dead letter (with its body) is kept in dead_letters after its last "
+        "failure; 0 keeps them forever. The dlq.<consumer> topics keep their own (Kafka) retention.",
+    )
+    parked_retention_days: int = Field(
+        default=90, ge=0, description="Days an order or return waits parked for its member before it is "
+        "dropped from parked; 0 keeps them forever.",
+    )
+    dlq_replay_retention_days: int = Field(
+        default=365, ge=0, description="Days a dlq_replays audit row is kept; 0 keeps them forever."
     )
     metrics_port: int | None = Field(default=None, description="Expose Prometheus metrics on this port.")
     allow_sandbox_endpoints: bool = Field(
@@ -131,6 +162,13 @@ class FlashSettings(BaseSettings):
     fo_events_public_url: str | None = Field(
         default=None, description="fo-poller: the receiver's URL as the environment reaches it (shown by verify).",
     )
+
+    def apply_limits(self) -> None:
+        """Make the canonical plausibility limits of this process the configured ones."""
+        from canonical import limits
+
+        limits.configure(max_amount=self.max_amount, min_exchange_rate=self.min_exchange_rate,
+                         max_exchange_rate=self.max_exchange_rate, max_json_depth=self.max_json_depth)
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

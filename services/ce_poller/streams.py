@@ -75,12 +75,11 @@ RETURNS_TOPIC_ENTITY = "msdyn_rma"
 REREAD_MARGIN = dt.timedelta(minutes=5)
 CHUNK = 25
 
-TOKEN_AGE = Gauge("flash_ce_delta_token_age_days", "Age of the stored change-tracking token",
-                  ["tenant_id", "connection_id", "entity"])
+# No tenant or connection labels (unbounded): the oldest token per entity, and the log names the connection.
+TOKEN_AGE = Gauge("flash_ce_delta_token_age_days", "Age of the stored change-tracking token", ["entity"])
 TOKEN_EXPIRING = Gauge("flash_ce_delta_token_expiring", "1 when the token is within the warning window",
-                       ["tenant_id", "connection_id", "entity"])
-RESYNCS = Counter("flash_ce_resyncs_total", "Full resyncs after an expired delta token",
-                  ["tenant_id", "connection_id", "entity"])
+                       ["entity"])
+RESYNCS = Counter("flash_ce_resyncs_total", "Full resyncs after an expired delta token", ["entity"])
 
 
 class CeCursor(BaseModel):
@@ -221,7 +220,7 @@ class ConnectionSync:
             if issued is None or self.expiry_days is None:
                 continue
             age = (self.now() - issued).total_seconds() / 86400
-            labels = (self.conn.tenant_id, self.conn.connection_id, spec.logical)
+            labels = (spec.logical,)
             TOKEN_AGE.labels(*labels).set(age)
             expiring = age >= self.expiry_days - self.conn.expiry_warning_days
             TOKEN_EXPIRING.labels(*labels).set(1 if expiring else 0)
@@ -285,7 +284,7 @@ class ConnectionSync:
                 except DeltaTokenExpired as exc:
                     log.warning("delta token expired, resyncing", tenant_id=self.conn.tenant_id,
                                 connection_id=self.conn.connection_id, entity=spec.logical, error=str(exc))
-                    RESYNCS.labels(self.conn.tenant_id, self.conn.connection_id, spec.logical).inc()
+                    RESYNCS.labels(spec.logical).inc()
                     res.resynced = True
                     cur = CeCursor(phase="initial", generation=gen + 1, resync=True)
                     await cp.save(cur)

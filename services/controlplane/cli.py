@@ -223,16 +223,23 @@ def cmd_dlq(args: argparse.Namespace, settings: FlashSettings) -> int:
                 rows = await dlq_ops.depth(pool)
                 print_json(rows) if args.json else print_table(rows, empty="all dead-letter topics are empty")
             elif args.action == "replay":
-                from servicekit.embedded import kafka_bootstrap
-
                 store = PgConnectionStore(pool, CredentialCipher.from_settings(settings))
                 # Source dead letters are re-fetched from the vendor (connectorkit.replay), never re-sent.
                 rewrite = source_rewriter(store.get, settings)
-                async with kafka_bootstrap(settings.kafka_bootstrap) as bootstrap:
-                    publisher = KafkaPublisher(bootstrap, security=kafka_security(settings))
+                if args.dry_run:
+                    audit = await dlq_ops.replay(pool, None, _dlq_filter(args), dry_run=True)
+                else:
+                    # Never an embedded broker of our own: what it took would reach no service, and the letters
+                    # would be marked replayed for good.
+                    if not settings.kafka_bootstrap:
+                        raise ConfigError(
+                            "dlq replay needs the broker the services use: set FLASH_KAFKA_BOOTSTRAP to its "
+                            "host:port (as for `flash run`); nothing was replayed"
+                        )
+                    publisher = KafkaPublisher(settings.kafka_bootstrap, security=kafka_security(settings))
                     await publisher.start()
                     try:
-                        audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=args.dry_run,
+                        audit = await dlq_ops.replay(pool, publisher, _dlq_filter(args), dry_run=False,
                                                      rewrite=rewrite)
                     finally:
                         await publisher.stop()
@@ -253,7 +260,7 @@ def cmd_status(args: argparse.Namespace, settings: FlashSettings) -> int:
             store = PgConnectionStore(pool, CredentialCipher.from_settings(settings))
             conns = [{k: v for k, v in c.redacted().items() if k in ("tenant_id", "connection_id", "source",
                                                                       "state", "last_error")}
-                     for c in await store.list()]
+                     for c in await store.list(include_unreadable=True)]
             cursors = [dict(r) for r in await pool.fetch(
                 """SELECT tenant_id, connection_id, entity, updated_at,
                           extract(epoch FROM now() - updated_at)::float8 AS age_s

@@ -213,7 +213,8 @@ class Operations:
     # -------------------------------------------------------------------------------- connections
 
     async def list_connections(self, actor: Actor, *, source: str | None = None) -> list[dict[str, Any]]:
-        rows = await self.store.list(source=source)
+        # Unreadable credentials are one connection's problem: listed with the reason, never an error for all.
+        rows = await self.store.list(source=source, include_unreadable=True)
         return [_public(c) for c in rows if actor.may_see(c.tenant_id)]
 
     async def get_connection(self, actor: Actor, tenant_id: str, connection_id: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from canonical.topics import CANONICAL_PRODUCT, RESOLVED_ORDER, RESOLVED_RETURN
+from points import rules
 from points.handlers import Clock, make_handler, mature_orders, utcnow
 from servicekit.consumer import PipeConsumer
 from servicekit.db import Migrations, db_errors
@@ -51,6 +52,7 @@ def build_service(clock: Clock = utcnow, mature_interval_s: float = MATURE_INTER
     handler = make_handler(clock)
 
     def consumers(infra: Infra) -> Sequence[PipeConsumer[Any]]:
+        rules.configure(default_per_order_cap=infra.settings.points_max_per_order)
         return [
             PipeConsumer(
                 CONSUMER,

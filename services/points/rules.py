@@ -33,6 +33,7 @@ from canonical.events import PointsKind
 from servicekit.errors import Poison
 
 __all__ = [
+    "DEFAULT_PER_ORDER_CAP",
     "LineState",
     "OrderState",
     "Program",
@@ -40,6 +41,7 @@ __all__ = [
     "ReturnState",
     "base_amount",
     "clawback_points",
+    "configure",
     "order_amounts",
     "order_points",
     "order_stage",
@@ -245,9 +247,21 @@ def order_points(program: Program, order: OrderState, categories: dict[str, str 
                 / weight
             )
     points = max(0, round_points(program, base * program.points_per_unit * multiplier))
-    if program.per_order_cap is not None:
-        points = min(points, program.per_order_cap)
+    cap = program.per_order_cap if program.per_order_cap is not None else _DEFAULTS["per_order_cap"]
+    if cap:
+        points = min(points, cap)
     return points
+
+
+DEFAULT_PER_ORDER_CAP = 1_000_000
+"""Most points one order earns when its program sets no ``per_order_cap`` (FLASH_POINTS_MAX_PER_ORDER):
+an implausible total (a unit error at the source, a hostile record) cannot mint unbounded points."""
+_DEFAULTS: dict[str, int] = {"per_order_cap": DEFAULT_PER_ORDER_CAP}
+
+
+def configure(*, default_per_order_cap: int) -> None:
+    """Set this process's default per-order cap (at start, from settings); 0 means no default cap."""
+    _DEFAULTS["per_order_cap"] = default_per_order_cap
 
 
 def clawback_points(

@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+import asyncpg
+
 from canonical.topics import CANONICAL_CUSTOMER, CANONICAL_ORDER, CANONICAL_RETURN, MEMBERS
 from resolver.adapters import PgResolverStore
 from resolver.handlers import handle, release_stranded, relink_members
@@ -13,9 +15,11 @@ from servicekit.consumer import PipeConsumer
 from servicekit.db import Migrations, db_errors
 from servicekit.logging import get_logger
 from servicekit.outbox import TaskOutbox
+from servicekit.retention import prune_older_than
 from servicekit.runtime import Infra, Service, every
+from servicekit.settings import FlashSettings
 
-__all__ = ["ACCEPTED", "CONSUMER", "MIGRATIONS", "SERVICE", "relink_once"]
+__all__ = ["ACCEPTED", "CONSUMER", "MIGRATIONS", "SERVICE", "prune_parked", "relink_once"]
 
 log = get_logger(__name__)
 
@@ -82,11 +86,19 @@ async def sweep_stranded_once(box: TaskOutbox) -> int:
     return 0
 
 
+async def prune_parked(pool: asyncpg.Pool, settings: FlashSettings) -> int:
+    """One chunk of parked orders/returns that waited longer than FLASH_PARKED_RETENTION_DAYS for a member."""
+    return await prune_older_than(pool, "parked", "parked_at", settings.parked_retention_days)
+
+
 def tasks(infra: Infra, stop: asyncio.Event, *, interval: float = RELINK_INTERVAL_S) -> Sequence[Awaitable[None]]:
     box = TaskOutbox(f"{CONSUMER}-relink", infra.pool, infra.publisher, infra.settings)
     sweep = TaskOutbox(f"{CONSUMER}-sweep", infra.pool, infra.publisher, infra.settings)
-    return [every(interval, stop, lambda: relink_once(box), what="member re-link"),
-            every(SWEEP_INTERVAL_S, stop, lambda: sweep_stranded_once(sweep), what="parked sweep")]
+    return [
+        every(interval, stop, lambda: relink_once(box), what="member re-link"),
+        every(SWEEP_INTERVAL_S, stop, lambda: sweep_stranded_once(sweep), what="parked sweep"),
+        every(3600, stop, lambda: prune_parked(infra.pool, infra.settings), what="parked pruning"),
+    ]
 
 
 SERVICE = Service(CONSUMER, migrations=[MIGRATIONS], consumers=consumers, tasks=tasks)

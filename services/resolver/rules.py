@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Match", "match_customer", "normalize_email", "version_key"]
+from servicekit.errors import Poison
+
+__all__ = ["InvalidEmail", "Match", "match_customer", "normalize_email", "version_key"]
 
 _DIGITS_WIDTH = 40
 
 
+class InvalidEmail(Poison):
+    """An address no member can hold (control or bidi characters); refused with a reason, not parked."""
+
+
 def normalize_email(email: str | None) -> str | None:
-    """Trimmed and case-folded; no other rewriting (no dots/plus stripping: no fuzzy matching)."""
+    """Trimmed, NFC-normalised and lower-cased; no other rewriting (no dots/plus stripping: no fuzzy matching).
+
+    ``lower()``, not ``casefold()``: case folding also merges distinct letters (``ß`` and ``ss``, so
+    ``STRAßE@x.com`` would match ``strasse@x.com``), which is matching someone else's address. NFC only
+    joins canonically equivalent spellings of the same character. An address with a control, format
+    (bidi overrides, zero-width) or separator character raises :class:`InvalidEmail` (poison): it can never
+    match honestly, and parking it would keep it forever.
+    """
     if not email:
         return None
-    value = email.strip().casefold()
+    value = unicodedata.normalize("NFC", email.strip()).lower()
+    if not value.isprintable():  # cheap: printable means no C* or Z* character but the space
+        bad = [c for c in value if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")]
+        if bad:
+            raise InvalidEmail(
+                f"email {value.encode('unicode_escape').decode()!r} contains control or bidi characters "
+                f"({', '.join(f'U+{ord(c):04X}' for c in bad[:5])}); fix the address at the source"
+            )
     return value or None
 
 

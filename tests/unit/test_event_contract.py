@@ -133,6 +133,17 @@ def test_money_has_four_decimals_and_quantities_no_trailing_zeros_from_every_sou
         assert all(not ("." in q and q.endswith("0")) for q in quantities), quantities
 
 
+@pytest.fixture
+def wide_amount_limit() -> Any:
+    """The representation of an 18-digit amount, beyond the default plausibility limit (FLASH_MAX_AMOUNT)."""
+    from canonical import limits
+
+    before = limits.LIMITS.max_amount
+    limits.configure(max_amount=Decimal(10) ** 19)
+    yield
+    limits.configure(max_amount=before)
+
+
 @pytest.mark.parametrize(
     ("given", "money", "plain"),
     [
@@ -146,7 +157,9 @@ def test_money_has_four_decimals_and_quantities_no_trailing_zeros_from_every_sou
         ("123456789012345678.12", "123456789012345678.1200", "123456789012345678.12"),
     ],
 )
-def test_one_representation_of_money_and_quantities(given: str, money: str, plain: str) -> None:
+def test_one_representation_of_money_and_quantities(
+    given: str, money: str, plain: str, wide_amount_limit: None
+) -> None:
     line = OrderLineData(line_id="l", amount=Decimal(given), quantity=Decimal(given))
     body = json.loads(line.model_dump_json())
     assert body["amount"] == money
