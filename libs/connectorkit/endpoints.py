@@ -168,6 +168,14 @@ async def check_resolved(host: str, *, setting: str = "endpoint", allow_sandbox:
                                   "credentials are only sent to the vendor's public endpoints")
 
 
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+def _origin(parts: urllib.parse.SplitResult) -> tuple[str, int | None]:
+    """(host, port) of a URL, the port defaulted by its scheme; ValueError for a port that is not a number."""
+    return (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(parts.scheme)
+
+
 @dataclass(frozen=True)
 class HostPin:
     """The hosts one connection may send requests (and credentials) to.
@@ -175,18 +183,23 @@ class HostPin:
     ``hosts``: exact hosts from the connection's configuration (its endpoint, its authority).
     ``patterns``: vendor patterns an absolute URL handed back by the vendor may also match (a Salesforce
     instance URL differing from My Domain); empty means exact hosts only.
+    ``origins``: the (host, port) pairs of the configured URLs. A credential goes to an origin, not a host name:
+    another port of a configured host is refused (a nextLink to ``:8443`` must not receive the token), and a
+    host matched only by a vendor pattern must use its scheme's default port. A pin built with hosts only
+    (no origins) allows the default port of the request's scheme.
     """
 
     hosts: frozenset[str]
     patterns: tuple[str, ...] = ()
     allow_sandbox: bool = False
+    origins: frozenset[tuple[str, int | None]] = frozenset()
 
     @classmethod
     def for_urls(cls, urls: Iterable[str], *, kinds: Iterable[str] = (), allow_sandbox: bool | None = None) -> HostPin:
         sandbox = sandbox_endpoints_allowed() if allow_sandbox is None else allow_sandbox
-        hosts = frozenset((urllib.parse.urlsplit(u).hostname or "").lower() for u in urls if u)
+        origins = frozenset(o for o in (_origin(urllib.parse.urlsplit(u)) for u in urls if u) if o[0])
         patterns = tuple(p for k in kinds for p in ENDPOINT_PATTERNS.get(k, ()))
-        return cls(hosts - {""}, patterns, sandbox)
+        return cls(frozenset(h for h, _ in origins), patterns, sandbox, origins)
 
     def check(self, url: str, *, what: str = "request") -> str:
         """Return the URL's host, or raise EndpointRefused before anything is sent to it."""
@@ -195,9 +208,18 @@ class HostPin:
         if parts.scheme != "https" and not (self.allow_sandbox and parts.scheme == "http"):
             raise EndpointRefused(f"{what}: refusing {parts.scheme or 'a relative'} URL for {host or url!r}: "
                                   f"only https is allowed ({SANDBOX_ENV}=1 permits http for simulators)")
+        try:
+            _, port = _origin(parts)
+        except ValueError:
+            raise EndpointRefused(f"{what}: refusing {url!r}: its port is not a number") from None
+        default = _DEFAULT_PORTS.get(parts.scheme)
         if host in self.hosts:
-            return host
-        if self.patterns and host_matches(host, self.patterns) and _ip_literal(host) is None:
+            ports = {p for h, p in self.origins if h == host} or {default}
+            if port in ports:
+                return host
+            raise EndpointRefused(f"{what}: refusing to send a request to {host}:{port}: this connection names "
+                                  f"{host} on port {', '.join(str(p) for p in sorted(x for x in ports if x))} only")
+        if self.patterns and host_matches(host, self.patterns) and _ip_literal(host) is None and port == default:
             return host
         raise EndpointRefused(f"{what}: refusing to send a request to {host or url!r}: not a host of this "
                               f"connection ({', '.join(sorted(self.hosts)) or 'none configured'})")

@@ -2,9 +2,8 @@
 names only, so a nextLink to ANOTHER PORT of the pinned host receives the bearer token (in the chaos run: a
 sandbox page's @odata.nextLink to http://127.0.0.1:<other port> was fetched with the token; the foreign
 server's empty page then left the poller's cursor pointing there, crashing the connection forever).
-Credentials go only to the origins (scheme, host, port) the connection names. Owner: developer "kit"
-(libs/connectorkit/endpoints.py HostPin.check); strict xfail, so the fix turns this into a failure that
-says to remove the marker."""
+Credentials go only to the origins (host, port) the connection names (libs/connectorkit/endpoints.py
+HostPin.check)."""
 
 from __future__ import annotations
 
@@ -13,8 +12,16 @@ import pytest
 from connectorkit.endpoints import EndpointRefused, HostPin
 
 
-@pytest.mark.xfail(strict=True, reason="kit: HostPin.check compares host names, not origins (port ignored)")
 def test_another_port_of_the_pinned_host_is_refused() -> None:
     pin = HostPin.for_urls(["https://acme.crm.dynamics.com"], kinds=["dynamics-ce"], allow_sandbox=False)
     with pytest.raises(EndpointRefused):
         pin.check("https://acme.crm.dynamics.com:8443/api/data/v9.2/salesorders?$skiptoken=x")
+
+
+def test_the_configured_port_and_the_vendor_default_port_are_allowed() -> None:
+    pin = HostPin.for_urls(["http://127.0.0.1:8081/"], kinds=["dynamics-ce"], allow_sandbox=True)
+    assert pin.check("http://127.0.0.1:8081/api/data/v9.2/salesorders") == "127.0.0.1"
+    with pytest.raises(EndpointRefused):
+        pin.check("http://127.0.0.1:8082/api/data/v9.2/salesorders")
+    vendor = HostPin.for_urls(["https://acme.my.salesforce.com"], kinds=["salesforce"], allow_sandbox=False)
+    assert vendor.check("https://acme.my.salesforce.com/services/data/v66.0/query") == "acme.my.salesforce.com"
