@@ -351,7 +351,11 @@ class ConnectionSync:
         candidates: list[tuple[int, str, str]] = []
         known: list[KnownKey] = []
         deleted: list[tuple[str, str]] = []
-        rows: list[tuple[str, dict[str, Any]]] = []
+        # Parsed rows are kept only where they are assembled after the loop (RMA headers); elsewhere each parsed
+        # row is dropped as soon as its message is built. A parsed row (with formatted-value annotations) takes
+        # several times its text, so keeping a page of them dominated the poller's memory.
+        rma_rows: dict[str, tuple[str, dict[str, Any]]] = {}
+        n_up = 0
         dead: list[SourceLetter] = []
         is_custom = self._is_custom_return(spec)
         for text, obj in iter_values(page.text):
@@ -373,7 +377,9 @@ class ConnectionSync:
                 parent = obj.get("ordernumber")  # orders: parent_id holds the number RMAs refer to
             known.append(KnownKey(sid, None if parent is None else str(parent).lower()
                                   if spec.logical != "salesorder" else str(parent), version))
-            rows.append((text, obj))
+            n_up += 1
+            if spec.logical == "msdyn_rma":
+                rma_rows[sid] = (text, obj)
             if spec.publish and spec.logical != "msdyn_rma":
                 order_id = str(parent).lower() if spec.logical == "salesorderdetail" and parent else None
                 if is_custom:
@@ -389,7 +395,7 @@ class ConnectionSync:
                 res.unchanged += len(drop)
         prior = await self.keys.lookup(tenant, cid, spec.logical, [d for d, _ in deleted]) if deleted else {}
         if spec.logical == "msdyn_rma":
-            built, rma_known = await self._assemble_rmas({str(o[spec.key]).lower(): (t, o) for t, o in rows}, set())
+            built, rma_known = await self._assemble_rmas(rma_rows, set())
             msgs += built
             known = rma_known
         elif spec.logical == "msdyn_rmaproduct":
@@ -413,7 +419,6 @@ class ConnectionSync:
         await self.keys.record(tenant, cid, spec.logical, known, gen)
         if deleted:
             await self.keys.forget(tenant, cid, spec.logical, [d for d, _ in deleted])
-        n_up = len(rows)
         res.upserts += n_up
         res.deletes += len(deleted)
         res.pages += 1
