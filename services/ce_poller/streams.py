@@ -135,6 +135,17 @@ def _version(obj: dict[str, Any]) -> str:
     return str(obj.get("modifiedon") or "0")
 
 
+_ASSEMBLY_FIELDS = frozenset({
+    "versionnumber", "modifiedon", "_transactioncurrencyid_value", "msdyn_rmaid", "msdyn_rmaproductid",
+    "_msdyn_rma_value", "salesorderid", "ordernumber",
+})
+
+
+def _slim(obj: dict[str, Any], keep: frozenset[str]) -> dict[str, Any]:
+    """The columns of a parsed row the RMA assembly reads (the row's text is kept whole for the payload)."""
+    return {k: v for k, v in obj.items() if k in keep}
+
+
 def _int_version(v: str | None) -> int:
     try:
         return int(v or 0)
@@ -379,7 +390,7 @@ class ConnectionSync:
                                   if spec.logical != "salesorder" else str(parent), version))
             n_up += 1
             if spec.logical == "msdyn_rma":
-                rma_rows[sid] = (text, obj)
+                rma_rows[sid] = (text, _slim(obj, self._assembly_fields()))
             if spec.publish and spec.logical != "msdyn_rma":
                 order_id = str(parent).lower() if spec.logical == "salesorderdetail" and parent else None
                 if is_custom:
@@ -466,6 +477,7 @@ class ConnectionSync:
     async def _filter_all(self, entity_set: str, select: Sequence[str], column: str, values: Sequence[str],
                           quote: bool = False) -> list[tuple[str, dict[str, Any]]]:
         out: list[tuple[str, dict[str, Any]]] = []
+        keep = self._assembly_fields()
         vals = sorted(set(values))
         for i in range(0, len(vals), CHUNK):
             chunk = vals[i:i + CHUNK]
@@ -475,9 +487,14 @@ class ConnectionSync:
             prefer = f"odata.maxpagesize=5000,{self._ann()}"
             while url:
                 page = await self.client.get(url, prefer=prefer, what=entity_set)
-                out.extend(iter_values(page.text))
+                out.extend((text, _slim(obj, keep)) for text, obj in iter_values(page.text))
                 url = page.next_link
         return out
+
+    def _assembly_fields(self) -> frozenset[str]:
+        """Returns are assembled a page of RMAs with all their products at once, and a parsed row with its
+        formatted values takes several times its text: only these columns of those rows stay parsed."""
+        return _ASSEMBLY_FIELDS | {str(self.conn.return_source.get("order_number_field", "msdyn_referenceno"))}
 
     async def _assemble_rmas(
         self, headers: dict[str, tuple[str, dict[str, Any]]] | None, ids: set[str], *, bump: set[str] | None = None
