@@ -53,6 +53,7 @@ __all__ = [
     "ErrorTable",
     "NoQuota",
     "QuotaGovernor",
+    "RawResponse",
     "Response",
     "StaticTokenSource",
     "TokenSource",
@@ -316,6 +317,21 @@ class Response:
             raise Poison(f"{self.url}: the vendor answered with a body that is not JSON: {scrub(self.text)}") from exc
 
 
+@dataclass(slots=True)
+class RawResponse:
+    """A successful response with its body as the bytes received (see :meth:`VendorClient.get_raw`)."""
+
+    url: str
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+
+async def _read_bytes(resp: httpx.Response) -> bytes:
+    # As _read_text: the bytes belong to our RawResponse alone, nothing cached on the httpx response.
+    return b"".join([part async for part in resp.aiter_bytes()])
+
+
 async def _read_text(resp: httpx.Response) -> str:
     # httpx's Response and its stream reference each other, so cached .content/.text copies are freed only by
     # the cyclic GC; joining the decoded chunks leaves the text owned by our Response alone.
@@ -373,6 +389,24 @@ class VendorClient:
     async def get(self, path_or_url: str, *, what: str = "GET", headers: Mapping[str, str] | None = None,
                   params: Mapping[str, str] | None = None) -> Response:
         return await self.request("GET", path_or_url, what=what, headers=headers, params=params)
+
+    async def get_raw(self, path_or_url: str, *, what: str = "GET", headers: Mapping[str, str] | None = None,
+                      params: Mapping[str, str] | None = None) -> RawResponse:
+        """:meth:`get` keeping the body as the bytes received, for large bodies parsed piece by piece.
+
+        CPython stores a ``str`` at the width of its widest character: one character beyond Latin-1 (a "€" in a
+        formatted value) makes the whole decoded page two bytes a character, twice its UTF-8 size.
+        """
+        result: RawResponse | None = None
+
+        async def read(resp: httpx.Response) -> None:
+            nonlocal result
+            result = RawResponse(str(resp.url), resp.status_code, resp.headers, await _read_bytes(resp))
+
+        await self._send("GET", path_or_url, what=what, headers=headers, params=params, json_body=None,
+                         content=None, idempotent=None, on_success=read)
+        assert result is not None
+        return result
 
     async def request(
         self, method: str, path_or_url: str, *, what: str = "request", headers: Mapping[str, str] | None = None,

@@ -106,50 +106,106 @@ DATAVERSE_ERRORS = ErrorTable("Dataverse", [
 
 @dataclass(frozen=True)
 class Page:
-    """One Web API response: the body text as received and the links it carries."""
+    """One Web API response: the body as received and the links it carries.
+
+    ``text`` is the body as the UTF-8 bytes received (pages read by :meth:`DataverseClient.get`) or as a
+    ``str`` (pages built from text). Pages are kept as bytes because CPython stores a ``str`` at the width of
+    its widest character: one formatted value with a character beyond Latin-1 (``"€1,234.00"``) made a decoded
+    page of 5,000 rows two bytes a character, twice its UTF-8 size. :func:`iter_values` reads either.
+    """
 
     url: str
-    text: str
+    text: str | bytes
     next_link: str | None
     delta_link: str | None
     headers: Mapping[str, str]
 
+    def decoded(self) -> str:
+        """The body as a ``str`` (for small responses, e.g. one record; pages are read with :func:`iter_values`)."""
+        return self.text if isinstance(self.text, str) else self.text.decode()
+
 
 _LINK_RE = {
-    "next": re.compile(r'"@odata\.nextLink"\s*:\s*"((?:[^"\\]|\\.)*)"'),
-    "delta": re.compile(r'"@odata\.deltaLink"\s*:\s*"((?:[^"\\]|\\.)*)"'),
+    "next": re.compile(rb'"@odata\.nextLink"\s*:\s*"((?:[^"\\]|\\.)*)"'),
+    "delta": re.compile(rb'"@odata\.deltaLink"\s*:\s*"((?:[^"\\]|\\.)*)"'),
 }
 _VALUE_RE = re.compile(r'"value"\s*:\s*\[')
+_VALUE_RE_B = re.compile(rb'"value"\s*:\s*\[')
 _DECODER = json.JSONDecoder()
 _WS = " \t\n\r"
+WINDOW = 1 << 20
+"""Bytes of a page decoded at a time by :func:`iter_values` (doubled while one row does not fit)."""
 
 
-def _link(kind: str, text: str) -> str | None:
+def _link(kind: str, body: str | bytes) -> str | None:
     # Links follow the value array; search the tail first (pages are large, the links short).
-    tail = text[-4096:]
-    m = _LINK_RE[kind].search(tail) or (_LINK_RE[kind].search(text) if len(text) > 4096 else None)
-    return None if m is None else str(json.loads(f'"{m.group(1)}"'))
+    data = body.encode() if isinstance(body, str) else body
+    tail = data[-4096:]
+    m = _LINK_RE[kind].search(tail) or (_LINK_RE[kind].search(data) if len(data) > 4096 else None)
+    return None if m is None else str(json.loads(b'"' + m.group(1) + b'"'))
 
 
-def iter_values(text: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Each record of a collection response as (its JSON text exactly as received, parsed)."""
-    m = _VALUE_RE.search(text)
-    if m is None:
+def iter_values(body: str | bytes) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each record of a collection response as (its JSON text exactly as received, parsed), one at a time.
+
+    A ``bytes`` body is decoded a window (:data:`WINDOW` bytes) at a time, so no ``str`` of the whole page
+    is ever made (see :class:`Page`); each record's text is its own compact ``str``.
+    """
+    if isinstance(body, str):
+        m = _VALUE_RE.search(body)
+        if m is not None:
+            yield from _records(body, m.end(), [0, True])
         return
-    i = m.end()
+    mb = _VALUE_RE_B.search(body)
+    if mb is None:
+        return
+    pos, n, size = mb.end(), len(body), WINDOW
+    while pos < n:
+        end = min(n, pos + size)
+        while end < n and body[end] & 0xC0 == 0x80:  # never cut a UTF-8 sequence in two
+            end -= 1
+        win = body[pos:end].decode()
+        state = [0, end >= n]
+        yield from _records(win, 0, state)
+        used, closed = state
+        if closed:
+            return
+        if used == 0:  # not one whole record in the window: widen it
+            size *= 2
+            continue
+        pos += len(win[:used].encode())
+        size = WINDOW
+
+
+def _records(text: str, i: int, state: list[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The whole records of ``text`` from ``i``, one at a time. ``state`` is ``[consumed, final]`` on entry
+    and ``[characters consumed, whether the array ended]`` on exit. Not ``final`` (a window of a page), a record
+    cut by the end of ``text`` stops the scan: the caller decodes again from ``consumed``."""
+    final = bool(state[1])
     n = len(text)
-    while i < n:
+    state[1] = False
+    while True:
         while i < n and text[i] in _WS:
             i += 1
-        if i >= n or text[i] == "]":
+        if i >= n:
+            state[1] = final
             return
-        obj, end = _DECODER.raw_decode(text, i)
+        if text[i] == "]":
+            state[1] = True
+            return
+        try:
+            obj, end = _DECODER.raw_decode(text, i)
+        except ValueError:
+            if final:
+                raise
+            return
         yield text[i:end], obj
         i = end
         while i < n and text[i] in _WS:
             i += 1
         if i < n and text[i] == ",":
             i += 1
+        state[0] = i
 
 
 def _error_body(resp: httpx.Response) -> tuple[str, str]:
@@ -203,6 +259,6 @@ class DataverseClient:
         return self.vendor.url(path_or_url)
 
     async def get(self, path_or_url: str, *, prefer: str | None = None, what: str = "GET") -> Page:
-        resp = await self.vendor.get(path_or_url, what=what, headers={"Prefer": prefer} if prefer else None)
-        text = resp.text
-        return Page(resp.url, text, _link("next", text), _link("delta", text), resp.headers)
+        resp = await self.vendor.get_raw(path_or_url, what=what, headers={"Prefer": prefer} if prefer else None)
+        body = resp.content
+        return Page(resp.url, body, _link("next", body), _link("delta", body), resp.headers)

@@ -217,7 +217,7 @@ class CeConnector:
                 return []
             # A single-entity response carries its own @odata.context; a row of a collection does not. Drop it,
             # so the record is byte for byte what a poll delivers (and is checked the same way).
-            text = _CONTEXT.sub("{", one.text.strip(), count=1)
+            text = _CONTEXT.sub("{", one.decoded().strip(), count=1)
             obj = json.loads(text)
             problem = sync._undeliverable(spec, obj, text)
             if problem is not None:

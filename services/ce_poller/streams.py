@@ -134,6 +134,17 @@ def _version(obj: dict[str, Any]) -> str:
     return str(obj.get("modifiedon") or "0")
 
 
+_ASSEMBLY_FIELDS = frozenset({
+    "versionnumber", "modifiedon", "_transactioncurrencyid_value", "msdyn_rmaid", "msdyn_rmaproductid",
+    "_msdyn_rma_value", "salesorderid", "ordernumber",
+})
+
+
+def _slim(obj: dict[str, Any], keep: frozenset[str]) -> dict[str, Any]:
+    """The columns of a parsed row the RMA assembly reads (the row's text is kept whole for the payload)."""
+    return {k: v for k, v in obj.items() if k in keep}
+
+
 def _int_version(v: str | None) -> int:
     try:
         return int(v or 0)
@@ -350,7 +361,11 @@ class ConnectionSync:
         candidates: list[tuple[int, str, str]] = []
         known: list[KnownKey] = []
         deleted: list[tuple[str, str]] = []
-        rows: list[tuple[str, dict[str, Any]]] = []
+        # Parsed rows are kept only where they are assembled after the loop (RMA headers); elsewhere each parsed
+        # row is dropped as soon as its message is built. A parsed row (with formatted-value annotations) takes
+        # several times its text, so keeping a page of them dominated the poller's memory.
+        rma_rows: dict[str, tuple[str, dict[str, Any]]] = {}
+        n_up = 0
         dead: list[SourceLetter] = []
         is_custom = self._is_custom_return(spec)
         for text, obj in iter_values(page.text):
@@ -372,7 +387,9 @@ class ConnectionSync:
                 parent = obj.get("ordernumber")  # orders: parent_id holds the number RMAs refer to
             known.append(KnownKey(sid, None if parent is None else str(parent).lower()
                                   if spec.logical != "salesorder" else str(parent), version))
-            rows.append((text, obj))
+            n_up += 1
+            if spec.logical == "msdyn_rma":
+                rma_rows[sid] = (text, _slim(obj, self._assembly_fields()))
             if spec.publish and spec.logical != "msdyn_rma":
                 order_id = str(parent).lower() if spec.logical == "salesorderdetail" and parent else None
                 if is_custom:
@@ -388,7 +405,7 @@ class ConnectionSync:
                 res.unchanged += len(drop)
         prior = await self.keys.lookup(tenant, cid, spec.logical, [d for d, _ in deleted]) if deleted else {}
         if spec.logical == "msdyn_rma":
-            built, rma_known = await self._assemble_rmas({str(o[spec.key]).lower(): (t, o) for t, o in rows}, set())
+            built, rma_known = await self._assemble_rmas(rma_rows, set())
             msgs += built
             known = rma_known
         elif spec.logical == "msdyn_rmaproduct":
@@ -412,7 +429,6 @@ class ConnectionSync:
         await self.keys.record(tenant, cid, spec.logical, known, gen)
         if deleted:
             await self.keys.forget(tenant, cid, spec.logical, [d for d, _ in deleted])
-        n_up = len(rows)
         res.upserts += n_up
         res.deletes += len(deleted)
         res.pages += 1
@@ -460,6 +476,7 @@ class ConnectionSync:
     async def _filter_all(self, entity_set: str, select: Sequence[str], column: str, values: Sequence[str],
                           quote: bool = False) -> list[tuple[str, dict[str, Any]]]:
         out: list[tuple[str, dict[str, Any]]] = []
+        keep = self._assembly_fields()
         vals = sorted(set(values))
         for i in range(0, len(vals), CHUNK):
             chunk = vals[i:i + CHUNK]
@@ -469,9 +486,14 @@ class ConnectionSync:
             prefer = f"odata.maxpagesize=5000,{self._ann()}"
             while url:
                 page = await self.client.get(url, prefer=prefer, what=entity_set)
-                out.extend(iter_values(page.text))
+                out.extend((text, _slim(obj, keep)) for text, obj in iter_values(page.text))
                 url = page.next_link
         return out
+
+    def _assembly_fields(self) -> frozenset[str]:
+        """Returns are assembled a page of RMAs with all their products at once, and a parsed row with its
+        formatted values takes several times its text: only these columns of those rows stay parsed."""
+        return _ASSEMBLY_FIELDS | {str(self.conn.return_source.get("order_number_field", "msdyn_referenceno"))}
 
     async def _assemble_rmas(
         self, headers: dict[str, tuple[str, dict[str, Any]]] | None, ids: set[str], *, bump: set[str] | None = None
