@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Any
 
 from connectorkit.replay import source_rewriter
-from controlplane.ops import LEGACY_CONNECTORS
 from servicekit import dlq as dlq_ops
 from servicekit.cliutil import open_db, print_json, print_table
 from servicekit.connections import CredentialCipher, PgConnectionStore
@@ -30,7 +29,7 @@ from servicekit.logging import configure_logging
 from servicekit.runtime import Service, run_loop, run_services
 from servicekit.settings import FlashSettings
 
-__all__ = ["LEGACY_CONNECTORS", "SERVICES", "main"]
+__all__ = ["SERVICES", "main"]
 
 #: name → module holding ``SERVICE``; started with ``flash run <name>`` or ``python -m <module>``.
 SERVICES: dict[str, str] = {
@@ -43,7 +42,7 @@ SERVICES: dict[str, str] = {
     "points": "points",
 }
 #: Connectors are found through the registry (entry point group ``flash_connect.connectors``, see
-#: ``connectorkit.registry``); sources not registered yet: ``controlplane.ops.LEGACY_CONNECTORS``.
+#: ``connectorkit.registry``).
 #: modules contributing subcommands through ``cli.register(subparsers)``.
 PLUGINS = ("resolver", "points", "normalizer")
 

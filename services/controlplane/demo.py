@@ -41,7 +41,7 @@ from connectorkit.sandbox import DemoSandbox
 from servicekit import dlq as dlq_ops
 from servicekit.connections import CredentialCipher, PgConnectionStore
 from servicekit.embedded import resolve_database_url
-from servicekit.errors import ConfigError, FlashError
+from servicekit.errors import ConfigError
 from servicekit.runtime import Infra, Service, install_signal_handlers, open_infra, run_services
 from servicekit.settings import FlashSettings
 
@@ -111,10 +111,7 @@ def _line(t: Tenant, s: dict[str, Any]) -> str:
 
 async def _setup_sandboxes(stack: contextlib.AsyncExitStack, n_orders: int) -> list[tuple[Tenant, dict[str, Any]]]:
     """Start every installed simulator whose source has a connector (registry), as tenants + connections."""
-    from controlplane.cli import LEGACY_CONNECTORS
-
-    usable = set(connector_sources()) | {s for s, m in LEGACY_CONNECTORS.items()
-                                         if importlib.util.find_spec(f"{m}.control") is not None}
+    usable = set(connector_sources())
     sandboxes = load_sandboxes()
     if not sandboxes:
         raise ConfigError("no simulators are installed in this build (entry point group flash_connect.sandboxes); "
@@ -151,25 +148,16 @@ async def _configure(infra: Infra, settings: FlashSettings, tenant: Tenant, conn
     store = PgConnectionStore(infra.pool, CredentialCipher.from_settings(settings))
     connection = await store.upsert(tenant.tenant_id, tenant.connection_id, tenant.source, conn["endpoint"],
                                     conn["credentials"], conn["settings"])
-    if tenant.source in connector_sources():
-        connector = load_connector(tenant.source)
-        report = await connector.verify(connector.parse(connection), settings)
-        if not report.ok:
-            raise ConfigError(f"connection {tenant.connection_id} failed verification: {report.summary()}")
-        say(f"    verified {tenant.connection_id}: {len(report.checks)} checks ok")
-        preview = await dry_run(connector, connection, settings, infra.pool, limit=20)
-        say(f"    dry-run {tenant.connection_id}: {_preview_line(preview)}")
-    else:  # a connector not yet on the kit: its module hooks, found by name
-        from controlplane.cli import LEGACY_CONNECTORS
-
-        control = importlib.import_module(f"{LEGACY_CONNECTORS[tenant.source]}.control")
-        try:
-            legacy = await control.verify(connection, settings)
-        except FlashError as exc:
-            raise ConfigError(f"connection {tenant.connection_id} failed verification: {exc}") from exc
-        say(f"    verified {tenant.connection_id}: {_short(legacy)}")
-        legacy_preview = await control.dry_run(connection, settings, limit=5)
-        say(f"    dry-run {tenant.connection_id}: {_short(legacy_preview)}")
+    if tenant.source not in connector_sources():
+        raise ConfigError(f"no connector for {tenant.source} is installed in this build (the demo's tenant "
+                          f"{tenant.tenant_id} needs it)")
+    connector = load_connector(tenant.source)
+    report = await connector.verify(connector.parse(connection), settings)
+    if not report.ok:
+        raise ConfigError(f"connection {tenant.connection_id} failed verification: {report.summary()}")
+    say(f"    verified {tenant.connection_id}: {len(report.checks)} checks ok")
+    preview = await dry_run(connector, connection, settings, infra.pool, limit=20)
+    say(f"    dry-run {tenant.connection_id}: {_preview_line(preview)}")
     await store.set_state(tenant.tenant_id, tenant.connection_id, "verified")
     await store.set_state(tenant.tenant_id, tenant.connection_id, "live")
     say(f"    {tenant.connection_id} is live")
@@ -191,11 +179,6 @@ def _preview_line(preview: dict[str, Any]) -> str:
             f"{members.get('match_rate')}, would earn {pts.get('would_earn', 0)} / claw back "
             f"{pts.get('would_claw_back', 0)} points, {len(preview.get('would_dead_letter') or [])} would be "
             "dead-lettered (nothing written)")
-
-
-def _short(report: Any) -> str:
-    text = str(report)
-    return text if len(text) < 160 else text[:157] + "..."
 
 
 async def run_demo(settings: FlashSettings, args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ connection's secret values before it leaves this module.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import json
 import urllib.parse
 from collections.abc import Mapping
@@ -52,9 +51,7 @@ __all__ = [
 CONTROLPLANE_MIGRATIONS = Migrations("controlplane", "controlplane")
 
 SOURCES = ("dynamics-ce", "dynamics-fo", "salesforce")
-#: Connectors come from the kit's registry (entry points ``flash_connect.connectors``); a source not
-#: registered yet is served by its older module hooks ``<module>.control.verify`` / ``dry_run``.
-LEGACY_CONNECTORS: dict[str, str] = {"salesforce": "sf_poller"}
+#: Connectors come from the kit's registry (entry points ``flash_connect.connectors``).
 
 
 class OpError(ConfigError):
@@ -278,27 +275,20 @@ class Operations:
         return {"deleted": connection_id, "tenant_id": tenant_id}
 
     @staticmethod
-    def _connector(source: str) -> Any | None:
-        """The registered connector of ``source`` (the kit's registry), or None (legacy hooks or nothing)."""
-        return load_connector(source) if source in connector_sources() else None
-
-    @staticmethod
-    def _legacy_control(source: str) -> Any:
-        if source not in LEGACY_CONNECTORS:
+    def _connector(source: str) -> Any:
+        """The registered connector of ``source`` (the kit's registry); Invalid when this build has none."""
+        if source not in connector_sources():
             installed = ", ".join(connector_sources()) or "none"
             raise Invalid(f"no connector for source {source!r} is installed in this build (installed: {installed})")
-        try:
-            return importlib.import_module(f"{LEGACY_CONNECTORS[source]}.control")
-        except ModuleNotFoundError as exc:
-            raise Invalid(f"the {source} connector is not installed in this build") from exc
+        return load_connector(source)
 
     def _validate(self, conn: Connection) -> None:
         """What must hold before a connection is stored (``connectorkit.registry.validate_connection``: the
-        endpoint policy, then the registered connector's parse of every setting), and that some connector of
-        this build (registered, or a legacy module hook) can verify the source."""
+        endpoint policy, then the registered connector's parse of every setting), and that this build has a
+        connector that can verify the source."""
         try:
             if kit_validate_connection(conn) is None:
-                self._legacy_control(conn.source)
+                self._connector(conn.source)
         except ConfigError as exc:
             raise Invalid(str(_scrub(str(exc), conn.credentials))) from None
 
@@ -312,14 +302,11 @@ class Operations:
         report: Any
         lines: list[str] = []
         try:
-            if connector is not None:
-                result = await connector.verify(connector.parse(conn), self.settings)
-                lines = list(result.lines())
-                report = result.as_json()
-                if not result.ok:
-                    raise ConfigError(result.summary())
-            else:
-                report = await self._legacy_control(conn.source).verify(conn, self.settings)
+            result = await connector.verify(connector.parse(conn), self.settings)
+            lines = list(result.lines())
+            report = result.as_json()
+            if not result.ok:
+                raise ConfigError(result.summary())
         except FlashError as exc:
             message = str(_scrub(str(exc), conn.credentials))
             await self.store.set_state(tenant_id, connection_id, "failed", error=message)
@@ -344,10 +331,7 @@ class Operations:
         connector = self._connector(conn.source)
         n = max(1, min(int(limit), 100))
         try:
-            if connector is not None:
-                report = await kit_dry_run(connector, conn, self.settings, self.pool, limit=n)
-            else:
-                report = await self._legacy_control(conn.source).dry_run(conn, self.settings, limit=n)
+            report = await kit_dry_run(connector, conn, self.settings, self.pool, limit=n)
         except FlashError as exc:
             raise Invalid(f"dry-run failed: {_scrub(str(exc), conn.credentials)}") from None
         report = _json_safe(_scrub(report, conn.credentials))
