@@ -128,7 +128,7 @@ class RecordReader:
         if not records:
             return []
         known = await self.store.load(self.conn.tenant_id, self.conn.connection_id, obj,
-                                      [str(field_value(r, "Id")) for r in records])
+                                      [str(field_value(r, "Id")) for r in records], payloads=False)
         out = []
         for r in records:
             got = known.get(str(field_value(r, "Id")))
