@@ -480,7 +480,7 @@ class CdcListener:
                 need[key] = None
         # parent fields (``Account.PersonEmail``..) of records built from events, from the parents' state
         built = {key: rec for key, rec in work.items() if rec is not None and key not in need}
-        parents = await self._parent_states(built, known)
+        parents = await self._parent_states(built, {**known, **built})  # a parent created in this batch too
         for key, record in built.items():
             if not self._fill_parents(key[0], record, parents):
                 need[key] = None
