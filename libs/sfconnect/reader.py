@@ -89,16 +89,22 @@ class RecordReader:
         return self.conn.tenant_id
 
     async def ensure_shape(self) -> OrgShape:
-        """The shape saved with the connection (by verify), or learned now and saved."""
+        """The shape saved with the connection (by verify, or by the other service), or learned now and saved:
+        a start learns it only when none was saved (a connection that went live without verify)."""
         if self.shape is None:
             self.shape = await load_shape(self.cursors, self.conn.tenant_id, self.conn.connection_id)
-        return self.shape or await self.learn_shape()
+        return self.shape or await self.learn_shape(reason="no shape saved with the connection (not verified)")
 
-    async def learn_shape(self) -> OrgShape:
-        """Describe the org again and save the shape with the connection (after INVALID_FIELD/INVALID_TYPE)."""
+    async def learn_shape(self, *, reason: str = "a query named a field or object the org lacks") -> OrgShape:
+        """Describe the org and save the shape with the connection (none saved yet, or INVALID_FIELD /
+        INVALID_TYPE). Only a re-learn (the org changed since verify) is a warning."""
+        first = self.shape is None
         self.shape = await learn_shape(self.client, self.conn.objects)
         await save_shape(self.cursors, self.conn.tenant_id, self.conn.connection_id, self.shape)
-        log.warning("org shape learned again", **self.shape.summary())
+        if first:
+            log.info("org shape learned", reason=reason, **self.shape.summary())
+        else:
+            log.warning("org shape learned again", reason=reason, **self.shape.summary())
         return self.shape
 
     async def query_shaped(self, obj: str, tail: str, **kw: Any) -> tuple[dict[str, Any], str]:
