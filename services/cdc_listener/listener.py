@@ -23,7 +23,9 @@ The client, governor and SOQL fetch-back/reconcile code are shared with the poll
   record versions, the same event ids, nothing counted twice downstream.
 * Pipelined: while batch N publishes and saves, batch N+1 (the next ``/meta/connect``) already fetches its
   records back; N+1 publishes only after N's records were acknowledged and saves only after N saved, so
-  records reach the broker and replay ids reach ``cursors`` in batch order. A batch with a SOQL reconcile
+  records reach the broker and replay ids reach ``cursors`` in batch order. N+1 applies its UPDATEs to the
+  records N built (N reaches the published store only after its acks). A batch publishes at once: one
+  published-store read and write per object and one broker round trip. A batch with a SOQL reconcile
   (and the one after it) runs alone. Per-stage times are in the ``flash_cdc_stage_seconds`` histogram
   (delivery, wait, fetch, publish, save).
 * A stored replay id past the 72 h retention is rejected by the server: the listener says so (log
