@@ -23,7 +23,9 @@ The client, governor and SOQL fetch-back/reconcile code are shared with the poll
   record versions, the same event ids, nothing counted twice downstream.
 * Pipelined: while batch N publishes and saves, batch N+1 (the next ``/meta/connect``) already fetches its
   records back; N+1 publishes only after N's records were acknowledged and saves only after N saved, so
-  records reach the broker and replay ids reach ``cursors`` in batch order. A batch with a SOQL reconcile
+  records reach the broker and replay ids reach ``cursors`` in batch order. N+1 applies its UPDATEs to the
+  records N built (N reaches the published store only after its acks). A batch publishes at once: one
+  published-store read and write per object and one broker round trip. A batch with a SOQL reconcile
   (and the one after it) runs alone. Per-stage times are in the ``flash_cdc_stage_seconds`` histogram
   (delivery, wait, fetch, publish, save).
 * A stored replay id past the 72 h retention is rejected by the server: the listener says so (log
@@ -90,6 +92,12 @@ _IN_FLIGHT = 2
 """Batches handled at once: one fetching its records back while the one before it publishes and saves."""
 
 
+_Item = tuple[str, dict[str, Any], str | None]
+"""(object, record as REST would return it, request url of a fetch-back or None)."""
+_States = dict[tuple[str, str], dict[str, Any]]
+"""(object, record id) -> the record's newest known state."""
+
+
 @dataclass
 class _Flight:
     """A batch being handled: ``published`` resolves once the broker acknowledged its records, ``task``
@@ -98,15 +106,15 @@ class _Flight:
     published: asyncio.Future[None]
     task: asyncio.Future[None] = field(init=False)
     serial: bool = False
+    built: asyncio.Future[_States] | None = None
+    """The records this batch leaves (resolves once they were built, before they publish): the batch after
+    it applies its UPDATEs to these, not to the published-version store, which holds them only after this
+    batch's acknowledgement (an UPDATE applied to the state before them would undo their changes)."""
 
 
-def _retrieve(fut: asyncio.Future[None]) -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # the failure surfaces through the batch's task; don't log it twice
-
-
-_Item = tuple[str, dict[str, Any], str | None]
-"""(object, record as REST would return it, request url of a fetch-back or None)."""
 
 
 @dataclass
@@ -276,8 +284,11 @@ class CdcListener:
             await asyncio.gather(*(f.task for f in inflight), return_exceptions=True)
 
     def _start(self, events: Sequence[dict[str, Any]], received_at: float, prev: _Flight | None) -> _Flight:
-        flight = _Flight(asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        flight = _Flight(loop.create_future(), built=loop.create_future())
         flight.published.add_done_callback(_retrieve)
+        assert flight.built is not None
+        flight.built.add_done_callback(_retrieve)
         flight.task = asyncio.ensure_future(self.handle(events, received_at=received_at, after=prev, flight=flight))
         return flight
 
@@ -305,12 +316,19 @@ class CdcListener:
             if after is not None and (serial or after.serial):
                 await after.task
                 after = None
+            known: _States = {}
+            if after is not None and after.built is not None:
+                known = dict(await after.built)  # the previous batch, not yet in the published store
             prepared: list[tuple[str, Any]] = []
             for kind, arg in steps:
                 if kind in ("reconcile", "dead") or serial:
                     prepared.append((kind, arg))
                 else:
-                    prepared.append(("publish", await self._build(arg)))
+                    items = await self._build(arg, known)
+                    known.update(((obj, str(field_value(rec, "Id"))), rec) for obj, rec, _ in items)
+                    prepared.append(("publish", items))
+            if flight is not None and flight.built is not None and not flight.built.done():
+                flight.built.set_result(known)
             if after is not None:
                 await after.published
             publishing = time.time()
@@ -318,7 +336,7 @@ class CdcListener:
                 if kind == "publish":
                     await self._publish(arg)
                 elif kind == "fetch":  # serial: built only now, between the reconciles
-                    await self._publish(await self._build(arg))
+                    await self._publish(await self._build(arg, {}))
                 elif kind == "dead":  # before the replay id that covers it is saved
                     await self.dead_letters.write(arg)
                 else:
@@ -332,11 +350,14 @@ class CdcListener:
                 await after.task
             await self._save(events)
         except BaseException as exc:
-            if flight is not None and not flight.published.done():
-                if isinstance(exc, asyncio.CancelledError):
-                    flight.published.cancel()
-                else:
-                    flight.published.set_exception(exc)
+            if flight is not None:
+                for fut in (flight.published, flight.built):
+                    if fut is None or fut.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        fut.cancel()
+                    else:
+                        fut.set_exception(exc)
             raise
 
     def _plan(self, events: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
@@ -415,7 +436,8 @@ class CdcListener:
             for ch in latest))
         STAGE_SECONDS.labels("save").observe(time.time() - saving)
 
-    async def _build(self, segment: list[tuple[str, str, dict[str, Any], dict[str, Any]]]) -> list[_Item]:
+    async def _build(self, segment: list[tuple[str, str, dict[str, Any], dict[str, Any]]],
+                     known: _States) -> list[_Item]:
         """The records a run of changes leaves, in the order of each record's last change.
 
         CREATE / UNDELETE: the event body is the record (docs/vendor-facts.md, Salesforce: body by
@@ -423,7 +445,8 @@ class CdcListener:
         fields applied to the record's last published state. DELETE: that state marked deleted. A record is
         fetched back (one query per object per 200 ids) only when the event cannot give it: a gap event, no
         last known state, a changed lookup whose parent fields we read, ``diffFields``, or a parent whose
-        state we do not hold. A record gone for good after a delete becomes a tombstone."""
+        state we do not hold. A record gone for good after a delete becomes a tombstone. ``known`` holds
+        states newer than the published store's (the batch before, still publishing); they win."""
         t, c = self.conn.tenant_id, self.conn.connection_id
         keys_needing_state: dict[str, set[str]] = {}
         for obj, rid, header, _ in segment:
@@ -431,7 +454,9 @@ class CdcListener:
                 keys_needing_state.setdefault(obj, set()).add(rid)
         states: dict[tuple[str, str], dict[str, Any]] = {}
         for obj, ids in keys_needing_state.items():
-            for rid, pub in (await self.sync.store.load(t, c, obj, sorted(ids))).items():
+            held = {rid for rid in ids if (obj, rid) in known}
+            states.update(((obj, rid), known[(obj, rid)]) for rid in held)
+            for rid, pub in (await self.sync.store.load(t, c, obj, sorted(ids - held))).items():
                 if pub.payload:
                     with contextlib.suppress(ValueError):
                         states[(obj, rid)] = json.loads(pub.payload)
@@ -457,7 +482,7 @@ class CdcListener:
                 need[key] = None
         # parent fields (``Account.PersonEmail``..) of records built from events, from the parents' state
         built = {key: rec for key, rec in work.items() if rec is not None and key not in need}
-        parents = await self._parent_states(built)
+        parents = await self._parent_states(built, {**known, **built})  # a parent created in this batch too
         for key, record in built.items():
             if not self._fill_parents(key[0], record, parents):
                 need[key] = None
@@ -511,7 +536,8 @@ class CdcListener:
     def _parent_paths(self, obj: str) -> list[str]:
         return [p for p in select_fields(obj, self.sync.shape, self.conn.own_ids(obj)) if "." in p]
 
-    async def _parent_states(self, records: dict[tuple[str, str], dict[str, Any]]) -> dict[tuple[str, str], Any]:
+    async def _parent_states(self, records: dict[tuple[str, str], dict[str, Any]],
+                             known: _States) -> dict[tuple[str, str], Any]:
         """The last published state of every parent the records' ``Parent.Field`` paths name: one
         published-store read per parent object for the whole batch."""
         wanted: dict[str, set[str]] = {}
@@ -524,7 +550,11 @@ class CdcListener:
         out: dict[tuple[str, str], Any] = {}
         t, c = self.conn.tenant_id, self.conn.connection_id
         for parent_obj, ids in wanted.items():
-            for rid, got in (await self.sync.store.load(t, c, parent_obj, sorted(ids))).items():
+            held = {rid for rid in ids if (parent_obj, rid) in known}
+            out.update(((parent_obj, rid), known[(parent_obj, rid)]) for rid in held)
+            if not ids - held:
+                continue
+            for rid, got in (await self.sync.store.load(t, c, parent_obj, sorted(ids - held))).items():
                 if got.payload:
                     with contextlib.suppress(ValueError):
                         out[(parent_obj, rid)] = json.loads(got.payload)
@@ -549,17 +579,10 @@ class CdcListener:
         return True
 
     async def _publish(self, items: Sequence[_Item]) -> None:
-        """Publish in order, one run of the same object at a time, skipping versions already published."""
-        i = 0
-        while i < len(items):
-            obj = items[i][0]
-            j = i
-            while j < len(items) and items[j][0] == obj:
-                j += 1
-            run = items[i:j]
-            fresh = await self.sync.fresh(obj, [rec for _, rec, _ in run])
-            await self.sync.send(obj, fresh, run[-1][2])
-            i = j
+        """Publish the batch's records at once, skipping versions already published
+        (:meth:`sfconnect.reader.RecordReader.publish_items`: one read and one write per object, one broker
+        round trip); each object's records keep their order."""
+        await self.sync.publish_items(items)
 
     async def _reconcile_from(self, obj: str, commit_ms: Any) -> None:
         ch = f"/data/{obj}ChangeEvent"

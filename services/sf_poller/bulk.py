@@ -17,6 +17,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -143,18 +145,31 @@ async def run_bulk(sync: BulkHost, obj: str, cur: dict[str, Any], res: EntityRes
             params["locator"] = locator
         batch: list[dict[str, Any]] = []
         chunk_cur = dict(cur)
-        async with sync.client.stream(f"{job_path}/results", params=params) as resp:
-            next_locator = resp.headers.get("Sforce-Locator", "null")
-            url = str(resp.request.url)
-            async for row in iter_csv_rows(resp):
-                batch.append(row)
-                if len(batch) >= PUBLISH_BATCH:
-                    chunk_cur = await sync.publish(obj, batch, url, chunk_cur, save=False)
-                    res.upserts += len(batch)
-                    batch = []
-        if batch:
-            chunk_cur = await sync.publish(obj, batch, url, chunk_cur, save=False)
-            res.upserts += len(batch)
+        # pipelined: sub-batch N publishes (dedupe, broker acks, published store) while N+1 is read and
+        # parsed; N+1 publishes only after N finished, so the published store and the cursor see them in order
+        pending: asyncio.Task[dict[str, Any]] | None = None
+        try:
+            async with sync.client.stream(f"{job_path}/results", params=params) as resp:
+                next_locator = resp.headers.get("Sforce-Locator", "null")
+                url = str(resp.request.url)
+                async for row in iter_csv_rows(resp):
+                    batch.append(row)
+                    if len(batch) >= PUBLISH_BATCH:
+                        if pending is not None:
+                            chunk_cur = await pending
+                        pending = asyncio.ensure_future(sync.publish(obj, batch, url, chunk_cur, save=False))
+                        res.upserts += len(batch)
+                        batch = []
+            if pending is not None:
+                chunk_cur = await pending
+            if batch:
+                chunk_cur = await sync.publish(obj, batch, url, chunk_cur, save=False)
+                res.upserts += len(batch)
+        finally:
+            if pending is not None and not pending.done():  # the read failed: nothing is saved for this chunk
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
         res.pages += 1
         if next_locator in ("null", "", None):
             cur = {"phase": "incremental", "ts": chunk_cur.get("ts") or cur.get("ts"),

@@ -5,6 +5,7 @@ without ``ChangeEventHeader`` dead-lettered with its replay id before the replay
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Sequence
@@ -178,3 +179,52 @@ async def test_a_message_without_change_event_header_is_dead_lettered_before_the
     assert letter.replay_id == 20 and letter.entity == "Account" and "ChangeEventHeader" in letter.reason
     assert order.index(("dead", [20])) < order.index(("save", 21))
     assert json.loads(letter.body)["data"]["payload"] == {"Name": "x"}
+
+
+async def test_an_update_in_the_next_batch_builds_on_the_previous_batch_still_publishing() -> None:
+    """Batch N+1 is built while batch N waits for the broker, before N's records reach the published store:
+    it must apply its UPDATE to N's record, not to the older stored state (that would undo N's change)."""
+    listener, client, pub, store, _ = _setup()
+    last = {"Id": "001C", "IsDeleted": False, "SystemModstamp": "2026-01-01T00:00:00.000Z", "Name": "Old",
+            "AccountNumber": "A-9", "IsPersonAccount": False}
+    await store.remember("acme", "sf1", "Account", [Published("001C", "2026-01-01T00:00:00.000Z", json.dumps(last))])
+    gate = asyncio.Event()
+    send_all = pub.send_all
+
+    async def gated(messages: Sequence[OutMessage]) -> None:
+        await gate.wait()
+        await send_all(messages)
+
+    pub.send_all = gated
+    first = listener._start([_event(30, "Account", "UPDATE", ["001C"], {
+        "Name": "New", "LastModifiedDate": "2026-01-02T00:00:00.000Z"}, changedFields=["Name", "LastModifiedDate"])],
+        0.0, None)
+    second = listener._start([_event(31, "Account", "UPDATE", ["001C"], {
+        "AccountNumber": "A-10", "LastModifiedDate": "2026-01-03T00:00:00.000Z"},
+        changedFields=["AccountNumber", "LastModifiedDate"])], 0.0, first)
+    assert first.built is not None
+    await asyncio.wait_for(first.built, 5)
+    for _ in range(50):  # let batch N+1 build while N is held at the broker
+        await asyncio.sleep(0)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first.task, second.task), 5)
+    assert client.fetches == 0
+    assert [json.loads(r.payload)["Name"] for r in pub.sent] == ["New", "New"]
+    assert [json.loads(r.payload)["AccountNumber"] for r in pub.sent] == ["A-9", "A-10"]
+
+
+async def test_a_batch_of_several_objects_is_one_broker_round_trip_and_one_store_read_per_object() -> None:
+    listener, client, _pub, store, order = _setup()
+    events = []
+    for i in range(5):  # Account, Order, Account, Order..: runs of one record each
+        events.append(_event(40 + 2 * i, "Account", "CREATE", [f"001{i}"], {
+            "Name": f"A{i}", "IsPersonAccount": True, "PersonEmail": f"a{i}@example.com",
+            "LastModifiedDate": "2026-01-02T00:00:00.000Z"}))
+        events.append(_event(41 + 2 * i, "Order", "CREATE", [f"801{i}"], {
+            "AccountId": f"001{i}", "Status": "Draft", "LastModifiedDate": "2026-01-02T00:00:00.000Z"}))
+    await listener.handle(events)
+    assert client.fetches == 0  # the orders' Account.* from the accounts created in the same batch
+    sends = [ids for kind, ids in order if kind == "send"]
+    assert len(sends) == 1 and len(sends[0]) == 10
+    assert [i for i in sends[0] if i.startswith("801")] == [f"801{i}" for i in range(5)]  # order kept per object
+    assert store.loads == 2  # the dedupe: one read per object
